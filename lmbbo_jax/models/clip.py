@@ -1,0 +1,359 @@
+"""CLIP towers in Flax linen: a causal text transformer, a ViT and OpenAI's ModifiedResNet.
+
+Conventions
+- Parameters are float32; `dtype` is the compute dtype of matmuls and convs
+  (float32 or bfloat16). LayerNorm, softmax and the residual stream stay in
+  float32, so bfloat16 changes only the GEMM inputs.
+- Transformer layers are one `nn.scan` over stacked weights (leading axis =
+  layer): one compiled layer body, fast to compile, and the checkpoint key maps
+  stack per-layer tensors once.
+- The residual blocks take two streams so the text tower can share a template's
+  prefix across classes: a *prefix* stream [T, P, D] (the tokens before the
+  class name, once per template) and a *main* stream [T, C, S, D] (each class's
+  suffix). Main tokens attend to the valid prefix keys of their template and,
+  causally, to their own earlier tokens. Because attention is causal and
+  positions are absolute, this is exactly the plain encode of the full sentence.
+  The plain encode is the same code with an empty prefix (P = 0, C = 1).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lmbbo_jax.models.configs import CLIPConfig, TextConfig, VisionConfig
+
+Dtype = Any
+_NEG_INF = -1e30  # Finite, so a fully masked row cannot produce NaNs.
+
+
+def activation(name: str):
+  if name == "quick_gelu":
+    return lambda x: x * jax.nn.sigmoid(1.702 * x)
+  if name == "gelu":
+    return functools.partial(jax.nn.gelu, approximate=False)
+  raise ValueError(f"unknown activation {name!r} (use 'quick_gelu' or 'gelu')")
+
+
+def layer_norm(name: str) -> nn.LayerNorm:
+  # PyTorch's default epsilon; computed in float32 whatever the compute dtype.
+  return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name=name)
+
+
+class ResidualAttentionBlock(nn.Module):
+  """Pre-LN transformer block over a prefix stream and a main stream (see module doc)."""
+  width: int
+  heads: int
+  mlp_ratio: float = 4.0
+  act: str = "quick_gelu"
+  causal: bool = True
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, carry, prefix_valid):
+    """One layer.
+
+    Args:
+      carry: (xp [T, P, D], xs [T, C, S, D]) float32 residual streams.
+      prefix_valid: bool [T, P], which prefix keys the main stream may see.
+
+    Returns:
+      ((xp, xs), None), the scan convention.
+    """
+    xp, xs = carry
+    heads, width = self.heads, self.width
+    head_dim = width // heads
+    dense = functools.partial(nn.Dense, dtype=self.dtype)
+
+    ln_1 = layer_norm("ln_1")
+    hp, hs = ln_1(xp), ln_1(xs)
+    attn_q = dense(width, name="attn_q")
+    attn_k = dense(width, name="attn_k")
+    attn_v = dense(width, name="attn_v")
+    attn_out = dense(width, name="attn_out")
+
+    def split_heads(x):
+      return x.reshape(x.shape[:-1] + (heads, head_dim))
+
+    scale = 1.0 / math.sqrt(head_dim)
+    qp, kp, vp = (split_heads(f(hp)) for f in (attn_q, attn_k, attn_v))
+    qs, ks, vs = (split_heads(f(hs)) for f in (attn_q, attn_k, attn_v))
+    num_p, num_s = xp.shape[1], xs.shape[2]
+
+    # Prefix stream: causal self-attention (rows past a template's prefix length
+    # are junk but never seen by the main stream).
+    s_pp = jnp.einsum("tqhd,tkhd->thqk", qp * scale, kp,
+                      preferred_element_type=jnp.float32)
+    causal_pp = jnp.tril(jnp.ones((num_p, num_p), bool))
+    s_pp = jnp.where(causal_pp, s_pp, _NEG_INF)
+    w_pp = jax.nn.softmax(s_pp, axis=-1).astype(self.dtype)
+    op = jnp.einsum("thqk,tkhd->tqhd", w_pp, vp)
+
+    # Main stream: keys = [valid prefix keys of its template | its own tokens].
+    s_sp = jnp.einsum("tcqhd,tkhd->tchqk", qs * scale, kp,
+                      preferred_element_type=jnp.float32)
+    s_sp = jnp.where(prefix_valid[:, None, None, None, :], s_sp, _NEG_INF)
+    s_ss = jnp.einsum("tcqhd,tckhd->tchqk", qs * scale, ks,
+                      preferred_element_type=jnp.float32)
+    if self.causal:
+      s_ss = jnp.where(jnp.tril(jnp.ones((num_s, num_s), bool)), s_ss, _NEG_INF)
+    w = jax.nn.softmax(jnp.concatenate([s_sp, s_ss], axis=-1), axis=-1)
+    w = w.astype(self.dtype)
+    os = (jnp.einsum("tchqk,tkhd->tcqhd", w[..., :num_p], vp)
+          + jnp.einsum("tchqk,tckhd->tcqhd", w[..., num_p:], vs))
+
+    xp = xp + attn_out(op.reshape(op.shape[:-2] + (width,))).astype(jnp.float32)
+    xs = xs + attn_out(os.reshape(os.shape[:-2] + (width,))).astype(jnp.float32)
+
+    ln_2 = layer_norm("ln_2")
+    mlp_fc = dense(int(width * self.mlp_ratio), name="mlp_fc")
+    mlp_proj = dense(width, name="mlp_proj")
+    act = activation(self.act)
+
+    def mlp(x):
+      return mlp_proj(act(mlp_fc(ln_2(x)))).astype(jnp.float32)
+
+    return (xp + mlp(xp), xs + mlp(xs)), None
+
+
+def _transformer(width, layers, heads, mlp_ratio, act, causal, dtype, name):
+  """`layers` residual blocks as one scan over stacked parameters."""
+  scanned = nn.scan(
+      ResidualAttentionBlock,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=nn.broadcast,
+      length=layers,
+  )
+  return scanned(width=width, heads=heads, mlp_ratio=mlp_ratio, act=act,
+                 causal=causal, dtype=dtype, name=name)
+
+
+class TextTransformer(nn.Module):
+  """CLIP's text tower: embeddings, causal transformer, final LN, EOT pooling, projection."""
+  cfg: TextConfig
+  embed_dim: int
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    cfg = self.cfg
+    self.token_embedding = nn.Embed(
+        cfg.vocab_size, cfg.width, embedding_init=nn.initializers.normal(0.02),
+        dtype=jnp.float32)
+    self.positional_embedding = self.param(
+        "positional_embedding", nn.initializers.normal(0.01),
+        (cfg.context_length, cfg.width))
+    self.blocks = _transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio,
+                               cfg.act, True, self.dtype, "blocks")
+    self.ln_final = layer_norm("ln_final")
+    self.text_projection = self.param(
+        "text_projection", nn.initializers.normal(cfg.width ** -0.5),
+        (cfg.width, self.embed_dim))
+
+  def __call__(self, ids: jax.Array, eot_index: jax.Array) -> jax.Array:
+    """Plain encode: ids int32 [N, L] (L <= context), eot_index int32 [N] -> [N, E]."""
+    n = ids.shape[0]
+    out = self.encode_prefixed(
+        jnp.zeros((n, 0), jnp.int32), jnp.zeros((n,), jnp.int32),
+        ids[:, None, :], eot_index[:, None])
+    return out[:, 0]
+
+  def encode_prefixed(self, prefix_ids, prefix_len, suffix_ids, eot_index):
+    """Encodes T templates x C classes, sharing each template's prefix.
+
+    Args:
+      prefix_ids: int32 [T, P], the tokens before the class name (from the start
+        token on), padded past `prefix_len`.
+      prefix_len: int32 [T], valid prefix tokens per template.
+      suffix_ids: int32 [T, C, S], each class's remaining tokens; suffix token j
+        sits at position prefix_len + j. Padding after the EOT is ignored.
+      eot_index: int32 [T, C], index of the end-of-text token inside the suffix.
+
+    Returns:
+      float32 [T, C, embed_dim] projected, un-normalised text features.
+    """
+    ctx = self.cfg.context_length
+    num_p, num_s = prefix_ids.shape[1], suffix_ids.shape[2]
+    pos = self.positional_embedding
+    xp = self.token_embedding(prefix_ids) + pos[:num_p][None]
+    # Positions past the context only occur in padding after the EOT.
+    spos = jnp.minimum(prefix_len[:, None] + jnp.arange(num_s)[None], ctx - 1)
+    xs = self.token_embedding(suffix_ids) + pos[spos][:, None]
+    prefix_valid = jnp.arange(num_p)[None, :] < prefix_len[:, None]
+    (_, xs), _ = self.blocks((xp, xs), prefix_valid)
+    pooled = jnp.take_along_axis(xs, eot_index[:, :, None, None], axis=2)[:, :, 0]
+    pooled = self.ln_final(pooled)
+    return jnp.einsum("tcd,de->tce", pooled.astype(self.dtype),
+                      self.text_projection.astype(self.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class VisionTransformer(nn.Module):
+  """CLIP's ViT: patch conv, class token, pre-LN transformer, LN on the class token, projection."""
+  cfg: VisionConfig
+  embed_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, pixels: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    p = cfg.patch_size
+    x = nn.Conv(cfg.width, (p, p), strides=(p, p), padding="VALID", use_bias=False,
+                dtype=self.dtype, name="conv1")(pixels.astype(self.dtype))
+    n, h, w, d = x.shape
+    x = x.reshape(n, h * w, d).astype(jnp.float32)
+    scale = cfg.width ** -0.5
+    cls = self.param("class_embedding", nn.initializers.normal(scale), (cfg.width,))
+    pos = self.param("positional_embedding", nn.initializers.normal(scale),
+                     (h * w + 1, cfg.width))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, d)), x], axis=1) + pos[None]
+    x = layer_norm("ln_pre")(x)
+    blocks = _transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act,
+                          False, self.dtype, "blocks")
+    empty = jnp.zeros((n, 0, d), jnp.float32)
+    (_, xs), _ = blocks((empty, x[:, None]), jnp.zeros((n, 0), bool))
+    x = layer_norm("ln_post")(xs[:, 0, 0])
+    proj = self.param("proj", nn.initializers.normal(scale), (cfg.width, self.embed_dim))
+    return jnp.dot(x.astype(self.dtype), proj.astype(self.dtype),
+                   preferred_element_type=jnp.float32)
+
+
+def _batch_norm(name: str) -> nn.BatchNorm:
+  # Inference mode: running statistics from the checkpoint (collection "batch_stats").
+  return nn.BatchNorm(use_running_average=True, momentum=0.9, epsilon=1e-5,
+                      dtype=jnp.float32, name=name)
+
+
+def _avg_pool(x, k):
+  return nn.avg_pool(x, (k, k), strides=(k, k), padding="VALID")
+
+
+class Bottleneck(nn.Module):
+  """OpenAI's anti-aliased bottleneck: strides become average pooling after conv2."""
+  planes: int
+  stride: int = 1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    out = conv(self.planes, (1, 1), name="conv1")(x)
+    out = nn.relu(_batch_norm("bn1")(out))
+    out = conv(self.planes, (3, 3), padding=((1, 1), (1, 1)), name="conv2")(out)
+    out = nn.relu(_batch_norm("bn2")(out))
+    if self.stride > 1:
+      out = _avg_pool(out, self.stride)
+    out = _batch_norm("bn3")(conv(self.planes * 4, (1, 1), name="conv3")(out))
+    identity = x
+    if self.stride > 1 or x.shape[-1] != self.planes * 4:
+      if self.stride > 1:
+        identity = _avg_pool(identity, self.stride)
+      identity = conv(self.planes * 4, (1, 1), name="downsample_conv")(identity)
+      identity = _batch_norm("downsample_bn")(identity)
+    return nn.relu(out + identity)
+
+
+class AttentionPool2d(nn.Module):
+  """Multi-head attention of the mean token over the spatial grid (OpenAI's attnpool)."""
+  spatial: int
+  heads: int
+  output_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    n, h, w, c = x.shape
+    x = x.reshape(n, h * w, c).astype(jnp.float32)
+    x = jnp.concatenate([x.mean(axis=1, keepdims=True), x], axis=1)
+    pos = self.param("positional_embedding", nn.initializers.normal(c ** -0.5),
+                     (self.spatial ** 2 + 1, c))
+    x = x + pos[None]
+    dense = functools.partial(nn.Dense, dtype=self.dtype)
+    head_dim = c // self.heads
+    q = dense(c, name="q_proj")(x[:, :1]).reshape(n, 1, self.heads, head_dim)
+    k = dense(c, name="k_proj")(x).reshape(n, -1, self.heads, head_dim)
+    v = dense(c, name="v_proj")(x).reshape(n, -1, self.heads, head_dim)
+    s = jnp.einsum("nqhd,nkhd->nhqk", q * (head_dim ** -0.5), k,
+                   preferred_element_type=jnp.float32)
+    wts = jax.nn.softmax(s, axis=-1).astype(self.dtype)
+    o = jnp.einsum("nhqk,nkhd->nqhd", wts, v).reshape(n, c)
+    return dense(self.output_dim, name="c_proj")(o).astype(jnp.float32)
+
+
+class ModifiedResNet(nn.Module):
+  """OpenAI's CLIP ResNet: 3-conv stem, anti-aliased bottlenecks, attention pooling."""
+  cfg: VisionConfig
+  embed_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, pixels: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    width = cfg.width
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                             padding=((1, 1), (1, 1)))
+    x = pixels.astype(self.dtype)
+    x = nn.relu(_batch_norm("bn1")(conv(width // 2, (3, 3), strides=(2, 2),
+                                        name="conv1")(x)))
+    x = nn.relu(_batch_norm("bn2")(conv(width // 2, (3, 3), name="conv2")(x)))
+    x = nn.relu(_batch_norm("bn3")(conv(width, (3, 3), name="conv3")(x)))
+    x = _avg_pool(x, 2)
+    for stage, blocks in enumerate(cfg.layers):
+      planes = width * (2 ** stage)
+      for b in range(blocks):
+        stride = 2 if (stage > 0 and b == 0) else 1
+        x = Bottleneck(planes, stride, self.dtype,
+                       name=f"layer{stage + 1}_{b}")(x)
+    return AttentionPool2d(cfg.image_size // 32, cfg.heads, self.embed_dim,
+                           self.dtype, name="attnpool")(x)
+
+
+class CLIPModel(nn.Module):
+  """Both towers plus the learned logit scale.
+
+  Variables: {"params": {"visual", "text", "logit_scale"}} and, for ResNets,
+  {"batch_stats": {"visual": ...}}.
+  """
+  config: CLIPConfig
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    cfg = self.config
+    tower = VisionTransformer if cfg.vision.kind == "vit" else ModifiedResNet
+    self.visual = tower(cfg.vision, cfg.embed_dim, self.dtype)
+    self.text = TextTransformer(cfg.text, cfg.embed_dim, self.dtype)
+    self.logit_scale = self.param("logit_scale", nn.initializers.constant(math.log(1 / 0.07)), ())
+
+  def __call__(self, pixels, ids, eot_index):
+    return self.encode_image(pixels), self.encode_text(ids, eot_index), self.logit_scale
+
+  def encode_image(self, pixels):
+    return self.visual(pixels)
+
+  def encode_text(self, ids, eot_index):
+    return self.text(ids, eot_index)
+
+  def encode_text_prefixed(self, prefix_ids, prefix_len, suffix_ids, eot_index):
+    return self.text.encode_prefixed(prefix_ids, prefix_len, suffix_ids, eot_index)
+
+  def get_logit_scale(self):
+    return self.logit_scale
+
+
+def init_variables(config: CLIPConfig, rng: jax.Array, dtype: Dtype = jnp.float32):
+  """Random variables of `config` (float32 params) for tests and training."""
+  model = CLIPModel(config, dtype)
+  size = config.vision.image_size
+  pixels = jnp.zeros((1, size, size, 3), jnp.float32)
+  ids = jnp.zeros((1, config.text.context_length), jnp.int32)
+  return jax.jit(model.init)(rng, pixels, ids, jnp.zeros((1,), jnp.int32))
+
+
+def abstract_variables(config: CLIPConfig):
+  """Shapes and dtypes of the variables, without allocating (for strict loading)."""
+  return jax.eval_shape(lambda r: init_variables(config, r), jax.random.key(0))

@@ -1,0 +1,130 @@
+"""CLIP architecture configs: named architectures and the tiny ones used by tests.
+
+A config is plain data (frozen dataclasses, JSON round-trip), so a checkpoint
+directory can carry its own `config.json` and named architectures are a table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+# OpenAI CLIP's image normalisation (also used by open_clip and HF for CLIP).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  """A causal pre-LN transformer text tower, pooled at the end-of-text token."""
+  vocab_size: int = 49408
+  context_length: int = 77
+  width: int = 512
+  layers: int = 12
+  heads: int = 8
+  mlp_ratio: float = 4.0
+  act: str = "quick_gelu"  # OpenAI weights use QuickGELU; "gelu" for others.
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """An image tower: a ViT (`kind="vit"`) or OpenAI's ModifiedResNet."""
+  kind: str = "vit"  # "vit" | "resnet"
+  image_size: int = 224
+  width: int = 768  # ViT width, or the ResNet stem width (64 for RN50).
+  layers: Any = 12  # ViT depth, or ResNet blocks per stage, e.g. (3, 4, 6, 3).
+  heads: int = 12  # ViT heads, or attention-pool heads for the ResNet.
+  patch_size: int = 32
+  mlp_ratio: float = 4.0
+  act: str = "quick_gelu"
+
+  def __post_init__(self):
+    if self.kind not in ("vit", "resnet"):
+      raise ValueError(f"VisionConfig.kind must be 'vit' or 'resnet', got {self.kind!r}")
+    if isinstance(self.layers, list):
+      object.__setattr__(self, "layers", tuple(self.layers))
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+  """A whole CLIP: both towers, the joint embedding size and token ids."""
+  embed_dim: int
+  vision: VisionConfig
+  text: TextConfig
+  sot_token_id: int = 49406
+  eot_token_id: int = 49407
+  pad_token_id: int = 0
+  image_mean: tuple[float, float, float] = CLIP_MEAN
+  image_std: tuple[float, float, float] = CLIP_STD
+  name: str = ""
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["vision"]["layers"] = (list(self.vision.layers)
+                             if isinstance(self.vision.layers, tuple)
+                             else self.vision.layers)
+    d["image_mean"] = list(self.image_mean)
+    d["image_std"] = list(self.image_std)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "CLIPConfig":
+    d = dict(d)
+    known = {f.name for f in dataclasses.fields(cls)}
+    d = {k: v for k, v in d.items() if k in known}
+    d["vision"] = VisionConfig(**d["vision"])
+    d["text"] = TextConfig(**d["text"])
+    for key in ("image_mean", "image_std"):
+      if key in d:
+        d[key] = tuple(d[key])
+    return cls(**d)
+
+  def replace(self, **kw) -> "CLIPConfig":
+    return dataclasses.replace(self, **kw)
+
+
+def _openai_text(width: int = 512, heads: int = 8) -> TextConfig:
+  return TextConfig(width=width, heads=heads, layers=12)
+
+
+ARCHITECTURES: dict[str, CLIPConfig] = {
+    "RN50": CLIPConfig(
+        embed_dim=1024,
+        vision=VisionConfig(kind="resnet", width=64, layers=(3, 4, 6, 3), heads=32),
+        text=_openai_text(), name="RN50"),
+    "RN101": CLIPConfig(
+        embed_dim=512,
+        vision=VisionConfig(kind="resnet", width=64, layers=(3, 4, 23, 3), heads=32),
+        text=_openai_text(), name="RN101"),
+    "ViT-B/32": CLIPConfig(
+        embed_dim=512,
+        vision=VisionConfig(width=768, layers=12, heads=12, patch_size=32),
+        text=_openai_text(), name="ViT-B/32"),
+    "ViT-B/16": CLIPConfig(
+        embed_dim=512,
+        vision=VisionConfig(width=768, layers=12, heads=12, patch_size=16),
+        text=_openai_text(), name="ViT-B/16"),
+    "ViT-L/14": CLIPConfig(
+        embed_dim=768,
+        vision=VisionConfig(width=1024, layers=24, heads=16, patch_size=14),
+        text=_openai_text(width=768, heads=12), name="ViT-L/14"),
+    # Tiny variants for tests: same code paths, seconds to build on a CPU.
+    "tiny-vit": CLIPConfig(
+        embed_dim=32,
+        vision=VisionConfig(image_size=32, width=48, layers=2, heads=4, patch_size=8),
+        text=TextConfig(width=32, layers=2, heads=4), name="tiny-vit"),
+    "tiny-rn": CLIPConfig(
+        embed_dim=32,
+        vision=VisionConfig(kind="resnet", image_size=64, width=16, layers=(1, 2, 1, 1),
+                            heads=4),
+        text=TextConfig(width=32, layers=2, heads=4), name="tiny-rn"),
+}
+
+
+def get_architecture(name: str) -> CLIPConfig:
+  """The named architecture config; raises ValueError listing the known names."""
+  key = {k.lower(): k for k in ARCHITECTURES}.get(name.lower().replace("_", "-"))
+  if key is None:
+    raise ValueError(f"unknown CLIP architecture {name!r}; known: "
+                     f"{', '.join(ARCHITECTURES)}")
+  return ARCHITECTURES[key]

@@ -1,0 +1,57 @@
+"""Prompt templates as untrusted text: validation and plain `{}` substitution.
+
+Templates come from LLM replies, caption files and users. They are data: never
+`str.format`/`eval` them. A slot is the two characters `{}`; every slot is
+filled with the class name by plain string replacement. Any other brace pair
+such as `{0}`, `{name}` or `{0.__class__}` is a format field and makes the
+template invalid (it would mean something else to every other tool).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+SLOT = "{}"
+
+# A format field: a brace pair with something inside (`{0}`, `{name}`, `{ }`).
+_FIELD_RE = re.compile(r"\{[^{}]+\}")
+_WS_RE = re.compile(r"\s+")
+
+
+def fill(template: str, class_name: str) -> str:
+  """Replaces every `{}` in `template` with `class_name` (no format parsing)."""
+  return template.replace(SLOT, class_name)
+
+
+def split_slots(template: str) -> list[str]:
+  """The literal pieces between slots: `a {} of {}.` -> ['a ', ' of ', '.']."""
+  return template.split(SLOT)
+
+
+def invalid_reason(template: str) -> str | None:
+  """Why `template` cannot be scored, or None when it is a valid template.
+
+  Length against the text context is checked by the scorer, which knows the
+  tokenizer; this checks only the text itself.
+  """
+  if not isinstance(template, str):
+    return f"not a string ({type(template).__name__})"
+  if not template.strip():
+    return "empty template"
+  if SLOT not in template:
+    return "no {} slot for the class name"
+  field = _FIELD_RE.search(template)
+  if field:
+    return f"format field {field.group(0)!r} (only {{}} slots are allowed)"
+  rest = template.replace(SLOT, "")
+  if "{" in rest or "}" in rest:
+    return "unbalanced brace (only {} slots are allowed)"
+  if any(unicodedata.category(ch) == "Cc" and ch not in "\t" for ch in template):
+    return "control character in template"
+  return None
+
+
+def normalize(template: str) -> str:
+  """Key for duplicate detection: collapsed whitespace, case-folded."""
+  return _WS_RE.sub(" ", template).strip().casefold()
