@@ -1,0 +1,96 @@
+"""Few-shot image classification tasks (CoOp protocol) from TFDS, CoOp folders, plain
+folders and the toy world; class names, OpenAI's templates and CLIP preprocessing.
+
+`build_task(dataset, shots, seed)` accepts:
+- a benchmark name (`caltech101`, `oxford_pets`, ... or a TFDS/CoOp alias) -> TFDS;
+- `coop:/path/to/DATA/<dataset dir>` -> CoOp's folders and split files (the reference
+  protocol; `coop:<name>` with `data_dir=DATA` works too);
+- `folder:/path` -> `path/<class name>/*.jpg`;
+- `toy:<task>` -> `lmbbo_jax.toyworld.tasks.build_toy_task`.
+"""
+
+from __future__ import annotations
+
+from lmbbo_jax.data.classnames import class_names, hand_templates
+from lmbbo_jax.data.registry import DATASETS, DatasetInfo
+from lmbbo_jax.data.task import DatasetError, FewShotTask, ImageLoadError, Item
+
+__all__ = [
+    "DATASETS", "DatasetError", "DatasetInfo", "FewShotTask", "ImageLoadError", "Item",
+    "build_task", "class_names", "hand_templates",
+]
+
+_PREFIXES = ("coop:", "folder:", "toy:", "tfds:")
+
+
+def _check_int(name: str, value: object, minimum: int | None = None) -> int:
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise DatasetError(f"{name} must be an integer, got {value!r}")
+  if minimum is not None and value < minimum:
+    raise DatasetError(f"{name} must be >= {minimum}, got {value}")
+  return value
+
+
+def _build_toy(task_name: str, shots: int, seed: int) -> FewShotTask:
+  try:
+    from lmbbo_jax.toyworld import tasks as toy_tasks  # pylint: disable=g-import-not-at-top
+  except ModuleNotFoundError as e:
+    if e.name and e.name.startswith("lmbbo_jax.toyworld"):
+      raise DatasetError("toy: datasets need lmbbo_jax.toyworld.tasks, which is not "
+                         "available in this install; use another --dataset") from e
+    raise
+  return toy_tasks.build_toy_task(task_name, shots, seed)
+
+
+def build_task(dataset: str, shots: int, seed: int, *, data_dir: str | None = None,
+               max_test_per_class: int | None = None) -> FewShotTask:
+  """Builds the few-shot task that `dataset` names.
+
+  Args:
+    dataset: a benchmark name, `coop:PATH`, `folder:PATH`, `tfds:NAME` or `toy:TASK`.
+    shots: train images per class (val gets min(4, shots)).
+    seed: few-shot seed; the same (dataset, shots, seed) gives the same images anywhere.
+    data_dir: the TFDS data dir for benchmark names, or CoOp's DATA root for `coop:NAME`.
+    max_test_per_class: optional cap on test images per class (quick runs).
+
+  Returns:
+    The FewShotTask.
+
+  Raises:
+    DatasetError: a one-line message saying how to fix the source.
+  """
+  # Imported here so that `import lmbbo_jax.data` stays light (no TFDS import).
+  # pylint: disable-next=g-import-not-at-top
+  from lmbbo_jax.data import coop, folder, registry, sampling, tfds_source
+  if not isinstance(dataset, str) or not dataset.strip():
+    raise DatasetError("--dataset is empty; give a benchmark name (e.g. caltech101), "
+                       "coop:/path/to/DATA/<dir>, folder:/path or toy:<task>")
+  shots = _check_int("shots", shots, 1)
+  seed = _check_int("seed", seed)
+  if max_test_per_class is not None:
+    _check_int("max_test_per_class", max_test_per_class, 1)
+  spec = dataset.strip()
+  kind, sep, rest = spec.partition(":")
+  if sep and f"{kind}:" in _PREFIXES and not rest.strip():
+    raise DatasetError(f"--dataset={spec} needs a value after '{kind}:'")
+  if spec.startswith("toy:"):
+    task = _build_toy(rest.strip(), shots, seed)
+    if max_test_per_class is not None:
+      task.test = sampling.cap_per_class(task.test, max_test_per_class, dataset=spec,
+                                         key_fn=lambda it: it.ref)
+    return task
+  if spec.startswith("coop:"):
+    return coop.build_coop_task(rest, shots, seed, data_dir=data_dir,
+                                max_test_per_class=max_test_per_class)
+  if spec.startswith("folder:"):
+    return folder.build_folder_task(rest, shots, seed,
+                                    max_test_per_class=max_test_per_class)
+  name = rest if spec.startswith("tfds:") else spec
+  info = registry.lookup(name)
+  if info is None:
+    known = ", ".join(registry.DATASETS)
+    hint = " (a path? use folder:PATH or coop:PATH)" if "/" in name else ""
+    raise DatasetError(f"unknown dataset {name!r}{hint}; use one of {known}, "
+                       "coop:/path/to/DATA/<dir>, folder:/path or toy:<task>")
+  return tfds_source.build_tfds_task(info, shots, seed, data_dir=data_dir,
+                                     max_test_per_class=max_test_per_class)
