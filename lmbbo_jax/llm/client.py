@@ -1,0 +1,477 @@
+"""Async client for OpenAI-compatible chat-completions endpoints.
+
+`POST {base_url}/chat/completions` with httpx + orjson; works with OpenAI,
+vLLM, Ollama, llama.cpp and SGLang (`base_url` usually ends in `/v1`).
+
+Retry policy (as the OpenAI cookbook and openai-python): connection errors,
+timeouts, 408, 409, 429 rate limits and 5xx are retried with capped exponential
+backoff and jitter; `retry-after-ms` / `retry-after` is the *minimum* wait.
+A body that is not JSON, has no choices or has null content is a failed
+attempt too. 400/401/403/404/422 (and other 4xx) and a quota/billing 429
+(`insufficient_quota` and friends) are never retried: `LLMFatalError`.
+Every call has an overall deadline across its retries.
+
+The API key is read from the environment variable named by `api_key_env` at
+request time, sent as `Authorization: Bearer` only when set, and never logged,
+cached or put in an exception message (server-provided text is redacted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import email.utils
+import hashlib
+import os
+import random
+import time
+from typing import Any, Mapping, Sequence
+
+from absl import logging
+import httpx
+import orjson
+
+from lmbbo_jax.llm.cache import ResponseCache, cache_key, redact_url
+from lmbbo_jax.llm.errors import (LLMBudgetExceeded, LLMError, LLMFatalError,
+                                  LLMRetriesExhausted)
+from lmbbo_jax.llm.ledger import Ledger
+
+# `error.code` / `error.type` values of a 429 that retrying cannot fix.
+QUOTA_CODES = frozenset({
+    "insufficient_quota", "credit_balance_exhausted",
+    "organization_spend_limit_exceeded", "project_spend_limit_exceeded",
+    "organization_usage_limit_exceeded", "billing_hard_limit_reached",
+    "billing_not_active",
+})
+RETRY_STATUSES = frozenset({408, 409, 429})
+# OpenAI reasoning models reject `max_tokens` and count hidden reasoning
+# tokens against any cap, so a short cap would return empty replies.
+REASONING_MODEL_PREFIXES = ("o1", "o3", "o4", "gpt-5")
+
+_FATAL_HINTS = {
+    400: "the server rejected the request; check --llm_model and the sampling "
+         "flags",
+    401: "check that the environment variable {env} holds a valid API key "
+         "(its value is never printed)",
+    403: "the key in {env} is not allowed to use this model or endpoint",
+    404: "check --llm_base_url (most servers want it to end in /v1) and "
+         "--llm_model",
+    422: "the server could not process the request; check --llm_model and the "
+         "sampling flags",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatResult:
+  """One chat answer.
+
+  Attributes:
+    text: the assistant message content.
+    usage: the server's `usage` object ({} when it sent none or when cached).
+    latency_s: wall time of the call, retries included (0 when cached).
+    cached: True when replayed from the response cache (nothing spent).
+    call_id: deterministic id of the request (prefix of its cache key), the
+      same in a rerun; logs refer to calls by it.
+    response_id: the server's `id` of the completion, when it sent one.
+  """
+
+  text: str
+  usage: dict
+  latency_s: float
+  cached: bool
+  call_id: str
+  response_id: str | None = None
+
+
+@dataclasses.dataclass
+class LLMConfig:
+  """Settings of the LLM endpoint and its spending (the main job maps flags).
+
+  Attributes:
+    base_url: OpenAI-compatible endpoint, e.g. "https://api.openai.com/v1" or
+      "http://localhost:8000/v1". None: no LLM (the edit proposer is used).
+    model: model name sent in each request. The paper's `gpt-3.5-turbo-0301`
+      is retired; `gpt-4o-mini` is a cheap default that follows format rules.
+    api_key_env: name of the environment variable holding the key.
+    temperature: sampling temperature; 1.0 as the official code.
+    max_tokens: cap on reply length (templates are short; a cap bounds cost).
+      Not sent to OpenAI reasoning models (o1/o3/o4/gpt-5), whose hidden
+      reasoning tokens count against it.
+    max_concurrency: requests in flight at once, over all chains.
+    timeout_s: per-request timeout.
+    deadline_s: overall limit for one call including its retries.
+    max_retries: retries after the first attempt for transient faults.
+    send_seed: send a per-call `seed` derived from the call key, so retries
+      differ and reruns of a seeded server repeat.
+    cache: "off" | "read" | "readwrite".
+    cache_dir: response cache folder (default `<workdir>/llm_cache`).
+    budget_usd: stop starting calls once this much is spent (None: no limit).
+    max_calls: stop after this many paid calls (None: no limit).
+    prices: model -> (input, output) USD per 1M tokens, added to the table.
+  """
+
+  base_url: str | None = None
+  model: str = "gpt-4o-mini"
+  api_key_env: str = "OPENAI_API_KEY"
+  temperature: float = 1.0
+  max_tokens: int | None = 300
+  max_concurrency: int = 8
+  timeout_s: float = 60.0
+  deadline_s: float = 300.0
+  max_retries: int = 6
+  send_seed: bool = True
+  cache: str = "readwrite"
+  cache_dir: str | None = None
+  budget_usd: float | None = None
+  max_calls: int | None = None
+  prices: dict[str, tuple[float, float]] | None = None
+
+
+def build_client(config: LLMConfig, workdir: str | os.PathLike) -> "LLMClient":
+  """An `LLMClient` with a ledger (usage log in workdir) and a response cache."""
+  if not config.base_url:
+    raise LLMError("build_client needs LLMConfig.base_url (--llm_base_url).")
+  workdir = os.fspath(workdir)
+  ledger = Ledger(config.model, prices=config.prices,
+                  budget_usd=config.budget_usd, max_calls=config.max_calls,
+                  log_path=os.path.join(workdir, "llm_usage.jsonl"))
+  cache = ResponseCache(config.cache_dir or os.path.join(workdir, "llm_cache"),
+                        config.cache)
+  return LLMClient(
+      config.base_url, config.model, api_key_env=config.api_key_env,
+      temperature=config.temperature, max_tokens=config.max_tokens,
+      max_concurrency=config.max_concurrency, timeout_s=config.timeout_s,
+      deadline_s=config.deadline_s, max_retries=config.max_retries,
+      send_seed=config.send_seed, ledger=ledger, cache=cache)
+
+
+class _Fault(Exception):
+  """A retryable failure of one HTTP attempt (internal)."""
+
+  def __init__(self, kind: str, detail: str, retry_after: float | None = None):
+    super().__init__(detail)
+    self.kind = kind
+    self.detail = detail
+    self.retry_after = retry_after
+
+
+def _retry_after_s(headers: httpx.Headers) -> float | None:
+  """The server's minimum wait from `retry-after-ms` or `retry-after`."""
+  ms = headers.get("retry-after-ms")
+  if ms:
+    try:
+      return max(0.0, float(ms) / 1000.0)
+    except ValueError:
+      pass
+  value = headers.get("retry-after")
+  if not value:
+    return None
+  try:
+    return max(0.0, float(value))
+  except ValueError:
+    pass
+  try:  # HTTP-date form
+    when = email.utils.parsedate_to_datetime(value)
+    return max(0.0, when.timestamp() - time.time())
+  except (TypeError, ValueError):
+    return None
+
+
+def _error_fields(content: bytes) -> tuple[str | None, str | None, str | None]:
+  """(code, type, message) of an OpenAI-style error body, if parseable."""
+  try:
+    body = orjson.loads(content)
+  except orjson.JSONDecodeError:
+    return None, None, None
+  err = body.get("error") if isinstance(body, dict) else None
+  if isinstance(err, str):
+    return None, None, err
+  if not isinstance(err, dict):
+    return None, None, None
+  code, typ, msg = err.get("code"), err.get("type"), err.get("message")
+  return (str(code) if code is not None else None,
+          str(typ) if typ is not None else None,
+          str(msg) if msg is not None else None)
+
+
+def _message_text(content: Any) -> str | None:
+  """Assistant content as text (a string, or a list of text parts)."""
+  if isinstance(content, str):
+    return content
+  if isinstance(content, list):
+    parts = [p.get("text") for p in content
+             if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    return "".join(parts) if parts else None
+  return None
+
+
+class LLMClient:
+  """Shared async chat client for every chain of a run.
+
+  Args:
+    base_url: endpoint root; requests go to `{base_url}/chat/completions`.
+    model: model name.
+    api_key_env: environment variable read at request time for the key.
+    temperature: sampling temperature.
+    max_tokens: `max_tokens` sent in the body (None: not sent).
+    max_concurrency: semaphore size over all chains.
+    timeout_s: per-request timeout (connect timeout is at most 5 s).
+    deadline_s: overall limit for one `chat` call across its retries.
+    max_retries: retries after the first attempt for transient faults.
+    initial_backoff_s, max_backoff_s: exponential backoff 0.5 s .. 8 s by
+      default (openai-python's constants), times a jitter in [0.75, 1].
+    send_seed: send a deterministic `seed` per call key.
+    extra_params: more body fields (e.g. {"top_p": 0.9}); part of the cache key.
+    ledger: usage ledger (a fresh one when None).
+    cache: response cache (None: no caching).
+    transport: an httpx transport (tests).
+  """
+
+  def __init__(self, base_url: str, model: str, *,
+               api_key_env: str = "OPENAI_API_KEY", temperature: float = 1.0,
+               max_tokens: int | None = None, max_concurrency: int = 8,
+               timeout_s: float = 60.0, deadline_s: float = 300.0,
+               max_retries: int = 6, initial_backoff_s: float = 0.5,
+               max_backoff_s: float = 8.0, send_seed: bool = True,
+               extra_params: Mapping[str, Any] | None = None,
+               ledger: Ledger | None = None,
+               cache: ResponseCache | None = None,
+               transport: httpx.AsyncBaseTransport | None = None):
+    if not base_url:
+      raise LLMError("LLMClient needs a base_url (--llm_base_url).")
+    if not base_url.startswith(("http://", "https://")):
+      raise LLMError(f"--llm_base_url={redact_url(base_url)!r} must start with "
+                     "http:// or https:// (e.g. http://localhost:8000/v1).")
+    if max_concurrency < 1:
+      raise LLMError("--llm_max_concurrency must be at least 1.")
+    self.base_url = base_url.rstrip("/")
+    self.url = self.base_url + "/chat/completions"
+    self.model = model
+    self.api_key_env = api_key_env
+    self.temperature = temperature
+    self.max_tokens = max_tokens
+    self.max_concurrency = max_concurrency
+    self.timeout_s = timeout_s
+    self.deadline_s = deadline_s
+    self.max_retries = max_retries
+    self.initial_backoff_s = initial_backoff_s
+    self.max_backoff_s = max_backoff_s
+    self.send_seed = send_seed
+    self.extra_params = dict(extra_params or {})
+    self.ledger = ledger if ledger is not None else Ledger(model)
+    self.cache = cache
+    self._transport = transport
+    self._http: httpx.AsyncClient | None = None
+    self._sem: asyncio.Semaphore | None = None
+    self._jitter = random.Random()  # wall-clock jitter; never affects results
+
+  # --- lifecycle --------------------------------------------------------------
+  def _ensure_http(self) -> httpx.AsyncClient:
+    # Created lazily inside the running loop: httpx/asyncio objects bind to it.
+    if self._http is None:
+      self._http = httpx.AsyncClient(
+          transport=self._transport,
+          limits=httpx.Limits(max_connections=self.max_concurrency,
+                              max_keepalive_connections=self.max_concurrency),
+          timeout=httpx.Timeout(self.timeout_s,
+                                connect=min(5.0, self.timeout_s)))
+      self._sem = asyncio.Semaphore(self.max_concurrency)
+    return self._http
+
+  async def aclose(self) -> None:
+    if self._http is not None:
+      await self._http.aclose()
+      self._http = None
+      self._sem = None
+
+  async def __aenter__(self) -> "LLMClient":
+    return self
+
+  async def __aexit__(self, *exc) -> None:
+    await self.aclose()
+
+  # --- helpers ----------------------------------------------------------------
+  def _api_key(self) -> str | None:
+    key = os.environ.get(self.api_key_env, "")
+    return key or None
+
+  def _redact(self, text: str) -> str:
+    key = self._api_key()
+    if key and len(key) >= 4:
+      text = text.replace(key, "***")
+    return text
+
+  def sampling_params(self, chain_id: str, call_key: str) -> dict[str, Any]:
+    """Body fields besides model/messages (they are part of the cache key)."""
+    params: dict[str, Any] = {"temperature": self.temperature}
+    if self.max_tokens is not None and not self.model.startswith(
+        REASONING_MODEL_PREFIXES):
+      params["max_tokens"] = self.max_tokens
+    if self.send_seed:
+      digest = hashlib.sha256(f"{chain_id}|{call_key}".encode()).digest()
+      params["seed"] = int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+    params.update(self.extra_params)
+    return params
+
+  def _backoff(self, retry_index: int, retry_after: float | None) -> float:
+    delay = min(self.max_backoff_s, self.initial_backoff_s * 2 ** retry_index)
+    delay *= 1.0 - 0.25 * self._jitter.random()
+    if retry_after is not None:
+      delay = max(delay, retry_after)  # the server's wait is the minimum
+    return delay
+
+  # --- the call ---------------------------------------------------------------
+  async def chat(self, messages: Sequence[Mapping[str, str]], *,
+                 chain_id: str, call_key: str) -> ChatResult:
+    """One chat completion, from the cache when possible.
+
+    Args:
+      messages: OpenAI chat messages ({"role", "content"}).
+      chain_id: names the chain (and seed) in the cache key.
+      call_key: names the position in the chain ("r0-i3-a1").
+
+    Returns:
+      A `ChatResult`.
+
+    Raises:
+      LLMFatalError: non-retryable refusal (401, 404, quota 429, ...).
+      LLMRetriesExhausted: transient faults outlasted retries or the deadline.
+      LLMBudgetExceeded: budget or call limit spent (nothing was sent).
+    """
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    params = self.sampling_params(chain_id, call_key)
+    key = cache_key(base_url=self.base_url, model=self.model,
+                    messages=messages, params=params, chain_id=chain_id,
+                    call_key=call_key)
+    call_id = key[:20]
+    if self.cache is not None:
+      hit = self.cache.get(key)
+      if hit is not None:
+        self.ledger.record_cached(call_id=call_id, chain_id=chain_id)
+        return ChatResult(text=hit["text"], usage=dict(hit.get("usage") or {}),
+                          latency_s=0.0, cached=True, call_id=call_id,
+                          response_id=hit.get("response_id"))
+    self.ledger.reserve()  # raises LLMBudgetExceeded before anything is sent
+    body = {"model": self.model, "messages": messages, **params}
+    start = time.monotonic()
+    try:
+      text, usage, response_id = await self._post_with_retries(
+          body, call_id, start)
+    except LLMRetriesExhausted as e:
+      self.ledger.record_failure(call_id=call_id, chain_id=chain_id,
+                                 kind=e.last_fault or "error")
+      raise
+    except BaseException:
+      self.ledger.release()
+      raise
+    latency = time.monotonic() - start
+    self.ledger.record_call(call_id=call_id, chain_id=chain_id, usage=usage,
+                            latency_s=latency)
+    if self.cache is not None:
+      self.cache.put(key, {
+          "request": {"base_url": redact_url(self.base_url),
+                      "model": self.model, "messages": messages,
+                      "params": params, "chain_id": chain_id,
+                      "call_key": call_key},
+          "text": text, "usage": usage, "response_id": response_id})
+    return ChatResult(text=text, usage=usage, latency_s=latency, cached=False,
+                      call_id=call_id, response_id=response_id)
+
+  async def _post_with_retries(self, body: dict, call_id: str, start: float
+                               ) -> tuple[str, dict, str | None]:
+    http = self._ensure_http()
+    assert self._sem is not None
+    payload = orjson.dumps(body)
+    deadline = start + self.deadline_s
+    last: _Fault | None = None
+    attempts = 0
+    async with self._sem:
+      for attempt in range(self.max_retries + 1):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+          break
+        attempts += 1
+        try:
+          return await self._post_once(http, payload, min(self.timeout_s,
+                                                          remaining))
+        except _Fault as fault:
+          last = fault
+          self.ledger.count_fault(fault.kind)
+        if attempt == self.max_retries:
+          break
+        wait = self._backoff(attempt, last.retry_after)
+        if time.monotonic() + wait >= deadline:
+          break
+        logging.warning("LLM call %s attempt %d failed (%s: %s); retrying in "
+                        "%.2f s.", call_id, attempt + 1, last.kind,
+                        last.detail, wait)
+        await asyncio.sleep(wait)
+    kind = last.kind if last else "deadline"
+    detail = last.detail if last else "no attempt fitted in the deadline"
+    raise LLMRetriesExhausted(
+        f"LLM call {call_id} to {redact_url(self.url)} failed after "
+        f"{attempts} attempt(s) within {self.deadline_s:g} s; last fault "
+        f"{kind}: {detail}", last_fault=kind, attempts=attempts)
+
+  async def _post_once(self, http: httpx.AsyncClient, payload: bytes,
+                       timeout_s: float) -> tuple[str, dict, str | None]:
+    headers = {"Content-Type": "application/json"}
+    key = self._api_key()
+    if key:
+      headers["Authorization"] = f"Bearer {key}"
+    self.ledger.begin_request()
+    try:
+      try:
+        resp = await http.post(self.url, content=payload, headers=headers,
+                               timeout=httpx.Timeout(
+                                   timeout_s, connect=min(5.0, timeout_s)))
+      except httpx.TimeoutException as e:
+        raise _Fault("timeout", type(e).__name__) from None
+      except httpx.TransportError as e:
+        raise _Fault("connection", type(e).__name__) from None
+    finally:
+      self.ledger.end_request()
+    status = resp.status_code
+    if status == 200:
+      return self._parse_ok(resp.content)
+    code, typ, msg = _error_fields(resp.content)
+    detail = self._redact(f"HTTP {status}" + (f" {code or typ}" if (code or typ)
+                                              else "")
+                          + (f": {msg[:200]}" if msg else ""))
+    if status == 429 and ({code, typ} & QUOTA_CODES):
+      raise LLMFatalError(
+          f"LLM endpoint {redact_url(self.url)} refused the call: quota or "
+          f"billing limit reached ({detail}). Add credit or raise the spend "
+          "limit, then rerun with --resume (finished work is kept).",
+          status=status, code=code or typ)
+    if status in RETRY_STATUSES or status >= 500:
+      raise _Fault(f"http_{status}", detail, _retry_after_s(resp.headers))
+    hint = _FATAL_HINTS.get(status, "the server refused the request")
+    raise LLMFatalError(
+        f"LLM endpoint {redact_url(self.url)} answered {detail}; "
+        f"{hint.format(env=self.api_key_env)}.", status=status,
+        code=code or typ)
+
+  def _parse_ok(self, content: bytes) -> tuple[str, dict, str | None]:
+    try:
+      body = orjson.loads(content)
+    except orjson.JSONDecodeError:
+      raise _Fault("malformed_json", "answer body is not JSON") from None
+    if not isinstance(body, dict):
+      raise _Fault("malformed_json", "answer body is not a JSON object")
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices:
+      raise _Fault("no_choices", "answer has no choices")
+    first = choices[0] if isinstance(choices[0], dict) else {}
+    message = first.get("message") if isinstance(first.get("message"),
+                                                 dict) else {}
+    text = _message_text(message.get("content"))
+    if text is None:
+      raise _Fault("null_content", "answer message has no content")
+    usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+    response_id = body.get("id") if isinstance(body.get("id"), str) else None
+    return text, usage, response_id
+
+
+__all__ = ["ChatResult", "LLMBudgetExceeded", "LLMClient", "LLMConfig",
+           "LLMError", "LLMFatalError", "LLMRetriesExhausted", "build_client"]

@@ -1,0 +1,283 @@
+"""Usage ledger: tokens, cost, latency, concurrency, faults and budget stops.
+
+One `Ledger` is shared by every chain of a run. It lives in one asyncio event
+loop, so it needs no locks.
+
+Prices are USD per 1M tokens (input, output). `DEFAULT_PRICES` holds OpenAI
+list prices as published on platform.openai.com/docs/pricing in 2025-2026
+(copied from third-party mirrors of that page; verify before trusting a cost
+figure, and override with `prices=`). A model name matches the longest key that
+is a prefix of it, so "gpt-4o-mini-2024-07-18" uses "gpt-4o-mini". A model with
+no price (local vLLM/Ollama/llama.cpp servers) costs 0 and logs one warning.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Mapping
+
+from absl import logging
+import orjson
+
+from lmbbo_jax.llm.errors import LLMBudgetExceeded
+
+# USD per 1M tokens: (input, output).
+DEFAULT_PRICES: dict[str, tuple[float, float]] = {
+    "gpt-5": (1.25, 10.00),
+    "gpt-5-mini": (0.25, 2.00),
+    "gpt-5-nano": (0.05, 0.40),
+    "gpt-4.1": (2.00, 8.00),
+    "gpt-4.1-mini": (0.40, 1.60),
+    "gpt-4.1-nano": (0.10, 0.40),
+    "gpt-4o": (2.50, 10.00),
+    "gpt-4o-mini": (0.15, 0.60),
+    "gpt-4-turbo": (10.00, 30.00),
+    "gpt-4": (30.00, 60.00),  # gpt-4-0314 / gpt-4-0613 (8k context)
+    "gpt-3.5-turbo": (0.50, 1.50),
+    "gpt-3.5-turbo-0301": (2.00, 2.00),  # the official code's default model
+    "o3": (2.00, 8.00),
+    "o3-mini": (1.10, 4.40),
+    "o4-mini": (1.10, 4.40),
+}
+
+# Rough size of the pieces of a meta-prompt, used only by `estimate` when the
+# caller does not measure them (about 4 characters per token).
+_DEFAULT_FIRST_PROMPT_TOKENS = 220
+_TOKENS_PER_TEMPLATE = 14
+_FEEDBACK_TOKENS = 30
+
+
+def price_for(model: str, prices: Mapping[str, tuple[float, float]]
+              ) -> tuple[float, float] | None:
+  """(input, output) USD per 1M tokens for `model`: exact, else longest prefix."""
+  if model in prices:
+    return tuple(prices[model])
+  best = None
+  for name in prices:
+    if model.startswith(name) and (best is None or len(name) > len(best)):
+      best = name
+  return tuple(prices[best]) if best is not None else None
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+  """Nearest-rank percentile (q in [0, 100]) of `values`, None when empty."""
+  if not values:
+    return None
+  ordered = sorted(values)
+  rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+  return ordered[rank - 1]
+
+
+class Ledger:
+  """Counts every LLM call of a run and enforces its budget.
+
+  Args:
+    model: the model name used to look up prices.
+    prices: overrides/additions to `DEFAULT_PRICES` (USD per 1M tokens).
+    budget_usd: stop starting new calls once this much is spent (None: no
+      limit). Calls already in flight finish, so the spend can exceed the
+      budget by at most `max_concurrency` calls.
+    max_calls: stop after this many paid (non-cached) calls; in-flight calls
+      are reserved, so this bound is exact.
+    log_path: if given, one JSON line per call is appended there (no secrets).
+  """
+
+  def __init__(self, model: str, *,
+               prices: Mapping[str, tuple[float, float]] | None = None,
+               budget_usd: float | None = None, max_calls: int | None = None,
+               log_path: str | os.PathLike | None = None):
+    self.model = model
+    self.prices = dict(DEFAULT_PRICES)
+    if prices:
+      self.prices.update({k: tuple(v) for k, v in prices.items()})
+    self.budget_usd = budget_usd
+    self.max_calls = max_calls
+    self.log_path = os.fspath(log_path) if log_path else None
+    self.price = price_for(model, self.prices)
+    if self.price is None:
+      logging.warning(
+          "No price known for LLM model %r: its cost is counted as 0 USD "
+          "(pass prices= / --llm_prices to set one).", model)
+    self.calls = 0  # paid calls that returned a usable body
+    self.cached_calls = 0
+    self.failed_calls = 0  # calls that ended in an error after retries
+    self.requests = 0  # HTTP attempts, retries included
+    self.prompt_tokens = 0
+    self.completion_tokens = 0
+    self.cost_usd = 0.0
+    self.missing_usage = 0
+    self.faults: dict[str, int] = {}
+    self.latencies_s: list[float] = []
+    self._reserved = 0
+    # Concurrency gauge: the area under in-flight(t) over the active span.
+    self._inflight = 0
+    self.max_inflight = 0
+    self._area = 0.0
+    self._last_t: float | None = None
+    self._first_t: float | None = None
+    self._end_t: float | None = None
+
+  # --- budget -----------------------------------------------------------------
+  def cost_of(self, prompt_tokens: int, completion_tokens: int) -> float:
+    if self.price is None:
+      return 0.0
+    return (prompt_tokens * self.price[0]
+            + completion_tokens * self.price[1]) / 1e6
+
+  def reserve(self) -> None:
+    """Claims one paid call, or raises `LLMBudgetExceeded` when none is left."""
+    if self.max_calls is not None and (
+        self.calls + self.failed_calls + self._reserved >= self.max_calls):
+      raise LLMBudgetExceeded(
+          f"LLM call limit reached ({self.max_calls} calls); raise "
+          "--llm_max_calls and rerun with --resume to continue.",
+          reason="max_calls")
+    if self.budget_usd is not None and self.cost_usd >= self.budget_usd:
+      raise LLMBudgetExceeded(
+          f"LLM budget spent ({self.cost_usd:.4f} of {self.budget_usd:.4f} "
+          "USD); raise --llm_budget_usd and rerun with --resume to continue.",
+          reason="budget")
+    self._reserved += 1
+
+  def release(self) -> None:
+    """Returns a reservation (the call ended without a paid answer)."""
+    self._reserved = max(0, self._reserved - 1)
+
+  # --- recording --------------------------------------------------------------
+  def count_fault(self, kind: str) -> None:
+    self.faults[kind] = self.faults.get(kind, 0) + 1
+
+  def begin_request(self) -> None:
+    now = time.monotonic()
+    self._advance(now)
+    if self._first_t is None:
+      self._first_t = now
+    self._inflight += 1
+    self.requests += 1
+    self.max_inflight = max(self.max_inflight, self._inflight)
+
+  def end_request(self) -> None:
+    now = time.monotonic()
+    self._advance(now)
+    self._inflight -= 1
+    self._end_t = now
+
+  def _advance(self, now: float) -> None:
+    if self._last_t is not None:
+      self._area += self._inflight * (now - self._last_t)
+    self._last_t = now
+
+  def record_call(self, *, call_id: str, chain_id: str, usage: Mapping | None,
+                  latency_s: float) -> float:
+    """Records a paid call that returned a usable answer; returns its cost."""
+    self.release()
+    usage = usage or {}
+    pt = int(usage.get("prompt_tokens") or 0)
+    ct = int(usage.get("completion_tokens") or 0)
+    if not usage:
+      self.missing_usage += 1
+    cost = self.cost_of(pt, ct)
+    self.calls += 1
+    self.prompt_tokens += pt
+    self.completion_tokens += ct
+    self.cost_usd += cost
+    self.latencies_s.append(latency_s)
+    self._log({"call_id": call_id, "chain": chain_id, "cached": False,
+               "prompt_tokens": pt, "completion_tokens": ct, "cost_usd": cost,
+               "latency_s": round(latency_s, 4), "time": time.time()})
+    return cost
+
+  def record_cached(self, *, call_id: str, chain_id: str) -> None:
+    self.cached_calls += 1
+    self._log({"call_id": call_id, "chain": chain_id, "cached": True,
+               "time": time.time()})
+
+  def record_failure(self, *, call_id: str, chain_id: str, kind: str) -> None:
+    """Records a paid call that ended in an error (it still used the limit)."""
+    self.release()
+    self.failed_calls += 1
+    self._log({"call_id": call_id, "chain": chain_id, "error": kind,
+               "time": time.time()})
+
+  def _log(self, row: dict) -> None:
+    if not self.log_path:
+      return
+    with open(self.log_path, "ab") as f:
+      f.write(orjson.dumps(row) + b"\n")
+
+  # --- reports ----------------------------------------------------------------
+  @property
+  def mean_concurrency(self) -> float | None:
+    """Mean number of requests in flight between the first start and last end."""
+    if self._first_t is None or self._end_t is None:
+      return None
+    span = self._end_t - self._first_t
+    return self._area / span if span > 0 else float(self.max_inflight)
+
+  def summary(self) -> dict[str, Any]:
+    return {
+        "model": self.model,
+        "calls": self.calls,
+        "cached_calls": self.cached_calls,
+        "failed_calls": self.failed_calls,
+        "requests": self.requests,
+        "prompt_tokens": self.prompt_tokens,
+        "completion_tokens": self.completion_tokens,
+        "cost_usd": round(self.cost_usd, 6),
+        "price_known": self.price is not None,
+        "missing_usage": self.missing_usage,
+        "faults": dict(sorted(self.faults.items())),
+        "latency_p50_s": _percentile(self.latencies_s, 50),
+        "latency_p95_s": _percentile(self.latencies_s, 95),
+        "mean_concurrency": self.mean_concurrency,
+        "max_concurrency": self.max_inflight,
+        "budget_usd": self.budget_usd,
+        "max_calls": self.max_calls,
+    }
+
+  # --- dry run ----------------------------------------------------------------
+  def estimate(self, config: Any, *, first_prompt_tokens: int | None = None,
+               reply_tokens: int | None = None,
+               feedback_tokens: int = _FEEDBACK_TOKENS) -> dict[str, Any]:
+    """Expected calls, tokens and cost of a search with `config`, before it runs.
+
+    Args:
+      config: anything with `n_restart`, `n_reset`, `n_iter`, `m_new`, `k_pos`,
+        `k_neg` and `conversation` (a `search.optimizer.SearchConfig`).
+      first_prompt_tokens: tokens of one first-turn meta-prompt; measured by
+        `search.optimizer.estimate` from a rendered prompt, else a rough guess.
+      reply_tokens: tokens of one reply (default: 20 per requested template).
+      feedback_tokens: tokens of one multi-turn feedback message.
+
+    Returns:
+      dict(calls, prompt_tokens, completion_tokens, cost_usd,
+      max_calls_with_retries): `calls` assumes every reply is valid;
+      `max_calls_with_retries` multiplies by `max_failed_attempts`.
+    """
+    n_conv = config.n_restart * config.n_reset
+    calls = n_conv * config.n_iter
+    if first_prompt_tokens is None:
+      first_prompt_tokens = _DEFAULT_FIRST_PROMPT_TOKENS + _TOKENS_PER_TEMPLATE * (
+          config.k_pos + config.k_neg)
+    if reply_tokens is None:
+      reply_tokens = 20 * config.m_new + 5
+    if config.conversation == "multi_turn":
+      # Turn i resends the first prompt plus i (reply, feedback) pairs.
+      per_conv = sum(first_prompt_tokens + i * (reply_tokens + feedback_tokens)
+                     for i in range(config.n_iter))
+      prompt_tokens = n_conv * per_conv
+    else:
+      prompt_tokens = calls * first_prompt_tokens
+    completion_tokens = calls * reply_tokens
+    return {
+        "calls": calls,
+        "max_calls_with_retries": calls * getattr(config, "max_failed_attempts",
+                                                  1),
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "cost_usd": round(self.cost_of(prompt_tokens, completion_tokens), 6),
+        "model": self.model,
+        "price_known": self.price is not None,
+    }

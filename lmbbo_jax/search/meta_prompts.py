@@ -1,0 +1,140 @@
+"""Meta-prompt wording as data, filled by plain single-pass substitution.
+
+Every text the LLM sees lives in `DEFAULT_META_PROMPTS`; control flow in
+`proposers.py` only picks a named piece and fills its slots. A slot is written
+`<<name>>`. `render` replaces all slots in one regex pass, so a template that
+itself contains `<<positives>>` or `{0.__class__}` is inserted verbatim and
+never expanded or formatted.
+
+Wording follows the paper's Figure 1 (greeting, "prompts that work well" /
+"prompts that don't work well" lists, then numeric feedback turns "Great! The
+performance now improves to X%. ..." / "Unfortunately, the performance of this
+prompt drops to Y%. ...") and the requirements of the official code's
+`method_1` (reply only templates, under 15 words, similar structure, one per
+line starting with "- "). The exact wording of the paper is paraphrased
+(reference notes §1.2), not copied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Mapping
+
+_SLOT_RE = re.compile(r"<<([a-z_]+)>>")
+
+
+class MetaPromptError(KeyError):
+  """A meta-prompt names a slot that was not given a value."""
+
+
+def render(text: str, values: Mapping[str, str]) -> str:
+  """Fills `<<name>>` slots of `text` from `values` in a single pass.
+
+  Raises:
+    MetaPromptError: a slot has no value (a bug in the meta-prompt data).
+  """
+
+  def sub(match: re.Match) -> str:
+    name = match.group(1)
+    if name not in values:
+      raise MetaPromptError(f"meta-prompt slot <<{name}>> has no value")
+    return str(values[name])
+
+  return _SLOT_RE.sub(sub, text)
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaPrompts:
+  """The wording of every message the LLM proposer sends.
+
+  Slots available: intro/task pieces get <<n_new>> (a number), <<templates_word>>
+  ("template" or "templates"), <<score_note>>; lists get <<positives>>,
+  <<negatives>>; items get <<template>>, <<score>>; feedback gets <<score>>,
+  <<reason>>, <<scored_list>>.
+  """
+
+  system: str | None = None
+  # First user turn, one per feedback mode (blocks are rendered first).
+  first_turn: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  positives_block: str = ""
+  negatives_block: str = ""
+  requirements: str = ""
+  item: str = ""
+  item_with_score: str = ""
+  score_note: str = ""
+  # Multi-turn follow-ups.
+  feedback_improved: str = ""
+  feedback_dropped: str = ""
+  feedback_rejected: str = ""
+  feedback_scores_header: str = ""
+  feedback_no_scores: str = ""
+
+
+DEFAULT_META_PROMPTS = MetaPrompts(
+    system=None,  # the official code sends a single user message, no system
+    first_turn={
+        "pos_neg": (
+            "Hi! I need your help writing prompt templates for CLIP image "
+            "classification. A template is a short text with {} where the "
+            "class name goes, like \"a photo of a {}.\"\n\n"
+            "Below is a list of templates that work well and a list of "
+            "templates that don't work well<<score_note>>. Please find the "
+            "pattern and write <<n_new>> new <<templates_word>> that should "
+            "work even better than the good ones.\n\n"
+            "<<positives_block>>\n\n<<negatives_block>>\n\n<<requirements>>"),
+        "pos": (
+            "Hi! I need your help writing prompt templates for CLIP image "
+            "classification. A template is a short text with {} where the "
+            "class name goes, like \"a photo of a {}.\"\n\n"
+            "Below is a list of templates that work well<<score_note>>. Please "
+            "find the pattern and write <<n_new>> new <<templates_word>> that "
+            "should work even better.\n\n"
+            "<<positives_block>>\n\n<<requirements>>"),
+        "neg": (
+            "Hi! I need your help writing prompt templates for CLIP image "
+            "classification. A template is a short text with {} where the "
+            "class name goes, like \"a photo of a {}.\"\n\n"
+            "Below is a list of templates that don't work well<<score_note>>. "
+            "Please find what they do wrong and write <<n_new>> new "
+            "<<templates_word>> that avoid it and work better.\n\n"
+            "<<negatives_block>>\n\n<<requirements>>"),
+        "none": (
+            "Hi! I need your help writing prompt templates for CLIP image "
+            "classification. A template is a short text with {} where the "
+            "class name goes, like \"a photo of a {}.\"\n\n"
+            "Please write <<n_new>> new <<templates_word>> that should make "
+            "CLIP classify images accurately.\n\n<<requirements>>"),
+    },
+    positives_block="Templates that work well:\n<<positives>>",
+    negatives_block="Templates that don't work well:\n<<negatives>>",
+    requirements=(
+        "Requirements:\n"
+        "- Reply with the <<templates_word>> only, each on its own line "
+        "starting with \"- \".\n"
+        "- Each template must contain {} where the class name goes and no "
+        "other curly braces.\n"
+        "- Keep each template under 15 words and similar in structure to the "
+        "examples."),
+    item="- \"<<template>>\"",
+    item_with_score="- \"<<template>>\" (accuracy <<score>>)",
+    score_note=", each with its accuracy",
+    feedback_improved=(
+        "Great! The performance now improves to <<score>>. Could you suggest "
+        "<<n_new>> even better <<templates_word>>?"),
+    feedback_dropped=(
+        "Unfortunately, the performance of this prompt drops to <<score>>. "
+        "Could you give it another shot?"),
+    feedback_rejected=(
+        "That template could not be used (<<reason>>). Could you give it "
+        "another shot?"),
+    feedback_scores_header="Accuracy of each template you suggested:\n"
+                           "<<scored_list>>",
+    feedback_no_scores="Thanks! Could you suggest <<n_new>> different "
+                       "<<templates_word>>?",
+)
+
+
+def percent(value: float) -> str:
+  """Accuracy as the paper prints it: 0.8669 -> "86.69%"."""
+  return f"{100.0 * value:.2f}%"

@@ -1,0 +1,393 @@
+"""Proposers: where new templates come from (LLM, edits, or a recorded run).
+
+* `LLMProposer`: the paper's method. Shows the chat LLM the chain's best
+  (positive) and worst (negative) templates, parses and validates the reply;
+  single-turn (a fresh message every iteration, as the official code) or
+  multi-turn (the conversation grows with numeric feedback, as the paper's
+  Figure 1; a reset starts a new conversation from the current pool).
+* `EditProposer`: GrIPS-style edits (delete, swap, insert, replace of words or
+  short phrases) and crossover of top templates, seeded by the chain's RNG;
+  no network. The default without an LLM and the "is the LLM needed?" ablation.
+* `ReplayProposer`: proposes what a recorded `transcript.jsonl` accepted at the
+  same (chain, reset, iteration), e.g. to re-score a run with another model.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+from absl import logging
+
+from lmbbo_jax import templates as tpl
+from lmbbo_jax.llm.errors import LLMRetriesExhausted
+from lmbbo_jax.search import meta_prompts as mp
+from lmbbo_jax.search import parsing
+from lmbbo_jax.search import runlog
+from lmbbo_jax.search.state import ChainState, EvalRecord, Proposal
+
+FEEDBACK_MODES = ("pos_neg", "pos", "neg", "none")
+CONVERSATIONS = ("single_turn", "multi_turn")
+
+
+def _plural(n: int) -> str:
+  return "template" if n == 1 else "templates"
+
+
+def _count_values(m: int) -> dict[str, str]:
+  """Slot values for how many templates are asked for ("one template")."""
+  return {"n_new": "one" if m == 1 else str(m), "templates_word": _plural(m)}
+
+
+def _rejection_rows(rejections: Sequence[tuple[str, str]]) -> list[dict]:
+  return [{"template": t, "reason": r} for t, r in rejections]
+
+
+class LLMProposer:
+  """Asks a chat LLM for better templates (see module docstring).
+
+  Args:
+    client: an `LLMClient` (anything with `async chat(messages, *, chain_id,
+      call_key)` returning an object with text/call_id/cached/usage/latency_s).
+    config: the `SearchConfig` (k_pos, k_neg, m_new, show_scores, feedback,
+      conversation, max_failed_attempts, max_template_chars).
+    meta_prompts: the wording (data).
+  """
+
+  name = "llm"
+
+  def __init__(self, client: Any, config: Any,
+               meta_prompts: mp.MetaPrompts = mp.DEFAULT_META_PROMPTS):
+    if config.feedback not in FEEDBACK_MODES:
+      raise ValueError(f"feedback={config.feedback!r} not in {FEEDBACK_MODES}")
+    if config.conversation not in CONVERSATIONS:
+      raise ValueError(
+          f"conversation={config.conversation!r} not in {CONVERSATIONS}")
+    self.client = client
+    self.config = config
+    self.mp = meta_prompts
+
+  # --- message building -------------------------------------------------------
+  def _items(self, state: ChainState, records: Sequence[EvalRecord]) -> str:
+    lines = []
+    for r in records:
+      if self.config.show_scores:
+        lines.append(mp.render(self.mp.item_with_score, {
+            "template": r.template, "score": mp.percent(state.value(r))}))
+      else:
+        lines.append(mp.render(self.mp.item, {"template": r.template}))
+    return "\n".join(lines)
+
+  def positives_negatives(self, state: ChainState
+                          ) -> tuple[list[EvalRecord], list[EvalRecord]]:
+    """Top-k (best first) and bottom-k (worst first), disjoint."""
+    ranked = state.ranked()
+    fb = self.config.feedback
+    k_pos = self.config.k_pos if fb in ("pos_neg", "pos") else 0
+    k_neg = self.config.k_neg if fb in ("pos_neg", "neg") else 0
+    pos = ranked[:k_pos]
+    rest = ranked[len(pos):]
+    neg = list(reversed(rest))[:k_neg]
+    return pos, neg
+
+  def first_turn(self, state: ChainState) -> str:
+    """The first user message of a conversation (or the single-turn message)."""
+    pos, neg = self.positives_negatives(state)
+    state.first_reference = state.value(pos[0]) if pos else None
+    common = _count_values(self.config.m_new)
+    values = {
+        **common,
+        "score_note": self.mp.score_note if self.config.show_scores else "",
+        "positives_block": mp.render(self.mp.positives_block,
+                                     {"positives": self._items(state, pos)}),
+        "negatives_block": mp.render(self.mp.negatives_block,
+                                     {"negatives": self._items(state, neg)}),
+        "requirements": mp.render(self.mp.requirements, common),
+    }
+    return mp.render(self.mp.first_turn[self.config.feedback], values)
+
+  def feedback(self, state: ChainState) -> str:
+    """The follow-up user message after the last turn (multi-turn)."""
+    last = state.turns[-1]
+    common = _count_values(self.config.m_new)
+    if self.config.feedback == "none":
+      return mp.render(self.mp.feedback_no_scores, common)
+    ok = [r for r in last.records if r.ok]
+    if not ok:
+      reason = next((r.rejected for r in last.records if r.rejected),
+                    "not scorable")
+      return mp.render(self.mp.feedback_rejected, {**common, "reason": reason})
+    best = max(state.value(r) for r in ok)
+    if len(state.turns) >= 2:
+      prev_ok = [r for r in state.turns[-2].records if r.ok]
+      reference = (max(state.value(r) for r in prev_ok) if prev_ok
+                   else state.first_reference)
+    else:
+      reference = state.first_reference
+    improved = reference is None or best > reference
+    text = mp.render(self.mp.feedback_improved if improved
+                     else self.mp.feedback_dropped,
+                     {**common, "score": mp.percent(best)})
+    if len(last.records) > 1:
+      scored = "\n".join(
+          mp.render(self.mp.item_with_score,
+                    {"template": r.template,
+                     "score": mp.percent(state.value(r)) if r.ok
+                     else "not scorable"})
+          for r in last.records)
+      text = mp.render(self.mp.feedback_scores_header,
+                       {"scored_list": scored}) + "\n\n" + text
+    return text
+
+  def build_messages(self, state: ChainState) -> list[dict]:
+    """The request for the current iteration of `state`."""
+    if self.config.conversation == "multi_turn" and state.turns:
+      last = state.turns[-1]
+      return [*last.messages, {"role": "assistant", "content": last.reply},
+              {"role": "user", "content": self.feedback(state)}]
+    messages = []
+    if self.mp.system:
+      messages.append({"role": "system", "content": self.mp.system})
+    messages.append({"role": "user", "content": self.first_turn(state)})
+    return messages
+
+  # --- proposing --------------------------------------------------------------
+  async def propose(self, state: ChainState) -> Proposal:
+    messages = self.build_messages(state)
+    out = Proposal(templates=[], messages=messages)
+    for attempt in range(self.config.max_failed_attempts):
+      entry = {"kind": "attempt", "chain": state.chain,
+               "restart": state.chain, "reset": state.reset,
+               "iteration": state.iteration, "attempt": attempt,
+               "proposer": self.name}
+      call_key = f"r{state.reset}-i{state.iteration}-a{attempt}"
+      try:
+        result = await self.client.chat(messages, chain_id=state.chain_key,
+                                        call_key=call_key)
+      except LLMRetriesExhausted as e:
+        out.failed_attempts += 1
+        logging.warning("Chain %d r%d i%d: LLM call failed: %s", state.chain,
+                        state.reset, state.iteration, e)
+        state.log_transcript({**entry, "messages": messages, "error": str(e)})
+        continue
+      out.llm_calls += 1
+      out.cached_calls += int(result.cached)
+      check = parsing.validate(
+          parsing.extract_candidates(result.text), seen=state.seen,
+          context_check=state.context_check, max_new=self.config.m_new,
+          max_chars=self.config.max_template_chars)
+      for cand, reason in check.rejections:
+        logging.info("Chain %d r%d i%d: rejected %r: %s", state.chain,
+                     state.reset, state.iteration, cand, reason)
+      out.rejections.extend(check.rejections)
+      state.log_transcript({
+          **entry, "call_id": result.call_id, "cached": result.cached,
+          "messages": messages, "reply": result.text,
+          "accepted": check.valid,
+          "rejections": _rejection_rows(check.rejections),
+          "usage": result.usage, "latency_s": round(result.latency_s, 4)})
+      if check.valid:
+        out.templates = check.valid
+        out.call_id = result.call_id
+        out.raw_text = result.text
+        return out
+      out.failed_attempts += 1
+      logging.warning("Chain %d r%d i%d attempt %d: reply had no valid "
+                      "template.", state.chain, state.reset, state.iteration,
+                      attempt)
+    return out
+
+
+# --- edit-based search (GrIPS-style) ------------------------------------------
+# Generic words for insert/replace; the pool's own words are added per chain.
+BUILTIN_WORDS = (
+    "photo", "picture", "image", "clear", "bright", "natural", "detailed",
+    "close-up", "high-quality", "blurry", "small", "large", "colorful", "real",
+    "typical", "beautiful", "centered", "good", "sharp", "simple", "whole",
+    "of", "a", "the", "with", "in", "on", "showing", "background", "view",
+    "lighting", "style", "type", "kind", "object", "scene",
+)
+EDIT_OPS = ("delete", "swap", "insert", "replace", "crossover")
+_WORD_RE = re.compile(r"[A-Za-z][A-Za-z'-]*")
+
+
+def _tokens(template: str) -> list[str]:
+  return template.split()
+
+
+def _is_slot(token: str) -> bool:
+  return tpl.SLOT in token
+
+
+class EditProposer:
+  """Word/phrase edits and crossover of the chain's top templates.
+
+  Args:
+    config: the `SearchConfig` (m_new, k_pos, select_by, max_template_chars).
+    ops: edit operations to draw from (`EDIT_OPS`).
+    max_phrase: longest phrase (in words) that delete/swap act on.
+    max_tries: edits tried per iteration before giving up.
+    vocabulary: extra words for insert/replace (added to `BUILTIN_WORDS`).
+  """
+
+  name = "edit"
+
+  def __init__(self, config: Any, *, ops: Sequence[str] = EDIT_OPS,
+               max_phrase: int = 3, max_tries: int = 100,
+               vocabulary: Sequence[str] = ()):
+    bad = set(ops) - set(EDIT_OPS)
+    if bad:
+      raise ValueError(f"unknown edit ops {sorted(bad)}; use {EDIT_OPS}")
+    self.config = config
+    self.ops = tuple(ops)
+    self.max_phrase = max_phrase
+    self.max_tries = max_tries
+    self.vocabulary = tuple(vocabulary)
+
+  def _vocab(self, state: ChainState) -> list[str]:
+    words = set(BUILTIN_WORDS) | set(self.vocabulary)
+    for r in state.pool:
+      for w in _WORD_RE.findall(r.template.replace(tpl.SLOT, " ")):
+        words.add(w.lower())
+    return sorted(words)  # sorted: the draw must not depend on set order
+
+  def _span(self, rng, toks: list[str]) -> tuple[int, int] | None:
+    """A random phrase [i, j) of 1..max_phrase words holding no slot."""
+    starts = [i for i, t in enumerate(toks) if not _is_slot(t)]
+    if not starts:
+      return None
+    i = rng.choice(starts)
+    j = i + 1
+    limit = rng.randint(1, self.max_phrase)
+    while j < len(toks) and j - i < limit and not _is_slot(toks[j]):
+      j += 1
+    return i, j
+
+  def edit(self, op: str, parent: str, other: str, vocab: list[str],
+           rng) -> str | None:
+    """One edit of `parent` (`other` is the crossover partner)."""
+    toks = _tokens(parent)
+    if op == "delete":
+      span = self._span(rng, toks)
+      if span is None or span[1] - span[0] >= len(toks):
+        return None
+      toks = toks[:span[0]] + toks[span[1]:]
+    elif op == "swap":
+      if len(toks) < 2:
+        return None
+      a = self._span(rng, toks)
+      b = self._span(rng, toks)
+      if a is None or b is None or a == b:
+        # Swapping the slot with a word moves the class name.
+        i, j = rng.sample(range(len(toks)), 2)
+        toks[i], toks[j] = toks[j], toks[i]
+      else:
+        (a0, a1), (b0, b1) = sorted([a, b])
+        if a1 > b0:
+          return None  # overlapping phrases
+        toks = (toks[:a0] + toks[b0:b1] + toks[a1:b0] + toks[a0:a1]
+                + toks[b1:])
+    elif op == "insert":
+      n = rng.randint(1, 2)
+      pos = rng.randint(0, len(toks))
+      toks = toks[:pos] + [rng.choice(vocab) for _ in range(n)] + toks[pos:]
+    elif op == "replace":
+      choices = [i for i, t in enumerate(toks) if not _is_slot(t)]
+      if not choices:
+        return None
+      i = rng.choice(choices)
+      toks[i] = rng.choice(vocab)
+    elif op == "crossover":
+      o = _tokens(other)
+      ia = next((i for i, t in enumerate(toks) if _is_slot(t)), None)
+      ib = next((i for i, t in enumerate(o) if _is_slot(t)), None)
+      if ia is None or ib is None or parent == other:
+        return None
+      # Head of one parent up to its slot, slot and tail from the other.
+      toks = toks[:ia] + o[ib:] if rng.random() < 0.5 else o[:ib] + toks[ia:]
+    return " ".join(toks)
+
+  async def propose(self, state: ChainState) -> Proposal:
+    rng = state.rng
+    ranked = state.ranked()
+    parents = [r.template for r in ranked[:max(1, self.config.k_pos)]]
+    if not parents:
+      return Proposal(templates=[], failed_attempts=1)
+    vocab = self._vocab(state)
+    out: list[str] = []
+    rejections: list[tuple[str, str]] = []
+    local: set[str] = set()
+    for _ in range(self.max_tries):
+      op = rng.choice(self.ops)
+      parent = rng.choice(parents)
+      other = rng.choice(parents)
+      child = self.edit(op, parent, other, vocab, rng)
+      if child is None:
+        continue
+      check = parsing.validate([child], seen=state.seen | local,
+                               context_check=state.context_check,
+                               max_chars=self.config.max_template_chars)
+      if check.valid:
+        out.append(child)
+        local.add(tpl.normalize(child))
+        if len(out) >= self.config.m_new:
+          break
+      else:
+        rejections.extend(check.rejections)
+    state.log_transcript({
+        "kind": "attempt", "chain": state.chain, "restart": state.chain,
+        "reset": state.reset, "iteration": state.iteration, "attempt": 0,
+        "proposer": self.name, "accepted": out,
+        "rejections": _rejection_rows(rejections[-20:])})
+    return Proposal(templates=out, failed_attempts=0 if out else 1,
+                    rejections=[r for r in rejections
+                                if not r[1].startswith("duplicate")])
+
+
+class ReplayProposer:
+  """Re-proposes the templates a recorded transcript accepted, in place.
+
+  Args:
+    transcript: path of a transcript.jsonl (or its workdir), or its entries.
+    chain_map: optional {new chain: recorded chain}; default identity.
+  """
+
+  name = "replay"
+
+  def __init__(self, transcript: str | Sequence[dict], *,
+               chain_map: dict[int, int] | None = None):
+    entries = (runlog.read_transcript(transcript)
+               if isinstance(transcript, str) else list(transcript))
+    self._by_pos: dict[tuple, dict] = {}
+    for e in entries:
+      if e.get("kind", "attempt") == "attempt" and e.get("accepted"):
+        self._by_pos[(e["chain"], e["reset"], e["iteration"])] = e
+    if not self._by_pos:
+      raise runlog.RunLogError("the transcript has no accepted templates to "
+                               "replay.")
+    self.chain_map = chain_map or {}
+
+  async def propose(self, state: ChainState) -> Proposal:
+    chain = self.chain_map.get(state.chain, state.chain)
+    entry = self._by_pos.get((chain, state.reset, state.iteration))
+    if entry is None:
+      return Proposal(templates=[], failed_attempts=1)
+    check = parsing.validate(entry["accepted"], seen=state.seen,
+                             context_check=state.context_check,
+                             max_chars=self.config_max_chars(state))
+    state.log_transcript({
+        "kind": "attempt", "chain": state.chain, "restart": state.chain,
+        "reset": state.reset, "iteration": state.iteration, "attempt": 0,
+        "proposer": self.name, "call_id": entry.get("call_id"),
+        "accepted": check.valid,
+        "rejections": _rejection_rows(check.rejections)})
+    return Proposal(templates=check.valid, call_id=entry.get("call_id"),
+                    raw_text=entry.get("reply"),
+                    messages=entry.get("messages"),
+                    failed_attempts=0 if check.valid else 1,
+                    rejections=check.rejections)
+
+  @staticmethod
+  def config_max_chars(state: ChainState) -> int:
+    return getattr(state.config, "max_template_chars",
+                   parsing.DEFAULT_MAX_CHARS)

@@ -1,0 +1,206 @@
+"""Data shared by the optimizer and the proposers: records, chain state, proposals.
+
+Kept free of scoring internals: a record holds whatever per-split accuracies
+and log-probabilities the injected scorer returned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from typing import Any, Callable, Mapping, Protocol
+
+from lmbbo_jax import templates as tpl
+from lmbbo_jax.evaluator.types import Score
+
+SELECT_BY = ("train", "train_val")
+
+
+class SearchError(ValueError):
+  """A search that cannot run as configured (one-line message says what to do)."""
+
+
+def select_value(values: Mapping[str, float], select_by: str) -> float | None:
+  """The selection metric from per-split values; never reads "test".
+
+  "train": the train split. "train_val": a "train_val" entry when the scorer
+  gives one (accuracy over the concatenated splits), else the mean of train
+  and val (equal to the concatenated accuracy when both have the same number
+  of images, as with k shots per class in both), else train.
+  """
+  if select_by == "train":
+    return values.get("train")
+  if select_by == "train_val":
+    if "train_val" in values:
+      return values["train_val"]
+    if "train" in values and "val" in values:
+      return 0.5 * (values["train"] + values["val"])
+    return values.get("train")
+  raise SearchError(f"select_by={select_by!r} is not one of {SELECT_BY}.")
+
+
+@dataclasses.dataclass
+class EvalRecord:
+  """One evaluated template and where in the search it came from.
+
+  `step` is 0 for the initial pool and 1 + reset * n_iter + iteration after;
+  `seq` numbers the chain's evaluations 0, 1, 2, ...; (step, chain, seq) is the
+  deterministic "earliest evaluation" order used to break ties. `eval_index`
+  is the global arrival order in the log (informational: it depends on how
+  concurrent chains interleave).
+  """
+
+  template: str
+  accuracy: dict[str, float]
+  logprob: dict[str, float]
+  rejected: str | None
+  chain: int
+  reset: int | None
+  iteration: int | None
+  step: int
+  seq: int
+  proposer: str
+  call_id: str | None = None
+  eval_index: int = -1
+  time: float = 0.0
+  replayed: bool = False
+
+  @property
+  def ok(self) -> bool:
+    return self.rejected is None
+
+  @property
+  def restart(self) -> int:
+    return self.chain  # one chain per restart
+
+  @property
+  def score(self) -> Score:
+    return Score(template=self.template, accuracy=dict(self.accuracy),
+                 logprob=dict(self.logprob), rejected=self.rejected)
+
+  def order(self) -> tuple[int, int, int]:
+    return (self.step, self.chain, self.seq)
+
+  def to_row(self) -> dict[str, Any]:
+    return {"template": self.template, "accuracy": self.accuracy,
+            "logprob": self.logprob, "rejected": self.rejected,
+            "chain": self.chain, "restart": self.restart, "reset": self.reset,
+            "iteration": self.iteration, "step": self.step, "seq": self.seq,
+            "proposer": self.proposer, "call_id": self.call_id,
+            "eval_index": self.eval_index, "time": self.time}
+
+  @classmethod
+  def from_row(cls, row: Mapping[str, Any]) -> "EvalRecord":
+    return cls(template=row["template"], accuracy=dict(row.get("accuracy") or {}),
+               logprob=dict(row.get("logprob") or {}),
+               rejected=row.get("rejected"), chain=int(row["chain"]),
+               reset=row.get("reset"), iteration=row.get("iteration"),
+               step=int(row["step"]), seq=int(row["seq"]),
+               proposer=row.get("proposer", "?"), call_id=row.get("call_id"),
+               eval_index=int(row.get("eval_index", -1)),
+               time=float(row.get("time", 0.0)), replayed=True)
+
+
+def rank_key(record: EvalRecord, select_by: str) -> tuple:
+  """Sort key, best first: accuracy, then log-probability, then earliest."""
+  acc = select_value(record.accuracy, select_by)
+  lp = select_value(record.logprob, select_by) if record.logprob else None
+  return (-acc if acc is not None else math.inf,
+          -lp if lp is not None else math.inf, *record.order())
+
+
+def best_of(records, select_by: str) -> EvalRecord | None:
+  ok = [r for r in records if r.ok]
+  return min(ok, key=lambda r: rank_key(r, select_by)) if ok else None
+
+
+@dataclasses.dataclass
+class Turn:
+  """One answered LLM turn of a conversation and the scores of its templates."""
+
+  messages: list[dict]
+  reply: str
+  records: list[EvalRecord]
+
+
+@dataclasses.dataclass
+class Proposal:
+  """What a proposer returns for one iteration.
+
+  Attributes:
+    templates: valid new templates to score (empty: the iteration failed).
+    call_id: the LLM call whose reply gave them (None offline).
+    raw_text: that reply.
+    messages: the request that produced the reply (for multi-turn history).
+    failed_attempts: attempts that gave no valid template.
+    rejections: (candidate, reason) pairs over all attempts.
+    llm_calls / cached_calls: calls made / replayed from the cache.
+  """
+
+  templates: list[str]
+  call_id: str | None = None
+  raw_text: str | None = None
+  messages: list[dict] | None = None
+  failed_attempts: int = 0
+  rejections: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+  llm_calls: int = 0
+  cached_calls: int = 0
+
+
+@dataclasses.dataclass
+class ChainState:
+  """Everything a proposer may read about its chain.
+
+  Attributes:
+    chain: chain index (= restart index).
+    config: the `SearchConfig`.
+    rng: the chain's RNG, seeded from (seed, chain); the initial sample and
+      the edit proposer draw from it, so a chain replays identically.
+    reset, iteration, step: current position.
+    pool: the chain's successfully scored records, in evaluation order.
+    seen: normalised templates the chain has evaluated (or rejected).
+    turns: answered turns of the current conversation (cleared on reset).
+    first_reference: selection value of the best positive shown in the first
+      turn of the conversation (the baseline of the first feedback message).
+    context_check: the scorer's `max_context_ok`, if it has one.
+    log_transcript: writes one transcript entry.
+  """
+
+  chain: int
+  config: Any
+  rng: random.Random
+  reset: int = 0
+  iteration: int = 0
+  step: int = 0
+  next_seq: int = 0
+  pool: list[EvalRecord] = dataclasses.field(default_factory=list)
+  seen: set[str] = dataclasses.field(default_factory=set)
+  turns: list[Turn] = dataclasses.field(default_factory=list)
+  first_reference: float | None = None
+  context_check: Callable[[str], str | None] | None = None
+  log_transcript: Callable[[dict], Any] = lambda row: None
+
+  @property
+  def chain_key(self) -> str:
+    """Names the chain in LLM cache keys: the seed and the chain index."""
+    return f"s{self.config.seed}-c{self.chain}"
+
+  def ranked(self) -> list[EvalRecord]:
+    """The chain's pool, best first (deterministic)."""
+    return sorted(self.pool, key=lambda r: rank_key(r, self.config.select_by))
+
+  def value(self, record: EvalRecord) -> float | None:
+    return select_value(record.accuracy, self.config.select_by)
+
+  def is_new(self, template: str) -> bool:
+    return tpl.normalize(template) not in self.seen
+
+
+class Proposer(Protocol):
+  """Proposes new templates for one iteration of a chain."""
+
+  name: str
+
+  async def propose(self, state: ChainState) -> Proposal:
+    ...

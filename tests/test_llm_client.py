@@ -1,0 +1,252 @@
+"""LLMClient against the loopback fake server: retries, fatal errors, secrets."""
+
+import asyncio
+import glob
+import logging
+import os
+import time
+
+import pytest
+
+import fake_llm_server as fake
+from lmbbo_jax.llm import (Ledger, LLMClient, LLMFatalError,
+                           LLMRetriesExhausted, ResponseCache)
+
+SECRET = "sk-test-SECRET-0123456789"
+MESSAGES = [{"role": "user", "content": "Write a template."}]
+
+
+@pytest.fixture
+def server():
+  with fake.FakeLLMServer() as srv:
+    yield srv
+
+
+def make_client(server, tmp_path=None, **kw):
+  kw.setdefault("initial_backoff_s", 0.01)
+  kw.setdefault("max_backoff_s", 0.05)
+  kw.setdefault("timeout_s", 5.0)
+  cache = kw.pop("cache", None)
+  if cache is None and tmp_path is not None:
+    cache = ResponseCache(tmp_path / "cache", "readwrite")
+  return LLMClient(server.base_url, kw.pop("model", "gpt-4o-mini"),
+                   api_key_env="LMBBO_TEST_KEY", cache=cache, **kw)
+
+
+def run(coro):
+  return asyncio.run(coro)
+
+
+async def _chat(client, call_key="r0-i0-a0", messages=MESSAGES):
+  try:
+    return await client.chat(messages, chain_id="s0-c0", call_key=call_key)
+  finally:
+    await client.aclose()
+
+
+def test_success_records_usage_and_bearer_only_when_set(server, monkeypatch):
+  monkeypatch.setenv("LMBBO_TEST_KEY", SECRET)
+  server.script([fake.reply('- "a photo of a {}."')])
+  client = make_client(server)
+  result = run(_chat(client))
+  assert result.text == '- "a photo of a {}."'
+  assert not result.cached and len(result.call_id) == 20
+  assert result.usage["prompt_tokens"] == 100
+  assert server.requests[0].authorization == f"Bearer {SECRET}"
+  body = server.requests[0].body
+  assert body["model"] == "gpt-4o-mini" and body["messages"] == MESSAGES
+  assert body["temperature"] == 1.0 and isinstance(body["seed"], int)
+  s = client.ledger.summary()
+  assert s["calls"] == 1 and s["prompt_tokens"] == 100
+  assert s["completion_tokens"] == 20
+  assert s["cost_usd"] == pytest.approx((100 * 0.15 + 20 * 0.60) / 1e6)
+  monkeypatch.delenv("LMBBO_TEST_KEY")
+  run(_chat(make_client(server), call_key="r0-i0-a1"))
+  assert server.requests[1].authorization is None
+
+
+@pytest.mark.parametrize("action,kind", [
+    (fake.rate_limit(retry_after=0.01), "http_429"),
+    (fake.status(500), "http_500"),
+    (fake.status(503), "http_503"),
+    (fake.status(408), "http_408"),
+    (fake.drop(), "connection"),
+    (fake.non_json(), "malformed_json"),
+    (fake.empty_choices(), "no_choices"),
+    (fake.null_content(), "null_content"),
+])
+def test_transient_faults_are_retried_and_counted(server, action, kind):
+  server.script([action, action])
+  client = make_client(server)
+  result = run(_chat(client))
+  assert "{}" in result.text  # the third request got the default answer
+  assert len(server.requests) == 3
+  s = client.ledger.summary()
+  assert s["faults"] == {kind: 2}
+  assert s["calls"] == 1 and s["requests"] == 3
+
+
+def test_timeout_is_retried(server):
+  server.script([fake.timeout(1.0)])
+  client = make_client(server, timeout_s=0.2)
+  result = run(_chat(client))
+  assert "{}" in result.text
+  assert client.ledger.faults == {"timeout": 1}
+
+
+@pytest.mark.parametrize("action,wait", [
+    (fake.rate_limit(retry_after=0.4), 0.4),
+    (fake.rate_limit(retry_after_ms=300), 0.3),
+])
+def test_retry_after_is_the_minimum_wait(server, action, wait):
+  server.script([action])
+  client = make_client(server)
+  run(_chat(client))
+  gap = server.requests[1].t_start - server.requests[0].t_start
+  assert gap >= wait * 0.95
+  assert gap < wait + 1.0
+
+
+def test_quota_429_is_fatal_and_not_retried(server, monkeypatch):
+  monkeypatch.setenv("LMBBO_TEST_KEY", SECRET)
+  server.script([fake.quota()])
+  client = make_client(server)
+  with pytest.raises(LLMFatalError) as err:
+    run(_chat(client))
+  assert len(server.requests) == 1
+  assert "quota" in str(err.value) and "--resume" in str(err.value)
+  assert err.value.status == 429
+  assert SECRET not in str(err.value)
+  assert client.ledger.summary()["calls"] == 0
+
+
+@pytest.mark.parametrize("action,status,words", [
+    (fake.unauthorized(), 401, "LMBBO_TEST_KEY"),
+    (fake.status(404), 404, "--llm_base_url"),
+    (fake.status(400), 400, "--llm_model"),
+    (fake.status(422), 422, "--llm_model"),
+    (fake.status(403), 403, "LMBBO_TEST_KEY"),
+])
+def test_client_errors_are_fatal_with_a_hint(server, monkeypatch, action,
+                                             status, words):
+  monkeypatch.setenv("LMBBO_TEST_KEY", SECRET)
+  server.script([action])
+  with pytest.raises(LLMFatalError) as err:
+    run(_chat(make_client(server)))
+  assert err.value.status == status
+  assert words in str(err.value)
+  assert SECRET not in str(err.value)
+  assert len(server.requests) == 1
+
+
+def test_server_echoing_the_key_is_redacted(server, monkeypatch):
+  monkeypatch.setenv("LMBBO_TEST_KEY", SECRET)
+  server.script([fake.status(401, f"bad key {SECRET}")])
+  with pytest.raises(LLMFatalError) as err:
+    run(_chat(make_client(server)))
+  assert SECRET not in str(err.value) and "***" in str(err.value)
+
+
+def test_retries_are_bounded(server):
+  server.fault_fn = lambda i, body: fake.status(503)
+  client = make_client(server, max_retries=3)
+  with pytest.raises(LLMRetriesExhausted) as err:
+    run(_chat(client))
+  assert len(server.requests) == 4
+  assert err.value.last_fault == "http_503" and err.value.attempts == 4
+  assert client.ledger.failed_calls == 1
+
+
+def test_deadline_bounds_a_call(server):
+  server.fault_fn = lambda i, body: fake.status(503)
+  client = make_client(server, max_retries=1000, initial_backoff_s=0.05,
+                       max_backoff_s=0.05, deadline_s=0.5)
+  start = time.monotonic()
+  with pytest.raises(LLMRetriesExhausted):
+    run(_chat(client))
+  assert time.monotonic() - start < 2.0
+  assert 2 <= len(server.requests) < 50
+
+
+def test_max_concurrency_is_respected(server):
+  server.delay_s = 0.2
+
+  async def many():
+    client = make_client(server, max_concurrency=2)
+    try:
+      await asyncio.gather(*(client.chat(MESSAGES, chain_id=f"c{i}",
+                                         call_key="k") for i in range(6)))
+    finally:
+      await client.aclose()
+    return client
+
+  client = run(many())
+  assert server.max_concurrency == 2
+  assert client.ledger.max_inflight == 2
+  assert client.ledger.mean_concurrency == pytest.approx(2.0, abs=0.5)
+  s = client.ledger.summary()
+  assert s["latency_p50_s"] >= 0.2 and s["latency_p95_s"] >= s["latency_p50_s"]
+
+
+def test_cache_replays_and_never_stores_the_key(server, tmp_path,
+                                                monkeypatch, caplog):
+  monkeypatch.setenv("LMBBO_TEST_KEY", SECRET)
+  caplog.set_level(logging.DEBUG)
+  server.script([fake.status(503)])
+  first = run(_chat(make_client(server, tmp_path)))
+  assert len(server.requests) == 2
+  client = make_client(server, tmp_path)
+  again = run(_chat(client))
+  assert again.cached and again.text == first.text
+  assert again.call_id == first.call_id
+  assert len(server.requests) == 2  # nothing sent
+  assert client.ledger.cached_calls == 1 and client.ledger.calls == 0
+  # A different attempt index is a different request.
+  run(_chat(make_client(server, tmp_path), call_key="r0-i0-a1"))
+  assert len(server.requests) == 3
+  files = glob.glob(str(tmp_path / "**" / "*"), recursive=True)
+  assert any(f.endswith(".json") for f in files)
+  for f in files:
+    if os.path.isfile(f):
+      with open(f, "rb") as fh:
+        assert SECRET.encode() not in fh.read()
+  assert SECRET not in caplog.text
+
+
+def test_cache_modes(server, tmp_path):
+  run(_chat(make_client(server, cache=ResponseCache(tmp_path, "read"))))
+  assert len(server.requests) == 1
+  assert not os.listdir(tmp_path)  # read mode stores nothing
+  run(_chat(make_client(server, cache=ResponseCache(tmp_path, "readwrite"))))
+  run(_chat(make_client(server, cache=ResponseCache(tmp_path, "off"))))
+  assert len(server.requests) == 3  # off: neither read nor written
+  r = run(_chat(make_client(server, cache=ResponseCache(tmp_path, "read"))))
+  assert r.cached and len(server.requests) == 3
+
+
+def test_budget_and_max_calls_stop_before_sending(server):
+  from lmbbo_jax.llm import LLMBudgetExceeded
+  ledger = Ledger("pricey", prices={"pricey": (1e6, 0.0)}, budget_usd=50.0)
+  client = make_client(server, model="pricey", ledger=ledger)
+
+  async def two():
+    try:
+      await client.chat(MESSAGES, chain_id="c", call_key="a")
+      with pytest.raises(LLMBudgetExceeded) as err:
+        await client.chat(MESSAGES, chain_id="c", call_key="b")
+      return err.value
+    finally:
+      await client.aclose()
+
+  err = run(two())
+  assert err.reason == "budget" and "--llm_budget_usd" in str(err)
+  assert len(server.requests) == 1
+  assert ledger.cost_usd == pytest.approx(100.0)
+
+
+def test_base_url_with_credentials_is_not_stored(server, tmp_path):
+  url = server.base_url.replace("http://", "http://user:pw-secret@")
+  client = LLMClient(url, "m", cache=ResponseCache(tmp_path), api_key_env="X")
+  run(_chat(client))
+  for f in glob.glob(str(tmp_path / "*" / "*.json")):
+    assert b"pw-secret" not in open(f, "rb").read()
