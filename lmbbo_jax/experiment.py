@@ -1,0 +1,505 @@
+"""One experiment end to end: tasks, model, image features, baselines, search, outputs.
+
+`main.py` turns flags into an `ExperimentConfig` and calls `run_experiment`.
+Layout of `workdir`:
+
+  results.json        the machine-readable result (schema: `RESULTS_SCHEMA`)
+  prompts.jsonl       every evaluated template of every seed (`seed` field added)
+  transcript.jsonl    every LLM turn of every seed
+  prompts.csv, accuracy.png, summary.md
+  seed_<s>/           the durable per-seed search logs (resume reads these)
+  llm_cache/, llm_usage.jsonl   LLM responses and usage (when an LLM is used)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import statistics
+import sys
+import time
+from typing import Any, Sequence
+
+import orjson
+from absl import logging
+
+from lmbbo_jax import report
+from lmbbo_jax.llm import LLMConfig, LLMFatalError, build_client
+from lmbbo_jax.search import SearchConfig, make_proposer_factory, run_search
+from lmbbo_jax.search import estimate as estimate_search
+from lmbbo_jax.search.pool import builtin_corpus, load_caption_file, load_template_file
+from lmbbo_jax.search.runlog import RunLog, install_signal_handlers
+
+PHOTO = "a photo of a {}."
+EMPTY = "{}"
+RESULTS_SCHEMA = 1
+# Fields every per-template entry of results.json carries.
+ENTRY_FIELDS = ("template", "train_acc", "val_acc", "test_acc")
+
+
+class ExperimentError(RuntimeError):
+  """A user-facing failure: one line that says what is wrong and what to do."""
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+  """Everything one run needs (flags map onto this one-to-one)."""
+  dataset: str
+  workdir: str
+  shots: int = 1
+  seeds: tuple[int, ...] = (1, 2, 3)
+  data_dir: str | None = None
+  max_test_per_class: int | None = None
+  model: str = "RN50"
+  dtype: str = "float32"
+  model_cache_dir: str | None = None
+  image_batch_size: int = 64
+  feature_cache_dir: str | None = None
+  proposer: str = "auto"
+  search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
+  search_seed: int = 0
+  init_pool: str = "builtin"
+  replay_transcript: str | None = None
+  llm: LLMConfig = dataclasses.field(default_factory=LLMConfig)
+  baselines: tuple[str, ...] = ("empty", "photo", "hand_best", "hand_ensemble", "pool_best")
+  resume: bool = False
+  overwrite: bool = False
+  dry_run: bool = False
+  profile_dir: str | None = None
+  progress: bool = True
+
+  @property
+  def proposer_kind(self) -> str:
+    if self.proposer != "auto":
+      return self.proposer
+    return "llm" if self.llm.base_url else "edit"
+
+  def to_json(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["proposer_kind"] = self.proposer_kind
+    d["seeds"] = list(self.seeds)
+    d["baselines"] = list(self.baselines)
+    d["select_by"] = self.search.select_by
+    return d
+
+
+# --------------------------------------------------------------------------------------
+# Set-up: workdir, tasks and model, with failures reported as one line each.
+
+def _prepare_workdir(cfg: ExperimentConfig) -> pathlib.Path:
+  workdir = pathlib.Path(cfg.workdir)
+  results = workdir / "results.json"
+  if results.exists() and not (cfg.resume or cfg.overwrite):
+    raise ExperimentError(
+        f"{workdir} already holds a finished run (results.json); pass --resume to "
+        "continue it, --overwrite to replace it, or choose another --workdir")
+  has_logs = any(workdir.glob("seed_*/prompts.jsonl"))
+  if has_logs and not (cfg.resume or cfg.overwrite):
+    raise ExperimentError(
+        f"{workdir} holds an unfinished run; pass --resume to continue it (no LLM call "
+        "is repeated) or --overwrite to start again")
+  if cfg.overwrite and workdir.exists():
+    for child in workdir.iterdir():
+      if child.name == "llm_cache":
+        continue  # Paid-for replies stay reusable.
+      shutil.rmtree(child) if child.is_dir() else child.unlink()
+  workdir.mkdir(parents=True, exist_ok=True)
+  return workdir
+
+
+def _build_tasks(cfg: ExperimentConfig):
+  from lmbbo_jax.data import DatasetError, build_task
+  try:
+    return {s: build_task(cfg.dataset, cfg.shots, s, data_dir=cfg.data_dir,
+                          max_test_per_class=cfg.max_test_per_class) for s in cfg.seeds}, None
+  except DatasetError as e:
+    return None, f"data: {e}"
+
+
+def _load_model(cfg: ExperimentConfig):
+  import jax.numpy as jnp
+  from lmbbo_jax.models import CheckpointError, load_clip
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.dtype]
+  try:
+    return load_clip(cfg.model, dtype=dtype, cache_dir=cfg.model_cache_dir), None
+  except CheckpointError as e:
+    return None, f"weights: {e}"
+
+
+def _corpus(cfg: ExperimentConfig, class_names: Sequence[str]) -> list[str]:
+  if cfg.init_pool == "builtin":
+    return builtin_corpus()
+  path = cfg.init_pool
+  if not os.path.exists(path):
+    raise ExperimentError(f"--init_pool={path!r} does not exist; pass builtin or a "
+                          "caption/template file (one per line)")
+  # A file of templates (with {}) is used as is; captions get a class word replaced.
+  with open(path, encoding="utf-8", errors="replace") as f:
+    head = f.read(65536)
+  if "{}" in head:
+    return load_template_file(path)
+  return load_caption_file(path, class_words=list(class_names))
+
+
+# --------------------------------------------------------------------------------------
+# Scoring helpers.
+
+def _entry(score, **extra) -> dict:
+  acc = score.accuracy if score is not None else {}
+  out = {"template": score.template if score is not None else None,
+         "train_acc": acc.get("train"), "val_acc": acc.get("val"),
+         "test_acc": acc.get("test")}
+  if score is not None and score.logprob:
+    out["train_logprob"] = score.logprob.get("train")
+  out.update(extra)
+  return out
+
+
+def _select_key(score, select_by: str):
+  acc, lp = score.accuracy, score.logprob or {}
+  if select_by == "train_val":
+    return (acc.get("train", 0) + acc.get("val", 0), lp.get("train", 0) + lp.get("val", 0))
+  return (acc.get("train", 0), lp.get("train", 0))
+
+
+def _baselines(cfg: ExperimentConfig, scorer, task) -> dict[str, dict]:
+  """Hand-made baselines scored in the same run (pool_best comes from the search)."""
+  from lmbbo_jax.data import hand_templates
+  out: dict[str, dict] = {}
+  singles = {"empty": EMPTY, "photo": PHOTO}
+  wanted = [b for b in singles if b in cfg.baselines]
+  for name, score in zip(wanted, scorer.score([singles[b] for b in wanted])):
+    out[name] = _entry(score)
+  if "hand_best" in cfg.baselines or "hand_ensemble" in cfg.baselines:
+    try:
+      hand = hand_templates(cfg.dataset)
+    except Exception as e:  # A dataset without CLIP's hand-engineered templates.
+      hand = []
+      logging.info("no hand-engineered templates for %s (%s); skipping those baselines",
+                   cfg.dataset, e)
+    if hand:
+      scores = [s for s in scorer.score(hand) if s.ok]
+      if "hand_best" in cfg.baselines and scores:
+        best = max(scores, key=lambda s: _select_key(s, cfg.search.select_by))
+        out["hand_best"] = _entry(best, n_templates=len(hand))
+      if "hand_ensemble" in cfg.baselines:
+        ens = scorer.score_ensemble([hand])[0]
+        out["hand_ensemble"] = _entry(ens, template=f"ensemble of {len(hand)} templates",
+                                      n_templates=len(hand))
+  return out
+
+
+# --------------------------------------------------------------------------------------
+# The run.
+
+@dataclasses.dataclass
+class _SeedRun:
+  seed: int
+  task: Any
+  scorer: Any
+  baselines: dict
+  images_encoded: int
+  encode_s: float
+  result: Any = None
+
+
+def _versions(clip) -> dict:
+  import flax
+  import jax
+  from lmbbo_jax import __version__
+  dev = jax.devices()[0]
+  return {"lmbbo_jax": __version__, "python": platform.python_version(),
+          "jax": jax.__version__, "flax": flax.__version__,
+          "device_kind": dev.device_kind, "platform": dev.platform,
+          "device_count": jax.device_count(), "process_count": jax.process_count()}
+
+
+def _git_commit() -> str | None:
+  head = pathlib.Path(__file__).resolve().parent.parent / ".git" / "HEAD"
+  try:
+    ref = head.read_text().strip()
+    if ref.startswith("ref: "):
+      return (head.parent / ref[5:]).read_text().strip()
+    return ref
+  except OSError:
+    return None
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_bytes(orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+  os.replace(tmp, path)
+
+
+def run_experiment(cfg: ExperimentConfig) -> dict:
+  """Runs (or resumes) the experiment and writes every output; returns results.json's dict."""
+  cfg.search.validate()
+  kind = cfg.proposer_kind
+  if kind == "llm" and not cfg.llm.base_url:
+    raise ExperimentError("--proposer=llm needs --llm_base_url (e.g. https://api.openai.com/v1 "
+                          "or a local vLLM/Ollama server); or use --proposer=edit offline")
+  if kind == "replay" and not cfg.replay_transcript:
+    raise ExperimentError("--proposer=replay needs --replay_transcript=<run>/transcript.jsonl")
+
+  if cfg.dry_run:
+    return _dry_run(cfg)
+
+  # Data and weights are both checked before any heavy work, and reported together.
+  tasks, data_err = _build_tasks(cfg)
+  clip, model_err = _load_model(cfg)
+  if data_err or model_err:
+    raise ExperimentError("; ".join(e for e in (data_err, model_err) if e))
+  workdir = _prepare_workdir(cfg)
+  started = time.time()
+  logging.info("model %s (%s, weights %s), dataset %s, %d-shot, seeds %s, proposer %s",
+               clip.name, cfg.dtype, clip.weights_hash[:12], cfg.dataset, cfg.shots,
+               list(cfg.seeds), kind)
+
+  from lmbbo_jax.evaluator import features as features_lib
+  from lmbbo_jax.evaluator.scorer import PromptScorer
+  from lmbbo_jax.evaluator.sharding import make_mesh
+  mesh = make_mesh()
+  cache_dir = cfg.feature_cache_dir or str(workdir / "feature_cache")
+  runs: list[_SeedRun] = []
+  for seed, task in tasks.items():
+    t0 = time.perf_counter()
+    feats = features_lib.encode_task(clip, task, mesh=mesh, batch_size=cfg.image_batch_size,
+                                     cache_dir=cache_dir, progress=cfg.progress)
+    encode_s = time.perf_counter() - t0
+    n_images = sum(f.num_valid for f in feats.values())
+    fb, lb = features_lib.scorer_inputs(feats)
+    scorer = PromptScorer(clip, fb, lb, task.class_names, mesh=mesh)
+    logging.info("seed %d: %s images encoded in %.1fs (%s)", seed, n_images, encode_s,
+                 {s: f.num_valid for s, f in feats.items()})
+    runs.append(_SeedRun(seed, task, scorer, _baselines(cfg, scorer, task), n_images, encode_s))
+
+  profile = (_profile(cfg.profile_dir) if cfg.profile_dir else contextlib.nullcontext())
+  busy_before = sum(r.scorer.stats().get("seconds_busy", 0.0) for r in runs)
+  t_search = time.perf_counter()
+  with profile:
+    ledger = asyncio.run(_search_all(cfg, workdir, runs))
+  search_s = time.perf_counter() - t_search
+  results = _results(cfg, clip, runs, ledger, search_s, time.time() - started, busy_before)
+  _write_outputs(workdir, results, runs)
+  return results
+
+
+def _profile(profile_dir: str):
+  import jax
+  os.makedirs(profile_dir, exist_ok=True)
+  return jax.profiler.trace(profile_dir)
+
+
+async def _search_all(cfg: ExperimentConfig, workdir: pathlib.Path, runs: list[_SeedRun]):
+  """All seeds' searches concurrently (LLM latency overlaps; each seed has its own scorer)."""
+  kind = cfg.proposer_kind
+  client = build_client(dataclasses.replace(
+      cfg.llm, cache_dir=cfg.llm.cache_dir or str(workdir / "llm_cache")), workdir) \
+      if kind == "llm" else None
+  ledger = client.ledger if client is not None else None
+  stop = asyncio.Event()
+  uninstall = install_signal_handlers(stop.set)
+  from tqdm.auto import tqdm
+  total = sum(cfg.search.n_restart * (cfg.search.init_pool_size
+                                      + cfg.search.n_reset * cfg.search.n_iter * cfg.search.m_new)
+              for _ in runs)
+  bar = tqdm(total=total, desc="search", unit="tpl", disable=not cfg.progress)
+  best = {"acc": -1.0}
+
+  def progress(info: dict) -> None:
+    if info.get("event") != "eval":
+      return
+    bar.update(1)
+    acc = info.get("value")
+    if acc is not None and acc > best["acc"]:
+      best["acc"] = acc
+      bar.set_postfix_str(f"best {cfg.search.select_by} {100 * acc:.1f}%")
+
+  async def one(run: _SeedRun):
+    search_cfg = dataclasses.replace(cfg.search, seed=cfg.search_seed * 1000 + run.seed)
+    corpus = _corpus(cfg, run.task.class_names)
+    factory = make_proposer_factory(kind, search_cfg, client=client,
+                                    transcript=cfg.replay_transcript)
+    with RunLog(workdir / f"seed_{run.seed}", resume=cfg.resume) as log:
+      run.result = await run_search(search_cfg, run.scorer, factory, log, corpus=corpus,
+                                    progress=progress, stop_event=stop, ledger=ledger)
+
+  try:
+    await asyncio.gather(*(one(r) for r in runs))
+  except LLMFatalError as e:
+    raise ExperimentError(f"the LLM endpoint refused for good: {e} (everything evaluated so "
+                          "far is in the workdir; fix the cause and rerun with --resume)") from e
+  finally:
+    bar.close()
+    uninstall()
+    for r in runs:
+      front = getattr(r.scorer, "_front", None)
+      if front is not None:
+        await front.aclose()
+    if client is not None:
+      await client.aclose()
+  return ledger
+
+
+def _dry_run(cfg: ExperimentConfig) -> dict:
+  from lmbbo_jax.llm import Ledger
+  ledger = Ledger(cfg.llm.model, prices=cfg.llm.prices)
+  per_seed = estimate_search(cfg.search, ledger)
+  n = len(cfg.seeds)
+  est = {k: (v * n if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+         for k, v in per_seed.items()}
+  est.update(seeds=n, model=cfg.llm.model, proposer=cfg.proposer_kind)
+  return {"dry_run": est}
+
+
+# --------------------------------------------------------------------------------------
+# Results.
+
+def _percentile(xs: Sequence[float], q: float) -> float | None:
+  if not xs:
+    return None
+  xs = sorted(xs)
+  i = (len(xs) - 1) * q / 100
+  lo, hi = int(i), min(int(i) + 1, len(xs) - 1)
+  return xs[lo] + (xs[hi] - xs[lo]) * (i - lo)
+
+
+def _results(cfg, clip, runs: list[_SeedRun], ledger, search_s: float, wall_s: float,
+             busy_before_search: float) -> dict:
+  per_seed, n_eval = {}, 0
+  counts_total: dict[str, Any] = {}
+  for r in runs:
+    res = r.result
+    best = res.best_record
+    init = res.initial_best_record
+    baselines = dict(r.baselines)
+    if "pool_best" in cfg.baselines and init is not None:
+      baselines["pool_best"] = _entry(init.score)
+    per_seed[str(r.seed)] = {
+        "best": _entry(best.score if best else None, chain=best.chain if best else None),
+        "initial_best": _entry(init.score if init else None),
+        "baselines": baselines,
+        "stop_reason": res.stop_reason,
+        "counts": res.counts,
+        "task": r.task.describe() if hasattr(r.task, "describe") else {},
+    }
+    n_eval += sum(1 for rec in res.records if rec.ok)
+    for k, v in res.counts.items():
+      if isinstance(v, (int, float)):
+        counts_total[k] = counts_total.get(k, 0) + v
+
+  # The overall best: the seed-level best chosen by the selection split (never test).
+  def key(item):
+    entry = item[1]["best"]
+    return (entry.get("train_acc") or 0) + (
+        (entry.get("val_acc") or 0) if cfg.search.select_by == "train_val" else 0)
+  best_seed, best_ps = max(per_seed.items(), key=key)
+
+  def agg(getter) -> dict:
+    vals = {}
+    for split in ("train_acc", "val_acc", "test_acc"):
+      xs = [getter(ps).get(split) for ps in per_seed.values() if getter(ps)]
+      xs = [x for x in xs if x is not None]
+      if xs:
+        vals[split] = {"mean": statistics.fmean(xs),
+                       "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
+    return vals
+
+  aggregate = {"best": agg(lambda ps: ps["best"]),
+               "initial_best": agg(lambda ps: ps["initial_best"])}
+  names = sorted({b for ps in per_seed.values() for b in ps["baselines"]})
+  aggregate["baselines"] = {b: agg(lambda ps, b=b: ps["baselines"].get(b) or {}) for b in names}
+
+  stats = [r.scorer.stats() for r in runs]
+  templates_scored = sum(s.get("templates", 0) + s.get("ensembles", 0) for s in stats)
+  busy = sum(s.get("seconds_busy", 0.0) for s in stats)
+  encode_s = sum(r.encode_s for r in runs)
+  images = sum(r.images_encoded for r in runs)
+  llm = ledger.summary() if ledger is not None else {}
+  throughput = {
+      "templates_per_s": templates_scored / busy if busy else 0.0,
+      "templates_scored": templates_scored,
+      "scoring_busy_s": busy,
+      "images_per_s": images / encode_s if encode_s else 0.0,
+      "images_encoded": images,
+      "llm_latency_p50_s": llm.get("latency_p50_s"),
+      "llm_latency_p95_s": llm.get("latency_p95_s"),
+      "mean_concurrency": llm.get("mean_concurrency"),
+      # Share of the search's wall time the device spent scoring (the rest: waiting on
+      # the proposer/LLM, or host work).
+      "device_busy_fraction": (min(1.0, (busy - busy_before_search) / search_s)
+                               if search_s else 0.0),
+      "search_wall_s": search_s,
+      "wall_s": wall_s,
+      "compiles": sum(s.get("compiles", 0) for s in stats),
+      "gflops_text": sum(s.get("gflops_text", 0.0) for s in stats),
+  }
+  llm_section = {
+      "proposer": cfg.proposer_kind,
+      "model": cfg.llm.model if cfg.proposer_kind == "llm" else None,
+      "calls": llm.get("calls", counts_total.get("llm_calls", 0)) if llm else
+               counts_total.get("proposals", 0),
+      "cached_calls": llm.get("cached_calls", 0),
+      "failed_calls": llm.get("failed_calls", 0) if llm else counts_total.get("failed_attempts", 0),
+      "prompt_tokens": llm.get("prompt_tokens", 0),
+      "completion_tokens": llm.get("completion_tokens", 0),
+      "cost_usd": llm.get("cost_usd", 0.0),
+      "faults": llm.get("faults", {}),
+  }
+  best_entry = dict(best_ps["best"], seed=int(best_seed))
+  return {
+      "schema": RESULTS_SCHEMA,
+      "status": "finished",
+      "config": cfg.to_json(),
+      "command": " ".join(sys.argv),
+      "versions": dict(_versions(clip), git_commit=_git_commit()),
+      "model": {"name": clip.name, "source": clip.source, "weights_hash": clip.weights_hash,
+                "dtype": cfg.dtype, "embed_dim": clip.embed_dim, "image_size": clip.image_size},
+      "dataset": cfg.dataset,
+      "shots": cfg.shots,
+      "seeds": list(cfg.seeds),
+      "num_classes": len(runs[0].task.class_names),
+      "best": best_entry,
+      "initial_best": dict(best_ps["initial_best"], seed=int(best_seed)),
+      "baselines": best_ps["baselines"],
+      "aggregate": aggregate,
+      "per_seed": per_seed,
+      "n_templates_evaluated": n_eval,
+      "llm": llm_section,
+      "throughput": throughput,
+  }
+
+
+def _write_outputs(workdir: pathlib.Path, results: dict, runs: list[_SeedRun]) -> None:
+  records, transcript = [], []
+  for r in runs:
+    for row in report.read_jsonl(workdir / f"seed_{r.seed}" / "prompts.jsonl"):
+      records.append(dict(row, seed=r.seed))
+    for row in report.read_jsonl(workdir / f"seed_{r.seed}" / "transcript.jsonl"):
+      transcript.append(dict(row, seed=r.seed))
+  with open(workdir / "prompts.jsonl", "wb") as f:
+    for row in records:
+      f.write(orjson.dumps(row) + b"\n")
+  with open(workdir / "transcript.jsonl", "wb") as f:
+    for row in transcript:
+      f.write(orjson.dumps(row) + b"\n")
+  report.write_prompts_csv(records, workdir / "prompts.csv")
+  ok = [r for r in records if not r.get("rejected")]
+  report.plot_accuracy(ok, workdir / "accuracy.png",
+                       title=f"{results['dataset']} ({results['model']['name']}, "
+                             f"{results['shots']}-shot)",
+                       select_by=results["config"]["select_by"])
+  (workdir / "summary.md").write_text(report.summary_markdown(results), encoding="utf-8")
+  _write_json(workdir / "results.json", results)
+
+
+def results_digest(results: dict) -> str:
+  """A short stable hash of the evaluated outcome (for comparing runs)."""
+  keep = {k: results[k] for k in ("best", "initial_best", "baselines", "n_templates_evaluated")}
+  return hashlib.sha256(orjson.dumps(keep, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]

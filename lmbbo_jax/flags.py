@@ -1,0 +1,174 @@
+"""Every command-line flag of the main job, in one place, with validators.
+
+Flag holders are module constants (`_NAME = flags.DEFINE_*`) so a typo in code
+fails at import, and flagfiles (`--flagfile=experiments/caltech.flags`) are
+checked by tests against this module.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+# --- data -------------------------------------------------------------------
+DATASET = flags.DEFINE_string(
+    "dataset", None,
+    "Task: a dataset name (caltech101, imagenet, ...: TFDS), coop:/path/to/DATA/<Dir> "
+    "(CoOp layout), folder:/path (one subfolder per class) or toy:<task> (offline toy world).")
+DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "TFDS data_dir (prepared datasets); default: TFDS's own default.")
+SHOTS = flags.DEFINE_integer("shots", 1, "Training images per class (1, 2, 4, 8 or 16).")
+SEEDS = flags.DEFINE_list("seeds", ["1", "2", "3"],
+                          "Few-shot seeds; each seed is one full run, results are aggregated.")
+MAX_TEST_PER_CLASS = flags.DEFINE_integer(
+    "max_test_per_class", None, "Cap the test split per class (quick runs); None = full split.")
+
+# --- model ------------------------------------------------------------------
+MODEL = flags.DEFINE_string(
+    "model", "RN50",
+    "CLIP: RN50, RN101, ViT-B/32, ViT-B/16, ViT-L/14, a hub id, a local checkpoint "
+    "directory/file, toyclip (offline toy model) or random:<arch>.")
+DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                          "Compute dtype of the towers (parameters stay float32).")
+MODEL_CACHE_DIR = flags.DEFINE_string(
+    "model_cache_dir", None, "Where converted checkpoints are cached (default ~/.cache/lmbbo_jax).")
+
+# --- evaluator ----------------------------------------------------------------
+IMAGE_BATCH_SIZE = flags.DEFINE_integer(
+    "image_batch_size", 64, "Images per device call when encoding the few-shot images.")
+FEATURE_CACHE_DIR = flags.DEFINE_string(
+    "feature_cache_dir", None, "Image-feature cache (default: <workdir>/../.feature_cache).")
+SELECT_BY = flags.DEFINE_enum(
+    "select_by", "train", ["train", "train_val"],
+    "Split whose accuracy chooses the best template (test is only reported).")
+
+# --- search -------------------------------------------------------------------
+PROPOSER = flags.DEFINE_enum(
+    "proposer", "auto", ["auto", "llm", "edit", "replay"],
+    "Who proposes templates: llm (needs --llm_base_url), edit (offline GrIPS-style edits), "
+    "replay (re-run --replay_transcript); auto = llm when --llm_base_url is set, else edit.")
+N_RESTART = flags.DEFINE_integer("n_restart", 3, "Independent chains from fresh initial pools (run concurrently).")
+N_RESET = flags.DEFINE_integer("n_reset", 2, "Conversation resets per chain (pool kept, chat cleared).")
+N_ITER = flags.DEFINE_integer("n_iter", 8, "Proposer calls per conversation.")
+K_POS = flags.DEFINE_integer("k_pos", 5, "Best templates shown to the LLM.")
+K_NEG = flags.DEFINE_integer("k_neg", 5, "Worst templates shown to the LLM.")
+M_NEW = flags.DEFINE_integer("m_new", 4, "New templates asked for per call.")
+SHOW_SCORES = flags.DEFINE_bool("show_scores", True, "Show accuracies beside the templates.")
+FEEDBACK = flags.DEFINE_enum("feedback", "pos_neg", ["pos_neg", "pos", "neg", "none"],
+                             "Which templates go back to the LLM (paper: pos_neg).")
+CONVERSATION = flags.DEFINE_enum(
+    "conversation", "multi_turn", ["multi_turn", "single_turn"],
+    "multi_turn: numeric feedback in one chat (paper Fig. 1); single_turn: official code.")
+INIT_POOL = flags.DEFINE_string(
+    "init_pool", "builtin",
+    "Initial template corpus: builtin, or a caption file (one caption per line, e.g. "
+    "LAION-COCO) turned into templates by replacing a class word with {}.")
+INIT_POOL_SIZE = flags.DEFINE_integer("init_pool_size", 40, "Initial templates sampled per chain.")
+SEARCH_SEED = flags.DEFINE_integer("search_seed", 0, "Seed of pool sampling and edit proposals.")
+REPLAY_TRANSCRIPT = flags.DEFINE_string(
+    "replay_transcript", None, "transcript.jsonl to replay with --proposer=replay.")
+
+# --- LLM ---------------------------------------------------------------------
+LLM_BASE_URL = flags.DEFINE_string(
+    "llm_base_url", None,
+    "OpenAI-compatible endpoint, e.g. https://api.openai.com/v1, http://localhost:8000/v1 "
+    "(vLLM), http://localhost:11434/v1 (Ollama).")
+LLM_MODEL = flags.DEFINE_string("llm_model", "gpt-4o-mini", "Chat model name.")
+LLM_API_KEY_ENV = flags.DEFINE_string(
+    "llm_api_key_env", "OPENAI_API_KEY", "Name of the environment variable holding the API key.")
+LLM_TEMPERATURE = flags.DEFINE_float("llm_temperature", 1.0, "Sampling temperature (paper: 1).")
+LLM_MAX_CONCURRENCY = flags.DEFINE_integer("llm_max_concurrency", 8, "Requests in flight at once.")
+LLM_TIMEOUT_S = flags.DEFINE_float("llm_timeout_s", 120.0, "Timeout of one request.")
+LLM_DEADLINE_S = flags.DEFINE_float("llm_deadline_s", 600.0,
+                                    "Deadline of one call including all its retries.")
+LLM_MAX_RETRIES = flags.DEFINE_integer("llm_max_retries", 6, "Retries of a retryable failure.")
+LLM_MAX_TOKENS = flags.DEFINE_integer("llm_max_tokens", 400, "max_completion_tokens per reply.")
+LLM_BUDGET_USD = flags.DEFINE_float("llm_budget_usd", None, "Stop the search cleanly at this cost.")
+LLM_MAX_CALLS = flags.DEFINE_integer("llm_max_calls", None, "Stop the search cleanly after this many calls.")
+LLM_PRICES = flags.DEFINE_string(
+    "llm_prices", None,
+    "Price override, 'model=in_usd_per_1M:out_usd_per_1M[,model=...]'.")
+LLM_CACHE = flags.DEFINE_enum("llm_cache", "readwrite", ["off", "read", "readwrite"],
+                              "Response cache: replay cached replies; spend nothing on a rerun.")
+LLM_CACHE_DIR = flags.DEFINE_string("llm_cache_dir", None,
+                                    "Response cache directory (default <workdir>/llm_cache).")
+DRY_RUN = flags.DEFINE_bool("dry_run", False,
+                            "Print the estimated LLM calls and cost, then exit.")
+
+# --- outputs and run control --------------------------------------------------
+WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created).")
+RESUME = flags.DEFINE_bool("resume", False, "Continue the run in --workdir (killed or finished).")
+OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a finished run in --workdir.")
+BASELINES = flags.DEFINE_list(
+    "baselines", ["empty", "photo", "hand_best", "hand_ensemble", "pool_best"],
+    "Baselines scored in the same run: empty ({}), photo (a photo of a {}.), hand_best and "
+    "hand_ensemble (CLIP's hand-engineered templates), pool_best (initial pool's best).")
+PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "Write a jax.profiler trace of scoring here.")
+PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
+
+# --- multi-process --------------------------------------------------------------
+DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() (multi-host TPU/GPU).")
+COORDINATOR_ADDRESS = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+KNOWN_BASELINES = ("empty", "photo", "hand_best", "hand_ensemble", "pool_best")
+
+flags.register_validator("shots", lambda v: v in (1, 2, 4, 8, 16) or v > 0,
+                         message="--shots must be a positive integer (paper: 1; CoOp: 1, 2, 4, 8, 16)")
+flags.register_validator("seeds", lambda v: bool(v) and all(s.strip().lstrip("-").isdigit() for s in v),
+                         message="--seeds must be a comma-separated list of integers, e.g. 1,2,3")
+flags.register_validator("baselines", lambda v: all(b in KNOWN_BASELINES for b in v),
+                         message=f"--baselines must be a subset of {','.join(KNOWN_BASELINES)}")
+for _name in ("n_restart", "n_reset", "n_iter", "m_new", "init_pool_size", "image_batch_size",
+              "llm_max_concurrency"):
+  flags.register_validator(_name, lambda v: v is not None and v >= 1,
+                           message=f"--{_name} must be >= 1")
+for _name in ("k_pos", "k_neg", "llm_max_retries"):
+  flags.register_validator(_name, lambda v: v is not None and v >= 0,
+                           message=f"--{_name} must be >= 0")
+
+
+def _prices(text: str | None) -> dict[str, tuple[float, float]] | None:
+  if not text:
+    return None
+  out = {}
+  for part in text.split(","):
+    try:
+      model, value = part.split("=", 1)
+      cost_in, cost_out = value.split(":", 1)
+      out[model.strip()] = (float(cost_in), float(cost_out))
+    except ValueError:
+      raise flags.ValidationError(
+          f"--llm_prices: cannot read {part!r}; use model=in_usd_per_1M:out_usd_per_1M") from None
+  return out
+
+
+def experiment_config():
+  """The `ExperimentConfig` the parsed flags describe."""
+  from lmbbo_jax.experiment import ExperimentConfig
+  from lmbbo_jax.llm import LLMConfig
+  from lmbbo_jax.search import SearchConfig
+  search = SearchConfig(
+      n_restart=N_RESTART.value, n_reset=N_RESET.value, n_iter=N_ITER.value,
+      k_pos=K_POS.value, k_neg=K_NEG.value, m_new=M_NEW.value,
+      show_scores=SHOW_SCORES.value, feedback=FEEDBACK.value,
+      conversation=CONVERSATION.value, select_by=SELECT_BY.value,
+      init_pool_size=INIT_POOL_SIZE.value)
+  llm = LLMConfig(
+      base_url=LLM_BASE_URL.value, model=LLM_MODEL.value, api_key_env=LLM_API_KEY_ENV.value,
+      temperature=LLM_TEMPERATURE.value, max_tokens=LLM_MAX_TOKENS.value,
+      max_concurrency=LLM_MAX_CONCURRENCY.value, timeout_s=LLM_TIMEOUT_S.value,
+      deadline_s=LLM_DEADLINE_S.value, max_retries=LLM_MAX_RETRIES.value,
+      cache=LLM_CACHE.value, cache_dir=LLM_CACHE_DIR.value, budget_usd=LLM_BUDGET_USD.value,
+      max_calls=LLM_MAX_CALLS.value, prices=_prices(LLM_PRICES.value))
+  return ExperimentConfig(
+      dataset=DATASET.value, workdir=WORKDIR.value, shots=SHOTS.value,
+      seeds=tuple(int(s) for s in SEEDS.value), data_dir=DATA_DIR.value,
+      max_test_per_class=MAX_TEST_PER_CLASS.value, model=MODEL.value, dtype=DTYPE.value,
+      model_cache_dir=MODEL_CACHE_DIR.value, image_batch_size=IMAGE_BATCH_SIZE.value,
+      feature_cache_dir=FEATURE_CACHE_DIR.value, proposer=PROPOSER.value, search=search,
+      search_seed=SEARCH_SEED.value, init_pool=INIT_POOL.value,
+      replay_transcript=REPLAY_TRANSCRIPT.value, llm=llm, baselines=tuple(BASELINES.value),
+      resume=RESUME.value, overwrite=OVERWRITE.value, dry_run=DRY_RUN.value,
+      profile_dir=PROFILE_DIR.value, progress=PROGRESS.value)

@@ -1,0 +1,63 @@
+"""Entry point: `python -m lmbbo_jax.main --flagfile=experiments/caltech.flags`.
+
+Thin on purpose: flags -> ExperimentConfig -> run_experiment (lmbbo_jax/experiment.py).
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from lmbbo_jax import flags as lmbbo_flags
+
+FLAGS = flags.FLAGS
+flags.mark_flags_as_required(["dataset", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if lmbbo_flags.DISTRIBUTED.value:
+    import jax  # Must be initialised before any other JAX call.
+    jax.distributed.initialize(lmbbo_flags.COORDINATOR_ADDRESS.value,
+                               lmbbo_flags.NUM_PROCESSES.value, lmbbo_flags.PROCESS_ID.value)
+  from lmbbo_jax.experiment import ExperimentError, run_experiment
+  from lmbbo_jax.search import SearchError
+  config = lmbbo_flags.experiment_config()
+  if not config.dry_run:
+    import jax
+    logging.info("JAX %s: %d device(s) %s, process %d of %d", jax.__version__,
+                 jax.device_count(), [d.device_kind for d in jax.local_devices()],
+                 jax.process_index(), jax.process_count())
+  try:
+    results = run_experiment(config)
+  except (ExperimentError, SearchError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  if config.dry_run:
+    import json
+    print(json.dumps(results["dry_run"], indent=2))
+    return 0
+  from lmbbo_jax import report
+  print(report.summary_markdown(results))
+  print(f"outputs in {config.workdir}: results.json, summary.md, accuracy.png, prompts.csv, "
+        "prompts.jsonl, transcript.jsonl")
+  return 0
+
+
+def _parse_flags(argv):
+  """absl's parser, with flag errors (bad value, unreadable flagfile) as one line."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {str(e).replace('ERROR:: ', '')}", file=sys.stderr)
+    sys.exit(1)
+
+
+def run():
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,211 @@
+"""Run outputs a person reads: prompts.csv, accuracy.png and summary.md.
+
+Everything here is computed from the machine-readable results (results.json and
+the per-seed prompts.jsonl records), so a plot can be redrawn from a finished
+or resumed workdir with `python -m lmbbo_jax.report WORKDIR`.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import pathlib
+import statistics
+from typing import Iterable, Sequence
+
+import orjson
+
+SPLITS = ("train", "val", "test")
+
+
+def read_jsonl(path: str | pathlib.Path) -> list[dict]:
+  """Records of a JSONL file; a torn last line (killed writer) is skipped."""
+  out = []
+  path = pathlib.Path(path)
+  if not path.exists():
+    return out
+  for line in path.read_bytes().splitlines():
+    if not line.strip():
+      continue
+    try:
+      out.append(orjson.loads(line))
+    except orjson.JSONDecodeError:
+      continue
+  return out
+
+
+def write_prompts_csv(records: Iterable[dict], path: str | pathlib.Path) -> None:
+  """One row per evaluated template; text is quoted by the csv module, never formatted."""
+  fields = ["seed", "eval_index", "chain", "restart", "reset", "iteration", "proposer",
+            "call_id", "template", "train_acc", "val_acc", "test_acc", "train_logprob"]
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    for r in records:
+      acc = r.get("accuracy") or {}
+      row = {k: r.get(k) for k in fields}
+      row.update(train_acc=acc.get("train"), val_acc=acc.get("val"),
+                 test_acc=acc.get("test"),
+                 train_logprob=(r.get("logprob") or {}).get("train"))
+      writer.writerow(row)
+
+
+def _best_so_far(records: Sequence[dict], select_by: str):
+  """Per record (in order), the template chosen so far by the selection rule."""
+  best, best_key, out = None, None, []
+  for r in records:
+    key = _selection_key(r, select_by)
+    if best is None or key > best_key:
+      best, best_key = r, key
+    out.append(best)
+  return out
+
+
+def _selection_key(r: dict, select_by: str):
+  acc = r.get("accuracy") or {}
+  lp = r.get("logprob") or {}
+  if select_by == "train_val":
+    a = (acc.get("train", 0.0) + acc.get("val", 0.0))
+    l = (lp.get("train", -math.inf) + lp.get("val", -math.inf))
+  else:
+    a, l = acc.get("train", 0.0), lp.get("train", -math.inf)
+  # Ties: the earliest in the search's deterministic order (step, chain, seq).
+  return (a, l, -r.get("step", 0), -r.get("chain", 0), -r.get("seq", 0))
+
+
+def plot_accuracy(records: Sequence[dict], path: str | pathlib.Path, *,
+                  title: str = "", select_by: str = "train") -> None:
+  """accuracy.png: train and test accuracy of each new template and the best-so-far.
+
+  x = proposer (LLM) calls made by that chain so far (its `step`: 0 is the
+  initial pool, then one step per call); one colour per chain, one line style
+  per seed. Points: every template the proposer returned; line: the chain's
+  best-so-far template (picked by the selection split, never test), starting
+  from the initial pool's best at x = 0.
+  """
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
+  chains = sorted({(r.get("seed", 0), r.get("chain", 0)) for r in records})
+  seeds = sorted({s for s, _ in chains})
+  styles = ["-", "--", ":", "-."]
+  cmap = plt.get_cmap("tab10")
+  for seed, chain in chains:
+    rs = sorted((r for r in records if (r.get("seed", 0), r.get("chain", 0)) == (seed, chain)),
+                key=lambda r: (r.get("step", 0), r.get("seq", 0)))
+    if not rs:
+      continue
+    colour = cmap(chain % 10)
+    style = styles[seeds.index(seed) % len(styles)]
+    best = _best_so_far(rs, select_by)
+    # Best-so-far after each step (the last record of each step).
+    steps, best_at = [], []
+    for r, b in zip(rs, best):
+      if steps and steps[-1] == r.get("step", 0):
+        best_at[-1] = b
+      else:
+        steps.append(r.get("step", 0))
+        best_at.append(b)
+    new = [r for r in rs if r.get("step", 0) > 0]
+    for ax, split in zip(axes, ("train", "test")):
+      if new:
+        ax.scatter([r.get("step", 0) for r in new],
+                   [100 * (r.get("accuracy") or {}).get(split, float("nan")) for r in new],
+                   s=9, color=colour, alpha=0.3)
+      ax.step(steps, [100 * (b.get("accuracy") or {}).get(split, float("nan")) for b in best_at],
+              where="post", color=colour, ls=style, lw=1.6,
+              label=f"seed {seed} chain {chain}")
+  for ax, split in zip(axes, ("train", "test")):
+    ax.set_title(f"{split} accuracy: points = new templates, line = best so far "
+                 f"(chosen by {select_by})", fontsize=9)
+    ax.set_xlabel("proposer (LLM) calls in the chain (0 = initial pool)")
+    ax.set_ylabel(f"{split} accuracy (%)")
+    ax.grid(alpha=0.3)
+  from matplotlib.ticker import MaxNLocator
+  for ax in axes:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+  if chains:
+    axes[0].legend(fontsize=7, loc="lower right", ncol=max(1, len(chains) // 8))
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _fmt(x) -> str:
+  return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+  vals = [v for v in values if v is not None]
+  if not vals:
+    return float("nan"), float("nan")
+  return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def summary_markdown(results: dict) -> str:
+  """A paper-style table: method x seed (test accuracy %), mean and std; pasteable."""
+  seeds = results.get("seeds", [])
+  per_seed = results.get("per_seed", {})
+  methods: dict[str, dict] = {}
+  for seed in seeds:
+    ps = per_seed.get(str(seed), {})
+    for name, entry in (ps.get("baselines") or {}).items():
+      methods.setdefault(name, {})[seed] = entry
+    if ps.get("initial_best") and "pool_best" not in (ps.get("baselines") or {}):
+      methods.setdefault("pool_best", {})[seed] = ps["initial_best"]
+    if ps.get("best"):
+      methods.setdefault(f"optimized ({results.get('config', {}).get('proposer_kind', 'ours')}"
+                         f", by {results.get('config', {}).get('select_by', 'train')})",
+                         {})[seed] = ps["best"]
+  head = "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | std |"
+  lines = [f"## {results.get('dataset', '')}: test accuracy (%), "
+           f"{results.get('shots', '?')}-shot, model {results.get('model', {}).get('name', '')}",
+           "", head, "|" + "---|" * (len(seeds) + 3)]
+  for name, by_seed in methods.items():
+    vals = [(by_seed.get(s) or {}).get("test_acc") for s in seeds]
+    m, sd = mean_std(vals)
+    lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in vals)
+                 + f" | {_fmt(m)} | {_fmt(sd)} |")
+  lines.append("")
+  best = results.get("best") or {}
+  if best:
+    lines.append(f"Best template (seed {best.get('seed')}, chosen by train accuracy): "
+                 f"`{best.get('template', '')}` — train {_fmt(best.get('train_acc'))}, "
+                 f"val {_fmt(best.get('val_acc'))}, test {_fmt(best.get('test_acc'))}.")
+  llm = results.get("llm") or {}
+  tp = results.get("throughput") or {}
+  lines.append("")
+  lines.append(f"{results.get('n_templates_evaluated', 0)} templates evaluated; "
+               f"{llm.get('calls', 0)} proposer calls ({llm.get('failed_calls', 0)} failed), "
+               f"cost ${llm.get('cost_usd', 0.0):.4f}; "
+               f"{tp.get('templates_per_s', 0.0):.2f} templates/s scored.")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+  import sys
+  args = sys.argv[1:] if argv is None else argv
+  if len(args) != 1:
+    print("usage: python -m lmbbo_jax.report WORKDIR", file=sys.stderr)
+    return 2
+  workdir = pathlib.Path(args[0])
+  results_path = workdir / "results.json"
+  if not results_path.exists():
+    print(f"no results.json in {workdir}; run the main job first", file=sys.stderr)
+    return 1
+  results = orjson.loads(results_path.read_bytes())
+  records = read_jsonl(workdir / "prompts.jsonl")
+  write_prompts_csv(records, workdir / "prompts.csv")
+  plot_accuracy(records, workdir / "accuracy.png", title=results.get("dataset", ""),
+                select_by=(results.get("config") or {}).get("select_by", "train"))
+  (workdir / "summary.md").write_text(summary_markdown(results), encoding="utf-8")
+  print(f"wrote prompts.csv, accuracy.png, summary.md in {workdir}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

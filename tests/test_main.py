@@ -1,0 +1,208 @@
+"""The main job end to end: every flagfile, the offline smoke run, resume after kill -9, errors."""
+
+import glob
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from absl import flags
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+FLAGFILES = sorted(glob.glob(str(REPO / "experiments" / "*.flags")))
+
+
+def _env(tmp_path, **extra):
+  env = dict(os.environ)
+  env.update({
+      # Compiled programs are shared between the subprocesses of a test.
+      "JAX_COMPILATION_CACHE_DIR": str(tmp_path.parent / "jax_cache"),
+      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+      "HF_HUB_OFFLINE": "1",
+      "PYTHONUNBUFFERED": "1",
+  })
+  env.update(extra)
+  return env
+
+
+def _main(args, tmp_path, timeout=600, **env):
+  return subprocess.run([sys.executable, "-m", "lmbbo_jax.main", *args], cwd=REPO,
+                        env=_env(tmp_path, **env), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def _error_lines(stderr: str) -> list[str]:
+  return [l for l in stderr.splitlines() if l.startswith("error:")]
+
+
+def test_there_is_a_flagfile_per_paper_dataset_plus_demo_and_smoke():
+  names = {pathlib.Path(f).stem for f in FLAGFILES}
+  assert {"caltech", "imagenet", "aircraft", "food", "pets", "cars", "sun", "ucf", "dtd",
+          "eurosat", "flowers", "demo", "smoke"} <= names
+
+
+@pytest.mark.parametrize("flagfile", FLAGFILES, ids=lambda f: pathlib.Path(f).stem)
+def test_every_flagfile_parses_into_a_valid_config(flagfile):
+  from lmbbo_jax import flags as lmbbo_flags
+  from lmbbo_jax.data import DATASETS
+  text = pathlib.Path(flagfile).read_text()
+  assert text.startswith("#"), "each flagfile starts with a header comment"
+  assert "Command" in text and "runtime" in text
+  for line in text.splitlines():
+    if line.startswith("--"):
+      name = line[2:].split("=", 1)[0]
+      known = name in flags.FLAGS or (name.startswith("no") and name[2:] in flags.FLAGS)
+      assert known, f"{flagfile}: unknown flag --{name}"
+  fv = flags.FLAGS
+  try:
+    fv.unparse_flags()
+    fv(["prog", f"--flagfile={flagfile}"])
+    cfg = lmbbo_flags.experiment_config()
+  finally:
+    fv.unparse_flags()
+  cfg.search.validate()
+  assert cfg.workdir and cfg.dataset
+  if pathlib.Path(flagfile).stem not in ("demo", "smoke"):
+    assert cfg.shots == 1 and cfg.seeds == (1, 2, 3) and cfg.model == "RN50"
+    assert cfg.search.select_by == "train" and cfg.search.feedback == "pos_neg"
+    name = cfg.dataset.split(":", 1)[-1]
+    assert name in DATASETS, f"{flagfile}: dataset {cfg.dataset} is not a paper dataset"
+    assert "Paper" in text
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("smoke")
+  workdir = tmp / "run"
+  proc = _main(["--flagfile=experiments/smoke.flags", f"--workdir={workdir}", "--noprogress"],
+               tmp)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return tmp, workdir, proc
+
+
+def test_smoke_run_writes_every_output_with_the_schema(smoke_run):
+  _, workdir, proc = smoke_run
+  results = json.loads((workdir / "results.json").read_text())
+  for key in ("config", "versions", "model", "dataset", "seeds", "best", "initial_best",
+              "baselines", "n_templates_evaluated", "llm", "throughput"):
+    assert key in results, key
+  for entry in [results["best"], results["initial_best"], *results["baselines"].values()]:
+    for field in ("template", "train_acc", "val_acc", "test_acc"):
+      assert field in entry
+  assert set(results["baselines"]) == {"empty", "photo", "pool_best"}
+  assert results["baselines"]["photo"]["template"] == "a photo of a {}."
+  for field in ("calls", "failed_calls", "prompt_tokens", "completion_tokens", "cost_usd"):
+    assert field in results["llm"]
+  for field in ("templates_per_s", "images_per_s", "llm_latency_p50_s", "llm_latency_p95_s",
+                "mean_concurrency", "device_busy_fraction"):
+    assert field in results["throughput"]
+  assert results["throughput"]["templates_per_s"] > 0
+  assert results["model"]["weights_hash"] and results["versions"]["jax"]
+  # The best is chosen by train accuracy: nothing evaluated beats it there.
+  rows = [json.loads(l) for l in (workdir / "prompts.jsonl").read_text().splitlines()]
+  ok = [r for r in rows if not r.get("rejected")]
+  assert len(ok) == results["n_templates_evaluated"] > 0
+  assert max(r["accuracy"]["train"] for r in ok) == results["best"]["train_acc"]
+  assert (workdir / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  summary = (workdir / "summary.md").read_text()
+  assert "| method |" in summary and "a photo of a {}." not in summary.split("|")[0]
+  csv_lines = (workdir / "prompts.csv").read_text().splitlines()
+  assert len(csv_lines) == len(rows) + 1
+
+
+def test_a_finished_run_is_not_overwritten_and_resume_replays_it(smoke_run):
+  tmp, workdir, _ = smoke_run
+  before = (workdir / "results.json").read_text()
+  proc = _main(["--flagfile=experiments/smoke.flags", f"--workdir={workdir}", "--noprogress"],
+               tmp)
+  assert proc.returncode == 1
+  assert len(_error_lines(proc.stderr)) == 1 and "--resume" in proc.stderr
+  assert (workdir / "results.json").read_text() == before
+  proc = _main(["--flagfile=experiments/smoke.flags", f"--workdir={workdir}", "--noprogress",
+                "--resume"], tmp)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  again = json.loads((workdir / "results.json").read_text())
+  first = json.loads(before)
+  assert again["best"] == first["best"]
+  assert again["n_templates_evaluated"] == first["n_templates_evaluated"]
+
+
+def test_kill_minus_nine_then_resume_matches_an_uninterrupted_run(smoke_run):
+  tmp, _, _ = smoke_run
+  args = ["--flagfile=experiments/smoke.flags", "--noprogress", "--seeds=1,2",
+          "--n_iter=4", "--n_reset=2", f"--feature_cache_dir={tmp / 'features'}"]
+  full = tmp / "full"
+  proc = _main(args + [f"--workdir={full}"], tmp)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  killed = tmp / "killed"
+  child = subprocess.Popen([sys.executable, "-m", "lmbbo_jax.main", *args,
+                            f"--workdir={killed}"], cwd=REPO, env=_env(tmp),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  log = killed / "seed_1" / "prompts.jsonl"
+  while time.time() < deadline and child.poll() is None:
+    if log.exists() and len(log.read_text().splitlines()) >= 12:
+      break
+    time.sleep(0.05)
+  assert child.poll() is None, "the run finished before it could be killed; enlarge it"
+  child.send_signal(signal.SIGKILL)
+  child.wait()
+  assert not (killed / "results.json").exists()
+
+  proc = _main(args + [f"--workdir={killed}", "--resume"], tmp)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  def evaluated(workdir):
+    rows = [json.loads(l) for l in (workdir / "prompts.jsonl").read_text().splitlines()]
+    keys = [(r["seed"], r["chain"], r["seq"], r["template"]) for r in rows]
+    assert len(keys) == len(set(keys)), "an evaluation was logged twice"
+    return set(keys)
+
+  assert evaluated(killed) == evaluated(full)
+  a = json.loads((killed / "results.json").read_text())
+  b = json.loads((full / "results.json").read_text())
+  assert a["best"]["template"] == b["best"]["template"]
+
+
+def test_unknown_dataset_is_one_line(tmp_path):
+  proc = _main(["--dataset=nonsense_set", f"--workdir={tmp_path / 'w'}", "--model=toyclip"],
+               tmp_path)
+  assert proc.returncode == 1
+  lines = _error_lines(proc.stderr)
+  assert len(lines) == 1 and "nonsense_set" in lines[0]
+  assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--shots=0"], "--shots"),
+    (["--seeds=1,x"], "--seeds"),
+    (["--flagfile=experiments/does_not_exist.flags"], "does_not_exist"),
+    (["--baselines=photo,oracle"], "--baselines"),
+])
+def test_bad_flags_are_one_line(tmp_path, args, needle):
+  proc = _main(["--dataset=toy:mix", f"--workdir={tmp_path / 'w'}", *args], tmp_path,
+               timeout=120)
+  assert proc.returncode == 1
+  lines = _error_lines(proc.stderr)
+  assert len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+
+
+def test_paper_flagfile_offline_fails_fast_naming_weights_and_data(tmp_path):
+  started = time.time()
+  proc = _main(["--flagfile=experiments/caltech.flags", f"--workdir={tmp_path / 'w'}",
+                f"--data_dir={tmp_path / 'tfds'}", f"--model_cache_dir={tmp_path / 'mc'}"],
+               tmp_path, timeout=120, HF_HOME=str(tmp_path / "hf"))
+  elapsed = time.time() - started
+  assert proc.returncode == 1
+  lines = _error_lines(proc.stderr)
+  assert len(lines) == 1, proc.stderr[-2000:]
+  assert "data:" in lines[0] and "weights:" in lines[0]
+  assert "resnet50_clip" in lines[0] and "caltech" in lines[0]
+  assert elapsed < 60
+  assert not (tmp_path / "w" / "results.json").exists()
