@@ -5,14 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmbbo_jax.models.clip import CLIPModel, init_variables
+from lmbbo_jax.models.clip import CLIPModel
+from lmbbo_jax.models.loading import random_variables
 from lmbbo_jax.models.configs import ARCHITECTURES, CLIPConfig, get_architecture
 
 
 @pytest.fixture(scope="module", params=["tiny-vit", "tiny-rn"])
 def tiny(request):
   cfg = ARCHITECTURES[request.param]
-  return cfg, init_variables(cfg, jax.random.key(0))
+  return cfg, random_variables(cfg, 0)
 
 
 def _plain_ids(prefix, suffix, length=77):
