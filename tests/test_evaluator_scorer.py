@@ -1,0 +1,142 @@
+"""PromptScorer: exactness of prefix sharing, scores vs a numpy reference, rejections, ensembles."""
+
+import numpy as np
+import pytest
+
+from lmbbo_jax.evaluator.scorer import PromptScorer, ScorerError
+
+from evaluator_helpers import (CLASS_NAMES, TEMPLATES, make_clip, plain_features,
+                               random_images, reference_score)
+
+# Coarse buckets keep the number of compiled shapes (and the test time) small.
+COARSE = dict(suffix_buckets=(8, 16, 77), prefix_buckets=(8, 77), max_templates_per_call=16)
+SCORED = ["a photo of a {}.", "many {}s.", "{}{}", "a{} thing",
+          "An image of a {} with a blurred background that emphasizes the subject"]
+
+
+@pytest.fixture(scope="module")
+def clip():
+  return make_clip()
+
+
+@pytest.fixture(scope="module")
+def data(clip):
+  # Images near the classes' "a photo of a {}." features: accuracies are not all 0.
+  text = plain_features(clip, "a photo of a {}.", CLASS_NAMES)
+  train = random_images(len(CLASS_NAMES), 2, clip.embed_dim, seed=1, text=text)
+  test = random_images(len(CLASS_NAMES), 3, clip.embed_dim, seed=2, text=text)
+  test[1][::7] = -1  # unreadable images are ignored
+  return {"train": train, "test": test}
+
+
+@pytest.fixture(scope="module")
+def scorer(clip, data):
+  return PromptScorer(clip, {k: v[0] for k, v in data.items()},
+                      {k: v[1] for k, v in data.items()}, CLASS_NAMES, per_class=True, **COARSE)
+
+
+def test_prefix_shared_features_equal_plain_77_token_encode(clip, scorer):
+  got = scorer.text_features(TEMPLATES)
+  for t, feats in zip(TEMPLATES, got):
+    want = plain_features(clip, t, CLASS_NAMES)
+    assert np.abs(feats - want).max() <= 1e-5, t
+
+
+def test_scores_match_numpy_reference(clip, data, scorer):
+  scores = scorer.score(SCORED)
+  for t, s in zip(SCORED, scores):
+    assert s.ok and set(s.accuracy) == {"train", "test"}
+    text = plain_features(clip, t, CLASS_NAMES)
+    for split, (images, labels) in data.items():
+      acc, logp = reference_score(text, images, labels, clip.logit_scale)
+      assert s.accuracy[split] == pytest.approx(acc, abs=1e-12), (t, split)
+      assert s.logprob[split] == pytest.approx(logp, abs=1e-4), (t, split)
+  assert scores[0].accuracy["test"] > 0.5  # the images were made near this template
+  # Per-class accuracy is consistent with the overall accuracy.
+  labels = data["test"][1]
+  counts = np.bincount(labels[labels >= 0], minlength=len(CLASS_NAMES))
+  per = np.array(scores[0].per_class["test"])
+  assert np.isclose((per * counts).sum() / counts.sum(), scores[0].accuracy["test"])
+
+
+def test_chunking_and_batching_do_not_change_scores(clip, data, scorer):
+  base = scorer.score(SCORED)
+  # Classes in chunks of 4 sorted by suffix length, fewer templates per call.
+  other = PromptScorer(clip, {k: v[0] for k, v in data.items()},
+                       {k: v[1] for k, v in data.items()}, CLASS_NAMES, class_chunk=4,
+                       **{**COARSE, "max_templates_per_call": 4})
+  for a, b in zip(base, other.score(SCORED[::-1])[::-1]):
+    assert a.accuracy == b.accuracy
+    for split in a.logprob:
+      assert a.logprob[split] == pytest.approx(b.logprob[split], abs=1e-5)
+  feats = other.text_features(SCORED)
+  for t, f in zip(SCORED, feats):
+    assert np.abs(f - plain_features(clip, t, CLASS_NAMES)).max() <= 1e-5, t
+
+
+def test_repeat_scoring_compiles_nothing_new(scorer):
+  scorer.score(SCORED)
+  before = scorer.stats()
+  again = scorer.score(SCORED + SCORED[:2])  # duplicates are scored once
+  after = scorer.stats()
+  assert after["compiles"] == before["compiles"]
+  assert after["templates"] - before["templates"] == len(SCORED)
+  assert after["calls"] > before["calls"] and after["seconds_busy"] > before["seconds_busy"]
+  assert [s.accuracy for s in again[-2:]] == [s.accuracy for s in again[:2]]
+
+
+def test_rejections_say_why(clip, scorer):
+  long = "a photo of " + "very " * 70 + "{}"
+  bad = ["no slot here", "a {0} photo {}", "a {name} of {}", "unbalanced { {}", "", long, 3]
+  scores = scorer.score(bad)
+  assert all(not s.ok and s.accuracy == {} for s in scores)
+  reasons = [s.rejected for s in scores]
+  assert "slot" in reasons[0] and "format field" in reasons[1] and "format field" in reasons[2]
+  assert "brace" in reasons[3] and "empty" in reasons[4] and "not a string" in reasons[6]
+  assert "too long" in reasons[5] and "context 77" in reasons[5]
+  # Fits with the short names but not with the longest one: measured in tokens.
+  edge = "a " * 72 + "{}"
+  assert scorer.max_context_ok("a photo of a {}.") is None
+  assert "too long" in scorer.max_context_ok(edge)
+  assert "too long" in scorer.score([edge])[0].rejected
+  with pytest.raises(ScorerError):
+    scorer.score("a photo of a {}.")
+
+
+def test_argmax_ties_go_to_the_lowest_class_index(clip):
+  names = ["cat", "dog", "cat"]  # classes 0 and 2 have identical text features
+  text = plain_features(clip, "a photo of a {}.", names)
+  images, _ = random_images(3, 2, clip.embed_dim, seed=3, text=text)
+  labels = np.array([0, 0, 1, 1, 2, 2], np.int32)
+  # One class per chunk: the tie is resolved across units too.
+  scorer = PromptScorer(clip, {"test": images}, {"test": labels}, names, per_class=True,
+                        class_chunk=1, **COARSE)
+  s = scorer.score(["a photo of a {}."])[0]
+  assert s.per_class["test"][2] == 0.0  # class 2 is never predicted
+  acc, logp = reference_score(text, images, labels, clip.logit_scale)
+  assert s.accuracy["test"] == acc and s.logprob["test"] == pytest.approx(logp, abs=1e-4)
+
+
+def test_ensembles_average_normalised_features(clip, data, scorer):
+  groups = [["a photo of a {}."], ["a photo of a {}.", "many {}s."], ["many {}s.", "bad {0} {}"], []]
+  scores = scorer.score_ensemble(groups)
+  single = scorer.score(["a photo of a {}."])[0]
+  assert scores[0].accuracy == single.accuracy
+  mean = plain_features(clip, "a photo of a {}.", CLASS_NAMES) + plain_features(
+      clip, "many {}s.", CLASS_NAMES)
+  mean /= np.linalg.norm(mean, axis=-1, keepdims=True)
+  for split, (images, labels) in data.items():
+    acc, logp = reference_score(mean, images, labels, clip.logit_scale)
+    assert scores[1].accuracy[split] == acc
+    assert scores[1].logprob[split] == pytest.approx(logp, abs=1e-4)
+  assert scores[1].template == "a photo of a {}. | many {}s."
+  assert "format field" in scores[2].rejected and "empty" in scores[3].rejected
+
+
+def test_bad_inputs_raise_clear_errors(clip):
+  with pytest.raises(ScorerError, match="splits"):
+    PromptScorer(clip, {"train": np.zeros((2, clip.embed_dim))}, {"test": [0, 0]}, ["a"])
+  with pytest.raises(ScorerError, match="labels"):
+    PromptScorer(clip, {"train": np.zeros((2, clip.embed_dim))}, {"train": [0, 5]}, ["a"])
+  with pytest.raises(ScorerError, match="class names"):
+    PromptScorer(clip, {}, {}, [])
