@@ -104,6 +104,9 @@ BASELINES = flags.DEFINE_list(
     "hand_ensemble (CLIP's hand-engineered templates), pool_best (initial pool's best).")
 PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "Write a jax.profiler trace of scoring here.")
 PROGRESS = flags.DEFINE_bool("progress", True, "Show progress bars.")
+JAX_CACHE_DIR = flags.DEFINE_string(
+    "jax_cache_dir", "~/.cache/lmbbo_jax/jax",
+    "Persistent JAX compilation cache (a rerun skips recompiling); empty to disable.")
 
 # --- multi-process --------------------------------------------------------------
 DISTRIBUTED = flags.DEFINE_bool(

@@ -3,6 +3,7 @@
 Thin on purpose: flags -> ExperimentConfig -> run_experiment (lmbbo_jax/experiment.py).
 """
 
+import os
 import sys
 
 from absl import app
@@ -27,6 +28,10 @@ def main(argv):
   config = lmbbo_flags.experiment_config()
   if not config.dry_run:
     import jax
+    if lmbbo_flags.JAX_CACHE_DIR.value and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+      jax.config.update("jax_compilation_cache_dir",
+                        os.path.expanduser(lmbbo_flags.JAX_CACHE_DIR.value))
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     logging.info("JAX %s: %d device(s) %s, process %d of %d", jax.__version__,
                  jax.device_count(), [d.device_kind for d in jax.local_devices()],
                  jax.process_index(), jax.process_count())
