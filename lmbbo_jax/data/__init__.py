@@ -11,6 +11,8 @@ folders and the toy world; class names, OpenAI's templates and CLIP preprocessin
 
 from __future__ import annotations
 
+import importlib
+
 from lmbbo_jax.data.classnames import class_names, hand_templates
 from lmbbo_jax.data.registry import DATASETS, DatasetInfo
 from lmbbo_jax.data.task import DatasetError, FewShotTask, ImageLoadError, Item
@@ -33,7 +35,8 @@ def _check_int(name: str, value: object, minimum: int | None = None) -> int:
 
 def _build_toy(task_name: str, shots: int, seed: int) -> FewShotTask:
   try:
-    from lmbbo_jax.toyworld import tasks as toy_tasks  # pylint: disable=g-import-not-at-top
+    # import_module (not `from ... import`) so sys.modules stays the one source of truth.
+    toy_tasks = importlib.import_module("lmbbo_jax.toyworld.tasks")
   except ModuleNotFoundError as e:
     if e.name and e.name.startswith("lmbbo_jax.toyworld"):
       raise DatasetError("toy: datasets need lmbbo_jax.toyworld.tasks, which is not "
