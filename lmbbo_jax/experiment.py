@@ -283,11 +283,22 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
   busy_before = sum(r.scorer.stats().get("seconds_busy", 0.0) for r in runs)
   t_search = time.perf_counter()
   with profile:
-    ledger = asyncio.run(_search_all(cfg, workdir, runs))
+    ledger, intervals = asyncio.run(_search_all(cfg, workdir, runs))
   search_s = time.perf_counter() - t_search
-  results = _results(cfg, clip, runs, ledger, search_s, time.time() - started, busy_before)
+  search_busy = _union_length(intervals)
+  results = _results(cfg, clip, runs, ledger, search_s, time.time() - started, search_busy)
   _write_outputs(workdir, results, runs)
   return results
+
+
+def _union_length(intervals) -> float:
+  """Total time covered by possibly overlapping (start, end) intervals."""
+  total, end = 0.0, float("-inf")
+  for a, b in sorted(intervals):
+    if b > end:
+      total += b - max(a, end)
+      end = b
+  return total
 
 
 def _profile(profile_dir: str):
@@ -338,13 +349,15 @@ async def _search_all(cfg: ExperimentConfig, workdir: pathlib.Path, runs: list[_
   finally:
     bar.close()
     uninstall()
+    intervals = []
     for r in runs:
       front = getattr(r.scorer, "_front", None)
       if front is not None:
+        intervals += front.intervals
         await front.aclose()
     if client is not None:
       await client.aclose()
-  return ledger
+  return ledger, intervals
 
 
 def _dry_run(cfg: ExperimentConfig) -> dict:
@@ -371,7 +384,7 @@ def _percentile(xs: Sequence[float], q: float) -> float | None:
 
 
 def _results(cfg, clip, runs: list[_SeedRun], ledger, search_s: float, wall_s: float,
-             busy_before_search: float) -> dict:
+             search_busy_s: float) -> dict:
   per_seed, n_eval = {}, 0
   counts_total: dict[str, Any] = {}
   for r in runs:
@@ -419,13 +432,17 @@ def _results(cfg, clip, runs: list[_SeedRun], ledger, search_s: float, wall_s: f
   stats = [r.scorer.stats() for r in runs]
   templates_scored = sum(s.get("templates", 0) + s.get("ensembles", 0) for s in stats)
   busy = sum(s.get("seconds_busy", 0.0) for s in stats)
+  compile_s = sum(s.get("seconds_compile", 0.0) for s in stats)
   encode_s = sum(r.encode_s for r in runs)
   images = sum(r.images_encoded for r in runs)
   llm = ledger.summary() if ledger is not None else {}
   throughput = {
-      "templates_per_s": templates_scored / busy if busy else 0.0,
+      # Scoring throughput while scoring, one-time compilation excluded (see compile_s).
+      "templates_per_s": templates_scored / max(busy - compile_s, 1e-9) if busy else 0.0,
+      "templates_per_s_incl_compile": templates_scored / busy if busy else 0.0,
       "templates_scored": templates_scored,
       "scoring_busy_s": busy,
+      "compile_s": compile_s,
       "images_per_s": images / encode_s if encode_s else 0.0,
       "images_encoded": images,
       "llm_latency_p50_s": llm.get("latency_p50_s"),
@@ -433,8 +450,7 @@ def _results(cfg, clip, runs: list[_SeedRun], ledger, search_s: float, wall_s: f
       "mean_concurrency": llm.get("mean_concurrency"),
       # Share of the search's wall time the device spent scoring (the rest: waiting on
       # the proposer/LLM, or host work).
-      "device_busy_fraction": (min(1.0, (busy - busy_before_search) / search_s)
-                               if search_s else 0.0),
+      "device_busy_fraction": min(1.0, search_busy_s / search_s) if search_s else 0.0,
       "search_wall_s": search_s,
       "wall_s": wall_s,
       "compiles": sum(s.get("compiles", 0) for s in stats),

@@ -162,15 +162,18 @@ def summary_markdown(results: dict) -> str:
                          f", by {results.get('config', {}).get('select_by', 'train')})",
                          {})[seed] = ps["best"]
   head = "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | std |"
-  lines = [f"## {results.get('dataset', '')}: test accuracy (%), "
-           f"{results.get('shots', '?')}-shot, model {results.get('model', {}).get('name', '')}",
-           "", head, "|" + "---|" * (len(seeds) + 3)]
-  for name, by_seed in methods.items():
-    vals = [(by_seed.get(s) or {}).get("test_acc") for s in seeds]
-    m, sd = mean_std(vals)
-    lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in vals)
-                 + f" | {_fmt(m)} | {_fmt(sd)} |")
-  lines.append("")
+  title = (f"{results.get('dataset', '')}, {results.get('shots', '?')}-shot, model "
+           f"{results.get('model', {}).get('name', '')}")
+  lines = []
+  for split, what in (("test", "test accuracy (%), the paper's metric"),
+                      ("train", "train accuracy (%), the selection split")):
+    lines += [f"## {title}: {what}", "", head, "|" + "---|" * (len(seeds) + 3)]
+    for name, by_seed in methods.items():
+      vals = [(by_seed.get(s) or {}).get(f"{split}_acc") for s in seeds]
+      m, sd = mean_std(vals)
+      lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in vals)
+                   + f" | {_fmt(m)} | {_fmt(sd)} |")
+    lines.append("")
   best = results.get("best") or {}
   if best:
     lines.append(f"Best template (seed {best.get('seed')}, chosen by train accuracy): "

@@ -52,6 +52,9 @@ class ScoringFront:
     self._task: asyncio.Task | None = None
     # One worker: the device is one resource, and the scorer is not reentrant.
     self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="scorer")
+    # (start, end) perf_counter times of each device batch, so a caller running several
+    # fronts at once can measure the union of busy time.
+    self.intervals: list[tuple[float, float]] = []
     self.counts = {"requests": 0, "batches": 0, "templates": 0, "seconds_busy": 0.0,
                    "max_requests_per_batch": 0}
 
@@ -113,7 +116,9 @@ class ScoringFront:
             r.future.set_exception(e)
         continue
       finally:
-        self.counts["seconds_busy"] += time.perf_counter() - started
+        ended = time.perf_counter()
+        self.counts["seconds_busy"] += ended - started
+        self.intervals.append((started, ended))
       self.counts["batches"] += 1
       self.counts["requests"] += len(live)
       self.counts["templates"] += len(templates)

@@ -571,8 +571,9 @@ class PromptScorer:
       out = text if encode_only else partials
       if started is not None:  # Wait, so the log says what the compile + first run cost.
         jax.block_until_ready(out)
-        log.info("scorer: shape %s compiled and ran in %.1f s", shape,
-                 time.perf_counter() - started)
+        compile_s = time.perf_counter() - started
+        self._stats["seconds_compile"] += compile_s
+        log.info("scorer: shape %s compiled and ran in %.1f s", shape, compile_s)
       pending.append((chunk, out))
       self._stats["calls"] += 1
     results = {}
