@@ -255,6 +255,12 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
   clip, model_err = _load_model(cfg)
   if data_err or model_err:
     raise ExperimentError("; ".join(e for e in (data_err, model_err) if e))
+  # A bad --init_pool fails here, before any image is encoded.
+  from lmbbo_jax.search.pool import PoolError
+  try:
+    corpora = {s: _corpus(cfg, t.class_names) for s, t in tasks.items()}
+  except PoolError as e:
+    raise ExperimentError(str(e)) from e
   workdir = _prepare_workdir(cfg)
   started = time.time()
   logging.info("model %s (%s, weights %s), dataset %s, %d-shot, seeds %s, proposer %s",
@@ -283,7 +289,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
   busy_before = sum(r.scorer.stats().get("seconds_busy", 0.0) for r in runs)
   t_search = time.perf_counter()
   with profile:
-    ledger, intervals = asyncio.run(_search_all(cfg, workdir, runs))
+    ledger, intervals = asyncio.run(_search_all(cfg, workdir, runs, corpora))
   search_s = time.perf_counter() - t_search
   search_busy = _union_length(intervals)
   results = _results(cfg, clip, runs, ledger, search_s, time.time() - started, search_busy)
@@ -307,7 +313,8 @@ def _profile(profile_dir: str):
   return jax.profiler.trace(profile_dir)
 
 
-async def _search_all(cfg: ExperimentConfig, workdir: pathlib.Path, runs: list[_SeedRun]):
+async def _search_all(cfg: ExperimentConfig, workdir: pathlib.Path, runs: list[_SeedRun],
+                      corpora: dict[int, list[str]]):
   """All seeds' searches concurrently (LLM latency overlaps; each seed has its own scorer)."""
   kind = cfg.proposer_kind
   client = build_client(dataclasses.replace(
@@ -334,7 +341,7 @@ async def _search_all(cfg: ExperimentConfig, workdir: pathlib.Path, runs: list[_
 
   async def one(run: _SeedRun):
     search_cfg = dataclasses.replace(cfg.search, seed=cfg.search_seed * 1000 + run.seed)
-    corpus = _corpus(cfg, run.task.class_names)
+    corpus = corpora[run.seed]
     factory = make_proposer_factory(kind, search_cfg, client=client,
                                     transcript=cfg.replay_transcript)
     with RunLog(workdir / f"seed_{run.seed}", resume=cfg.resume) as log:

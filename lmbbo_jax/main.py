@@ -24,7 +24,7 @@ def main(argv):
     jax.distributed.initialize(lmbbo_flags.COORDINATOR_ADDRESS.value,
                                lmbbo_flags.NUM_PROCESSES.value, lmbbo_flags.PROCESS_ID.value)
   from lmbbo_jax.experiment import ExperimentError, run_experiment
-  from lmbbo_jax.search import SearchError
+  from lmbbo_jax.search import RunLogError, SearchError
   config = lmbbo_flags.experiment_config()
   if not config.dry_run:
     import jax
@@ -37,7 +37,7 @@ def main(argv):
                  jax.process_index(), jax.process_count())
   try:
     results = run_experiment(config)
-  except (ExperimentError, SearchError) as e:
+  except (ExperimentError, SearchError, RunLogError) as e:  # One line, never a traceback.
     print(f"error: {e}", file=sys.stderr)
     return 1
   if config.dry_run:

@@ -206,3 +206,23 @@ def test_paper_flagfile_offline_fails_fast_naming_weights_and_data(tmp_path):
   assert "resnet50_clip" in lines[0] and "caltech" in lines[0]
   assert elapsed < 60
   assert not (tmp_path / "w" / "results.json").exists()
+
+
+def test_missing_init_pool_file_is_one_line_before_any_work(tmp_path):
+  proc = _main(["--flagfile=experiments/smoke.flags", f"--workdir={tmp_path / 'w'}",
+                f"--init_pool={tmp_path / 'no_such_captions.txt'}"], tmp_path, timeout=120)
+  assert proc.returncode == 1
+  lines = _error_lines(proc.stderr)
+  assert len(lines) == 1 and "no_such_captions.txt" in lines[0], proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "w" / "feature_cache").exists()
+
+
+def test_resume_with_a_changed_search_config_is_one_line(smoke_run):
+  tmp, workdir, _ = smoke_run
+  proc = _main(["--flagfile=experiments/smoke.flags", f"--workdir={workdir}", "--noprogress",
+                "--resume", "--n_iter=5"], tmp)
+  assert proc.returncode == 1
+  lines = _error_lines(proc.stderr)
+  assert len(lines) == 1 and "n_iter" in lines[0], proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
