@@ -109,3 +109,4 @@ def test_tokenizer_round_trips_any_text_and_pads():
   assert arr.shape == (2, 16) and arr[0, 0] == tok.sot_token_id
   assert arr[0, eot[0]] == tok.eot_token_id and (arr[0, eot[0] + 1:] == 0).all()
   assert eot[1] == 15 and arr[1, 15] == tok.eot_token_id  # Truncated, EOT kept.
+

@@ -38,10 +38,95 @@ def test_eval_sets_are_balanced_and_fixed():
 def test_stage1_tower_params_fit_the_clip_tree():
   config = train.toy_config(500, 1, 2, 0)
   assert CLIPConfig.from_dict(config.to_dict()) == config
+  groups = train.parse_head_groups(["photo", "sketch", "pixelated", "blurry+noisy"])
   shapes = jax.eval_shape(
-      lambda: train.TowerWithHeads(config).init(jax.random.key(0),
-                                                jnp.zeros((1, 64, 64, 3))))["params"]
+      lambda: train.TowerWithHeads(config, groups).init(
+          jax.random.key(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1,), jnp.int32)))["params"]
   clip_shapes = abstract_variables(config)["params"]
   assert (jax.tree_util.tree_map(lambda x: x.shape, shapes["visual"])
           == jax.tree_util.tree_map(lambda x: x.shape, clip_shapes["visual"]))
-  assert {k for k in shapes if k.startswith("head_")} == {f"head_{k}" for k in train.HEADS}
+  attrs = {f"head_{k}" for k in train.HEADS if k != "label"}
+  assert {k for k in shapes if k.startswith("head_")} == attrs | {
+      "head_label_kernel", "head_label_bias"}
+  assert shapes["head_label_kernel"].shape == (4, 128, len(train.scenes.CLASS_NAMES))
+
+
+def test_head_groups_map_every_style_once():
+  assert train.parse_head_groups(["photo", "sketch", "pixelated", "blurry+noisy"]) == (
+      0, 1, 2, 3, 3)
+  assert train.parse_head_groups(["photo+sketch+pixelated+blurry+noisy"]) == (0,) * 5
+  for bad, why in ((["photo", "sketch"], "no group"), (["photo+photo", "sketch+pixelated+"
+                   "blurry+noisy"], "two groups"), (["foto"], "unknown style")):
+    try:
+      train.parse_head_groups(bad)
+    except ValueError as e:
+      assert why in str(e)
+    else:
+      raise AssertionError(f"{bad} was accepted")
+
+
+def test_each_style_group_reads_the_class_with_its_own_head():
+  config = train.toy_config(500, 1, 2, 0)
+  model = train.TowerWithHeads(config, (0, 1, 1, 2, 2))
+  pixels = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+  params = model.init(jax.random.key(0), pixels, jnp.zeros((2,), jnp.int32))["params"]
+  def logits(style):
+    return model.apply({"params": params}, pixels, jnp.asarray([style] * 2))
+  photo, sketch, pixelated = logits(0), logits(1), logits(2)
+  # Sketch and pixelated share a head; photo has its own; attribute heads are shared.
+  np.testing.assert_array_equal(sketch["label"], pixelated["label"])
+  assert not np.allclose(photo["label"], sketch["label"])
+  np.testing.assert_array_equal(photo["style"], sketch["style"])
+
+
+def test_fixed_class_targets_share_a_set_cosine_across_groups():
+  t = np.asarray(train.class_targets(4, 10, 128, 0.4))
+  np.testing.assert_allclose(np.linalg.norm(t, axis=-1), 1.0, rtol=1e-5)
+  same_class = np.einsum("cd,cd->c", t[0], t[1])
+  other_class = t[0] @ t[1].T - np.diag(same_class)
+  assert abs(same_class.mean() - 0.4) < 0.05  # By design, up to random cross terms.
+  assert np.abs(other_class).mean() < 0.15
+  np.testing.assert_array_equal(t, np.asarray(train.class_targets(4, 10, 128, 0.4)))
+  np.testing.assert_allclose(np.asarray(train.class_targets(2, 10, 128, 1.0))[0],
+                             np.asarray(train.class_targets(2, 10, 128, 1.0))[1], atol=1e-6)
+
+
+def test_fixed_heads_have_no_class_parameters_and_score_by_cosine():
+  config = train.toy_config(500, 1, 2, 0)
+  model = train.TowerWithHeads(config, (0, 1, 2, 3, 3), 0.4)
+  pixels = jax.random.normal(jax.random.key(1), (3, 64, 64, 3))
+  style = jnp.asarray([0, 1, 4])
+  params = model.init(jax.random.key(0), pixels, style)["params"]
+  assert not any(k.startswith("head_label") for k in params)
+  out = model.apply({"params": params}, pixels, style)
+  assert out["label"].shape == (3, 10)
+  assert float(jnp.abs(out["label"]).max()) <= train.HEAD_SCALE + 1e-4  # 16 x a cosine.
+
+
+def test_training_command_writes_a_loadable_checkpoint_and_resumes(tmp_path):
+  """The real command at a tiny size: both stages, the files, the log, a resume."""
+  import json
+  import subprocess
+  import sys
+
+  from lmbbo_jax.toyworld.checkpoint import load_toy_checkpoint
+
+  cmd = [sys.executable, "-m", "lmbbo_jax.toyworld.train", f"--out={tmp_path}", "--steps=4",
+         "--eval_every=2", "--embed_images=300", "--text_steps=2", "--text_eval_every=2",
+         "--eval_images=100", "--text_batch=64", "--batch=16"]
+  subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+  config, params, tok = load_toy_checkpoint(str(tmp_path))
+  assert set(params) == {"visual", "text", "logit_scale"}
+  log = json.loads((tmp_path / "train_log.json").read_text())
+  assert log["recipe"]["class_head_cos"] == 0.4
+  assert log["recipe"]["class_head_groups"] == ["photo", "sketch", "pixelated", "blurry+noisy"]
+  assert [p["step"] for p in log["stage1"]["curve"]] == [2, 4]
+  assert set(log["stage1"]["curve"][-1]["held_out_class_acc_by_style"]) == set(
+      train.scenes.STYLES)
+  assert 0.0 <= log["gate"]["zero_shot_accuracy"] <= 1.0
+  # A rerun resumes stage 1 from its checkpoint (no new stage-1 steps).
+  out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+  assert "resumed stage 1 at step 4" in out.stderr
+  bad = subprocess.run(cmd[:3] + [f"--out={tmp_path}/x", "--class_head_groups=photo"],
+                       capture_output=True, text=True, timeout=120)
+  assert bad.returncode != 0 and "no group for style(s)" in bad.stderr

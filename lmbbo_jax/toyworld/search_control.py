@@ -4,7 +4,14 @@ r"""Does the search find prompts that generalise? The edit search vs its untrain
 
 For each toy task and few-shot seed, the project's own pipeline (features once,
 `PromptScorer`, `run_search` with the offline `EditProposer`, selection by train
-accuracy) runs twice with the same budget and the same initial pools:
+accuracy) runs twice with the same budget and the same initial pools.
+
+As in the paper, the search starts from generic wording: the initial pools come
+from `STYLE_FREE_POOL` ("a photo of a {}.", picture/image, backgrounds, sizes;
+no other rendering-style word), and the proposer's vocabulary is every word of the generic template
+list (`evaluate.GENERIC_TEMPLATES`), style words included: it plays the part of
+an LLM that knows the domain's words but not which of them fit this task. The
+two models:
 
   trained: the shipped toy CLIP ("toyclip");
   control: a randomly initialised CLIP of the same shape and tokenizer.
@@ -30,6 +37,34 @@ from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 DEFAULT_TASKS = ("sketch_dark", "pixel_clutter", "blurry_noisy")
+# Initial pools: in-vocabulary templates that name no rendering style.
+STYLE_FREE_POOL: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "an image of a {}.",
+    "a {}.",
+    "a photo of one {}.",
+    "a picture of a small {}.",
+    "a photo of a large {}.",
+    "an image of a big {}.",
+    "a {} on a dark background.",
+    "a {} on a white background.",
+    "a {} on a striped background.",
+    "a {} on a dotted background.",
+    "a photo of a {} in the center.",
+    "a small {}.",
+    "a large {}.",
+    "a picture of a {} on a plain background.",
+)
+
+
+def proposer_vocabulary() -> list[str]:
+  """Every word of the generic template list (the edit proposer's extra words)."""
+  from lmbbo_jax.toyworld.evaluate import GENERIC_TEMPLATES
+  words = set()
+  for t in GENERIC_TEMPLATES:
+    words.update(t.replace("{}", " ").replace(".", " ").split())
+  return sorted(words)
 
 
 def _define_flags():
@@ -54,11 +89,13 @@ def _mean_se(xs):
   return m, se
 
 
-def run_one(clip, task, *, corpus, n_restart, n_iter, m_new, init_pool_size, seed) -> dict:
+def run_one(clip, task, *, corpus, vocabulary, n_restart, n_iter, m_new, init_pool_size,
+            seed) -> dict:
   """One search on one task: pool pick vs search pick, by train accuracy."""
   from lmbbo_jax.evaluator import features as features_lib
   from lmbbo_jax.evaluator.scorer import PromptScorer
-  from lmbbo_jax.search import RunLog, SearchConfig, make_proposer_factory, run_search
+  from lmbbo_jax.search import RunLog, SearchConfig, run_search
+  from lmbbo_jax.search.proposers import EditProposer
 
   feats = features_lib.encode_task(clip, task, progress=False)
   fb, lb = features_lib.scorer_inputs(feats)
@@ -67,8 +104,9 @@ def run_one(clip, task, *, corpus, n_restart, n_iter, m_new, init_pool_size, see
                         k_pos=5, k_neg=5, init_pool_size=init_pool_size, seed=seed,
                         select_by="train")
   with tempfile.TemporaryDirectory() as tmp, RunLog(tmp, fsync=False) as log:
-    result = asyncio.run(run_search(config, scorer, make_proposer_factory("edit", config),
-                                    log, corpus=corpus))
+    result = asyncio.run(run_search(
+        config, scorer, lambda chain: EditProposer(config, vocabulary=vocabulary), log,
+        corpus=corpus))
   pool, best = result.initial_best, result.best
   return {"pool_template": pool.template, "pool_train": pool.accuracy["train"],
           "pool_test": pool.accuracy["test"], "search_template": best.template,
@@ -81,20 +119,20 @@ def run(model: str, task_names, seeds, shots, *, n_restart=2, n_iter=8, m_new=4,
         init_pool_size=12, control_seed=1234) -> list[dict]:
   from lmbbo_jax.models import CLIP, load_clip
   from lmbbo_jax.models.loading import random_variables
-  from lmbbo_jax.toyworld.evaluate import GENERIC_TEMPLATES
   from lmbbo_jax.toyworld.tasks import build_toy_task
 
   trained = load_clip(model)
   control = CLIP(trained.config, random_variables(trained.config, control_seed),
                  trained.tokenizer, source=f"random:{model}")
-  corpus = list(GENERIC_TEMPLATES)
+  corpus, vocabulary = list(STYLE_FREE_POOL), proposer_vocabulary()
   rows = []
   for name in task_names:
     for seed in seeds:
       task = build_toy_task(name, shots, seed)
       for label, clip in (("trained", trained), ("control", control)):
         t0 = time.perf_counter()
-        out = run_one(clip, task, corpus=corpus, n_restart=n_restart, n_iter=n_iter,
+        out = run_one(clip, task, corpus=corpus, vocabulary=vocabulary,
+                      n_restart=n_restart, n_iter=n_iter,
                       m_new=m_new, init_pool_size=init_pool_size, seed=seed)
         out.update(task=name, seed=seed, model=label, seconds=time.perf_counter() - t0)
         logging.info("%s seed %d %s: pool %.3f -> search %.3f (gain %+.3f) %r", name, seed,

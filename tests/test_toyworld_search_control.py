@@ -1,0 +1,40 @@
+"""The search-vs-control experiment: generic initial pools, domain words for the proposer."""
+
+from lmbbo_jax.toyworld import captions, evaluate, search_control
+
+STYLE_WORDS = {w for group in (captions.STYLE_PREFIXES, captions.STYLE_TAGS)
+               for options in group.values() for phrase in options for w in phrase.split()
+               } - {"a", "an", "of", "image", "photo"}
+
+
+def test_initial_pool_names_no_style_but_the_vocabulary_does():
+  vocab = captions.vocabulary()
+  assert len(search_control.STYLE_FREE_POOL) >= 12  # init_pool_size draws 12 per chain.
+  for t in search_control.STYLE_FREE_POOL:
+    words = set(t.replace("{}", " ").replace(".", " ").split())
+    assert words <= vocab, t
+    assert not words & STYLE_WORDS, t
+  words = set(search_control.proposer_vocabulary())
+  assert {"sketch", "drawing", "pixelated", "blurry", "grainy"} <= words
+  assert words <= vocab
+  assert search_control.STYLE_FREE_POOL[0] == evaluate.PHOTO
+
+
+def test_one_search_reports_pool_and_search_picks_on_the_toy_model():
+  from lmbbo_jax.models import load_clip
+  from lmbbo_jax.toyworld.tasks import build_toy_task
+
+  clip = load_clip("toyclip")
+  task = build_toy_task("sketch_dark", 1, 1)
+  out = search_control.run_one(
+      clip, task, corpus=list(search_control.STYLE_FREE_POOL),
+      vocabulary=search_control.proposer_vocabulary(), n_restart=1, n_iter=2, m_new=2,
+      init_pool_size=4, seed=1)
+  assert out["pool_template"] in search_control.STYLE_FREE_POOL
+  assert out["evaluated"] >= 4
+  assert out["search_train"] >= out["pool_train"]  # Selection is by train accuracy.
+  assert abs(out["gain"] - (out["search_test"] - out["pool_test"])) < 1e-9
+  rows = [dict(out, task="sketch_dark", seed=1, model=m) for m in ("trained", "control")]
+  (summary,) = search_control.summarize(rows)
+  assert summary["trained_gain"] == summary["control_gain"] == out["gain"]
+  assert "sketch_dark" in search_control.markdown([summary], rows)
