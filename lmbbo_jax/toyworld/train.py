@@ -253,14 +253,9 @@ def _schedule(lr, steps, warmup):
 # Stage 1: the image tower.
 
 
-def train_image_tower(config: CLIPConfig, out: str, seed: int, log: dict):
+def train_image_tower(config: CLIPConfig, out: str, seed: int, log: dict,
+                      style_group: tuple[int, ...]):
   steps, batch = FLAGS.steps, FLAGS.batch
-  try:
-    style_group = parse_head_groups(FLAGS.class_head_groups)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
-  if FLAGS.class_head_cos > 1:
-    raise app.UsageError("--class_head_cos must be <= 1 (negative: learned heads)")
   model = TowerWithHeads(config, style_group, FLAGS.class_head_cos)
   mean, std = config.image_mean, config.image_std
   tx = optax.chain(
@@ -412,7 +407,7 @@ def train_text_tower(config, tok: ToyTokenizer, visual_params, seed: int, log: d
 
   head_weight = FLAGS.text_head_weight
 
-  group_of = jnp.asarray(style_group if style_group is not None else (0,) * len(scenes.STYLES))
+  group_of = jnp.asarray(style_group or (0,) * len(scenes.STYLES))
 
   def loss_fn(params, ids, eot, img, label, style):
     t = text.apply({"params": params["text"]}, ids, eot)
@@ -515,6 +510,12 @@ def main(argv):
   if not FLAGS.out:
     raise app.UsageError("--out=DIR is required (where the checkpoint is written)")
   out, seed = FLAGS.out, FLAGS.seed
+  try:
+    style_group = parse_head_groups(FLAGS.class_head_groups)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  if FLAGS.class_head_cos > 1:
+    raise app.UsageError("--class_head_cos must be <= 1 (negative: learned heads)")
   os.makedirs(out, exist_ok=True)
   t_start = time.time()
   tok = build_tokenizer(seed)
@@ -532,10 +533,9 @@ def main(argv):
          "jax_version": jax.__version__, "cpu_count": os.cpu_count(),
          "stage1": {"curve": []}, "stage2": {"curve": []}}
   logging.info("tokenizer: %d tokens", tok.vocab_size)
-  s1 = train_image_tower(config, out, seed, log)
+  s1 = train_image_tower(config, out, seed, log, style_group)
   head = ({"kernel": s1["head_label_kernel"], "bias": s1["head_label_bias"]}
           if "head_label_kernel" in s1 else None)
-  style_group = parse_head_groups(FLAGS.class_head_groups)
   dirs = (class_targets(max(style_group) + 1, HEADS["label"], config.embed_dim,
                         FLAGS.class_head_cos) if FLAGS.class_head_cos >= 0 else None)
   s2 = train_text_tower(config, tok, s1["visual"], seed, log, class_head=head,
