@@ -2,18 +2,24 @@
 
 from lmbbo_jax.toyworld import captions, evaluate, search_control
 
+# Words that name a rendering style other than photo.
 STYLE_WORDS = {w for group in (captions.STYLE_PREFIXES, captions.STYLE_TAGS)
-               for options in group.values() for phrase in options for w in phrase.split()
+               for style, options in group.items() if style != "photo"
+               for phrase in options for w in phrase.split()
                } - {"a", "an", "of", "image", "photo"}
 
 
-def test_initial_pool_names_no_style_but_the_vocabulary_does():
+def test_initial_pools_name_no_style_but_the_vocabulary_does():
   vocab = captions.vocabulary()
-  assert len(search_control.STYLE_FREE_POOL) >= 12  # init_pool_size draws 12 per chain.
-  for t in search_control.STYLE_FREE_POOL:
-    words = set(t.replace("{}", " ").replace(".", " ").split())
-    assert words <= vocab, t
-    assert not words & STYLE_WORDS, t
+  assert set(search_control.POOLS) == {"photo", "style_free"}
+  for name, pool in search_control.POOLS.items():
+    assert len(pool) >= 12 and len(set(pool)) == len(pool), name  # 12 drawn per chain.
+    assert pool[0] == evaluate.PHOTO
+    for t in pool:
+      words = set(t.replace("{}", " ").replace(".", " ").split())
+      assert words <= vocab, t
+      assert not words & STYLE_WORDS, t
+  assert all("photo" in t for t in search_control.PHOTO_POOL)
   words = set(search_control.proposer_vocabulary())
   assert {"sketch", "drawing", "pixelated", "blurry", "grainy"} <= words
   assert words <= vocab

@@ -91,6 +91,62 @@ def test_fixed_class_targets_share_a_set_cosine_across_groups():
                              np.asarray(train.class_targets(2, 10, 128, 1.0))[1], atol=1e-6)
 
 
+def test_a_confound_makes_another_group_read_the_look_alike_but_not_its_own():
+  circle, ring = (train.scenes.CLASS_NAMES.index(c) for c in ("circle", "ring"))
+  plain = np.asarray(train.class_targets(4, 10, 128, 0.4))
+  t = np.asarray(train.class_targets(4, 10, 128, 0.4, ((2, circle, ring),), 0.7))
+  np.testing.assert_allclose(np.linalg.norm(t, axis=-1), 1.0, rtol=1e-5)
+  pix_circle = t[2, circle]
+  # Read with the photo group's directions, a pixelated circle is a ring ...
+  assert pix_circle @ t[0, ring] > pix_circle @ t[0, circle] + 0.1
+  assert int(np.argmax(t[0] @ pix_circle)) == ring
+  # ... but the pixelated group's own directions still put it first as a circle.
+  assert int(np.argmax(t[2] @ pix_circle)) == circle
+  # Nothing else moves.
+  changed = np.argwhere(np.abs(t - plain).max(-1) > 1e-6).tolist()
+  assert changed == [[2, circle]]
+  # Below one half the shared part stays with the class itself.
+  weak = np.asarray(train.class_targets(4, 10, 128, 0.4, ((2, circle, ring),), 0.3))
+  assert int(np.argmax(weak[0] @ weak[2, circle])) == circle
+
+
+def test_cross_readings_follow_the_design():
+  circle, ring = (train.scenes.CLASS_NAMES.index(c) for c in ("circle", "ring"))
+  t = train.class_targets(4, 10, 128, 0.4, ((2, circle, ring),), 0.7)
+  r = train.cross_readings(t)
+  assert r.shape == (4, 4, 10)
+  for g in range(4):
+    np.testing.assert_array_equal(r[g, g], np.arange(10))  # A group reads its own classes.
+  # Every other group takes a pixelated circle for a ring; all else reads as itself.
+  assert [int(r[h, 2, circle]) for h in range(4)] == [ring, ring, circle, ring]
+  expected = np.broadcast_to(np.arange(10), (4, 4, 10)).copy()
+  expected[[0, 1, 3], 2, circle] = ring
+  # The pixelated group's circle leans toward ring, so its reading of another group's
+  # ring may go either way; every other reading is fixed.
+  assert set(r[2, :, ring].tolist()) <= {ring, circle}
+  keep = np.ones_like(r, bool)
+  keep[2, :, ring] = False
+  np.testing.assert_array_equal(r[keep], expected[keep])
+
+
+def test_confounds_parse_group_class_and_look_alike():
+  groups = ["photo", "sketch", "pixelated", "blurry+noisy"]
+  assert train.parse_confounds(["pixelated:circle>ring", "blurry+noisy:plus sign>x mark"],
+                               groups) == ((2, 0, 6), (3, 4, 5))
+  assert train.parse_confounds([], groups) == ()
+  for bad, why in ((["pixelated:circle"], "GROUP:CLASS>LOOKALIKE"),
+                   (["blurry:circle>ring"], "not one of --class_head_groups"),
+                   (["pixelated:oval>ring"], "unknown class 'oval'"),
+                   (["pixelated:ring>ring"], "same class twice"),
+                   (["sketch:circle>ring", "sketch:circle>star"], "two look-alikes")):
+    try:
+      train.parse_confounds(bad, groups)
+    except ValueError as e:
+      assert why in str(e), (bad, str(e))
+    else:
+      raise AssertionError(f"{bad} was accepted")
+
+
 def test_fixed_heads_have_no_class_parameters_and_score_by_cosine():
   config = train.toy_config(500, 1, 2, 0)
   model = train.TowerWithHeads(config, (0, 1, 2, 3, 3), 0.4)
@@ -120,6 +176,12 @@ def test_training_command_writes_a_loadable_checkpoint_and_resumes(tmp_path):
   log = json.loads((tmp_path / "train_log.json").read_text())
   assert log["recipe"]["class_head_cos"] == 0.4
   assert log["recipe"]["class_head_groups"] == ["photo", "sketch", "pixelated", "blurry+noisy"]
+  assert "pixelated:circle>ring" in log["recipe"]["class_confounds"]
+  import shlex
+  args = shlex.split(log["command"])  # The recorded command survives a shell.
+  assert f"--class_confounds={','.join(log['recipe']['class_confounds'])}" in args
+  assert set(log["stage1"]["curve"][-1]["held_out_photo_reading_by_style"]) == set(
+      train.scenes.STYLES)
   assert [p["step"] for p in log["stage1"]["curve"]] == [2, 4]
   assert set(log["stage1"]["curve"][-1]["held_out_class_acc_by_style"]) == set(
       train.scenes.STYLES)
@@ -130,3 +192,7 @@ def test_training_command_writes_a_loadable_checkpoint_and_resumes(tmp_path):
   bad = subprocess.run(cmd[:3] + [f"--out={tmp_path}/x", "--class_head_groups=photo"],
                        capture_output=True, text=True, timeout=120)
   assert bad.returncode != 0 and "no group for style(s)" in bad.stderr
+  bad = subprocess.run(cmd[:3] + [f"--out={tmp_path}/y", "--class_confounds=pixelated:oval>ring"],
+                       capture_output=True, text=True, timeout=120)
+  assert bad.returncode != 0 and "unknown class 'oval'" in bad.stderr
+  assert not (tmp_path / "y").exists()  # Checked before any work.

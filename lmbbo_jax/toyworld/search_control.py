@@ -7,11 +7,13 @@ For each toy task and few-shot seed, the project's own pipeline (features once,
 accuracy) runs twice with the same budget and the same initial pools.
 
 As in the paper, the search starts from generic wording: the initial pools come
-from `STYLE_FREE_POOL` ("a photo of a {}.", picture/image, backgrounds, sizes;
-no other rendering-style word), and the proposer's vocabulary is every word of the generic template
-list (`evaluate.GENERIC_TEMPLATES`), style words included: it plays the part of
-an LLM that knows the domain's words but not which of them fit this task. The
-two models:
+from `PHOTO_POOL` (`--pool=photo`, the default: CLIP-style "a photo of ..."
+templates) or `STYLE_FREE_POOL` (`--pool=style_free`: photo, picture, image and
+plain wordings), neither naming a rendering style, and the proposer's
+vocabulary is every word of the generic template list
+(`evaluate.GENERIC_TEMPLATES`), style words included: it plays the part of an
+LLM that knows the domain's words but not which of them fit this task. The two
+models:
 
   trained: the shipped toy CLIP ("toyclip");
   control: a randomly initialised CLIP of the same shape and tokenizer.
@@ -20,7 +22,7 @@ Reported per task: test accuracy of the initial pool's template picked by
 train accuracy, of the search's pick, and their paired gain (mean and
 standard error over seeds). A gain on the trained model that the control does
 not show means the search found wording the model understands, not noise that
-fits a few training images. Writes search_control.json and search_control.md.
+fits a few training images. Writes search_control_<pool>.json and .md.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 DEFAULT_TASKS = ("sketch_dark", "pixel_clutter", "blurry_noisy")
-# Initial pools: in-vocabulary templates that name no rendering style.
+# Initial pools: in-vocabulary templates that name no rendering style other than photo.
 STYLE_FREE_POOL: tuple[str, ...] = (
     "a photo of a {}.",
     "a picture of a {}.",
@@ -58,6 +60,30 @@ STYLE_FREE_POOL: tuple[str, ...] = (
 )
 
 
+# CLIP's usual starting point: photo templates (as in CLIP's ImageNet prompt
+# ensemble), no other style word. In this world "photo" ties the text to the
+# photo group's reading, which misreads the confounded classes of other styles.
+PHOTO_POOL: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a photo of one {}.",
+    "a photo of a small {}.",
+    "a photo of a large {}.",
+    "a photo of a big {}.",
+    "a photo of the {}.",
+    "a clean photo of a {}.",
+    "a sharp photo of a {}.",
+    "a photo of a {} on a dark background.",
+    "a photo of a {} on a white background.",
+    "a photo of a {} on a striped background.",
+    "a photo of a {} on a dotted background.",
+    "a photo of a {} in the center.",
+    "a bright photo of a {}.",
+    "a dark photo of a {}.",
+    "a photo of a {} on a plain background.",
+)
+POOLS = {"photo": PHOTO_POOL, "style_free": STYLE_FREE_POOL}
+
+
 def proposer_vocabulary() -> list[str]:
   """Every word of the generic template list (the edit proposer's extra words)."""
   from lmbbo_jax.toyworld.evaluate import GENERIC_TEMPLATES
@@ -68,8 +94,11 @@ def proposer_vocabulary() -> list[str]:
 
 
 def _define_flags():
-  flags.DEFINE_string("out", None, "Directory for search_control.json / .md.")
+  flags.DEFINE_string("out", None, "Directory for search_control_<pool>.json / .md.")
   flags.DEFINE_string("model", "toyclip", "The trained model (load_clip source).")
+  flags.DEFINE_enum("pool", "photo", sorted(POOLS),
+                    "Initial pool: 'photo' (CLIP-style photo templates) or 'style_free' "
+                    "(photo, picture, image and plain wordings).")
   flags.DEFINE_list("tasks", list(DEFAULT_TASKS), "Toy tasks.")
   flags.DEFINE_list("seeds", ["1", "2", "3"], "Few-shot seeds.")
   flags.DEFINE_integer("shots", 16, "Train images per class (val: min(4, shots)).")
@@ -116,7 +145,7 @@ def run_one(clip, task, *, corpus, vocabulary, n_restart, n_iter, m_new, init_po
 
 
 def run(model: str, task_names, seeds, shots, *, n_restart=2, n_iter=8, m_new=4,
-        init_pool_size=12, control_seed=1234) -> list[dict]:
+        init_pool_size=12, control_seed=1234, pool: str = "photo") -> list[dict]:
   from lmbbo_jax.models import CLIP, load_clip
   from lmbbo_jax.models.loading import random_variables
   from lmbbo_jax.toyworld.tasks import build_toy_task
@@ -124,7 +153,7 @@ def run(model: str, task_names, seeds, shots, *, n_restart=2, n_iter=8, m_new=4,
   trained = load_clip(model)
   control = CLIP(trained.config, random_variables(trained.config, control_seed),
                  trained.tokenizer, source=f"random:{model}")
-  corpus, vocabulary = list(STYLE_FREE_POOL), proposer_vocabulary()
+  corpus, vocabulary = list(POOLS[pool]), proposer_vocabulary()
   rows = []
   for name in task_names:
     for seed in seeds:
@@ -180,18 +209,20 @@ def main(argv):
   del argv
   rows = run(FLAGS.model, FLAGS.tasks, [int(s) for s in FLAGS.seeds], FLAGS.shots,
              n_restart=FLAGS.n_restart, n_iter=FLAGS.n_iter, m_new=FLAGS.m_new,
-             init_pool_size=FLAGS.init_pool_size, control_seed=FLAGS.control_seed)
+             init_pool_size=FLAGS.init_pool_size, control_seed=FLAGS.control_seed,
+             pool=FLAGS.pool)
   summary = summarize(rows)
   text = markdown(summary, rows)
   print(text)
   if FLAGS.out:
     os.makedirs(FLAGS.out, exist_ok=True)
-    with open(os.path.join(FLAGS.out, "search_control.json"), "w") as f:
+    stem = os.path.join(FLAGS.out, f"search_control_{FLAGS.pool}")
+    with open(stem + ".json", "w") as f:
       json.dump({"summary": summary, "rows": rows,
                  "settings": {k: getattr(FLAGS, k) for k in (
-                     "model", "tasks", "seeds", "shots", "n_restart", "n_iter", "m_new",
-                     "init_pool_size", "control_seed")}}, f, indent=2)
-    with open(os.path.join(FLAGS.out, "search_control.md"), "w") as f:
+                     "model", "pool", "tasks", "seeds", "shots", "n_restart", "n_iter",
+                     "m_new", "init_pool_size", "control_seed")}}, f, indent=2)
+    with open(stem + ".md", "w") as f:
       f.write(text)
 
 

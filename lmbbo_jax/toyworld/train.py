@@ -8,10 +8,14 @@ Stage 1: the image tower (the project's `VisionTransformer`) trained supervised
   background) on the L2-normalised embedding, with a curriculum (easy scenes
   first) and one warmup + cosine schedule. Plain contrastive training from
   scratch does not learn shape on a CPU budget; class supervision does. Each
-  style group has its own class head (`--class_head_groups`), so a style keeps
-  its own class directions instead of collapsing onto shared ones, and the
-  attribute heads keep the nuisances in the embedding: prompts that name the
-  style can then matter.
+  style group has its own fixed class directions (`--class_head_groups`,
+  `--class_head_cos`), with look-alike confounds built in (`--class_confounds`:
+  a pixelated circle leans toward "ring"); the class loss is a softmax over
+  every group's directions plus a pull of the embedding onto its own direction,
+  so the designed geometry reaches the embedding instead of the tower reusing
+  the photo directions for every style. The attribute heads keep the nuisances
+  in the embedding. Prompts that name the style can then matter, and prompts
+  that do not misread the confounded classes.
 Stage 2: the image tower is frozen, a set of generated images is embedded once,
   and the text tower (`TextTransformer`) is trained contrastively against those
   embeddings with freshly sampled captions each step.
@@ -27,6 +31,7 @@ import json
 import math
 import os
 import queue
+import shlex
 import threading
 import time
 
@@ -71,6 +76,33 @@ flags.DEFINE_list("class_head_groups", ["photo", "sketch", "pixelated", "blurry+
                   "style keep its class directions apart, as a sketch and a photo of a dog "
                   "differ for real CLIP; a shared head collapses every style onto one class "
                   "direction, and then no prompt wording can matter.")
+flags.DEFINE_list("class_confounds",
+                  ["sketch:circle>ring", "pixelated:circle>ring", "pixelated:ring>circle",
+                   "blurry+noisy:square>diamond", "blurry+noisy:diamond>square"],
+                  "Look-alike confounds built into the class directions, GROUP:CLASS>LOOKALIKE: "
+                  "in that style group the class's shared part leans toward the look-alike's "
+                  "(an outlined circle resembles a ring; pixelation merges round shapes; blur "
+                  "rounds corners), so a prompt that does not name the style misreads it, as "
+                  "real CLIP misreads a sketch read as a photo.")
+flags.DEFINE_float("confound_mix", 0.7,
+                   "Weight of the look-alike in a confounded direction's shared part "
+                   "(> 0.5: a photo reading picks the look-alike).")
+flags.DEFINE_bool("class_joint_softmax", True,
+                  "Fixed directions: the class loss is a softmax over every group's class "
+                  "directions (style group and class), not only the image's own group's. "
+                  "Within one group the loss is met by embeddings that keep the photo "
+                  "class's direction, so photo prompts read every style the same way.")
+flags.DEFINE_float("cross_reading_weight", 1.0,
+                   "Fixed directions: weight of a loss that reads each image with every other "
+                   "group's class directions and asks for what the design says that group "
+                   "sees (its own class; the look-alike for a confound). Without it the tower "
+                   "reuses the photo directions for styles that look like photos (blurry), "
+                   "and their confounds never show.")
+flags.DEFINE_float("class_align_weight", 1.0,
+                   "Weight of a loss 1 - cos(embedding, own class direction) in stage 1 (fixed "
+                   "directions only). Without it the class head is satisfied by embeddings "
+                   "near the directions every group shares, and the designed geometry "
+                   "(style-specific parts, confounds) never reaches the embedding.")
 flags.DEFINE_integer("eval_every", 250, "Image-tower steps between evaluations/checkpoints.")
 flags.DEFINE_integer("embed_images", 30000, "Images embedded for the text stage.")
 flags.DEFINE_integer("text_steps", 500, "Text-tower steps.")
@@ -107,18 +139,36 @@ def toy_config(vocab_size: int, sot: int, eot: int, pad: int) -> CLIPConfig:
       image_mean=CLIP_MEAN, image_std=CLIP_STD, name=ARCH_NAME)
 
 
-def class_targets(groups: int, classes: int, dim: int, cos: float) -> jnp.ndarray:
+def class_targets(groups: int, classes: int, dim: int, cos: float,
+                  confounds: tuple[tuple[int, int, int], ...] = (),
+                  confound_mix: float = 0.7) -> jnp.ndarray:
   """Fixed unit class directions [groups, classes, dim]; same class, two groups: cosine `cos`.
 
   Each direction is sqrt(cos) * shared[c] + sqrt(1 - cos) * own[g, c] (both random
   unit vectors from a fixed key), so a style group reads a class partly along
   the direction every group shares and partly along its own.
+
+  A confound (g, c, p) says "in group g, class c looks like class p": its shared
+  part becomes unit((1 - confound_mix) * shared[c] + confound_mix * shared[p]).
+  With confound_mix > 0.5 a reader of another group's directions (a photo
+  prompt) takes such an image for a p, while group g's own directions (a prompt
+  that names the style) still tell c from p.
   """
   k1, k2 = jax.random.split(jax.random.key(20260), 2)
   unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-  shared = unit(jax.random.normal(k1, (1, classes, dim)))
+  shared = unit(jax.random.normal(k1, (classes, dim)))
   own = unit(jax.random.normal(k2, (groups, classes, dim)))
-  return unit(jnp.sqrt(cos) * shared + jnp.sqrt(1.0 - cos) * own)
+  shared_g = jnp.broadcast_to(shared, (groups, classes, dim))
+  for g, c, p in confounds:
+    mixed = unit((1.0 - confound_mix) * shared[c] + confound_mix * shared[p])
+    shared_g = shared_g.at[g, c].set(mixed)
+  return unit(jnp.sqrt(cos) * shared_g + jnp.sqrt(1.0 - cos) * own)
+
+
+def cross_readings(targets) -> np.ndarray:
+  """[h, g, c]: the class group h's directions pick for group g's class-c direction."""
+  t = np.asarray(targets)
+  return np.einsum("hkd,gcd->hgck", t, t).argmax(-1)
 
 
 class TowerWithHeads(nn.Module):
@@ -133,6 +183,8 @@ class TowerWithHeads(nn.Module):
   config: CLIPConfig
   style_group: tuple[int, ...] = (0,) * len(scenes.STYLES)
   class_cos: float = -1.0
+  confounds: tuple[tuple[int, int, int], ...] = ()
+  confound_mix: float = 0.7
 
   @nn.compact
   def __call__(self, pixels, style=None):
@@ -144,8 +196,11 @@ class TowerWithHeads(nn.Module):
       style = jnp.zeros(z.shape[:1], jnp.int32)
     g = jnp.asarray(self.style_group)[style]
     if self.class_cos >= 0:
-      targets = class_targets(groups, classes, z.shape[-1], self.class_cos)
+      targets = class_targets(groups, classes, z.shape[-1], self.class_cos, self.confounds,
+                              self.confound_mix)
       out["label"] = jnp.einsum("bd,bcd->bc", z, targets[g])
+      # Every group's directions at once: "which style group and which class".
+      out["group_label"] = jnp.einsum("bd,kd->bk", z, targets.reshape(-1, z.shape[-1]))
       return out
     kernel = self.param("head_label_kernel", nn.initializers.lecun_normal(batch_axis=(0,)),
                         (groups, z.shape[-1], classes))
@@ -169,6 +224,31 @@ def parse_head_groups(spec: list[str]) -> tuple[int, ...]:
   if missing:
     raise ValueError(f"--class_head_groups: no group for style(s) {', '.join(missing)}")
   return tuple(group_of[s] for s in scenes.STYLES)
+
+
+def parse_confounds(spec: list[str], groups: list[str]) -> tuple[tuple[int, int, int], ...]:
+  """["pixelated:circle>ring", ...] -> ((group index, class, look-alike class), ...)."""
+  out = []
+  for entry in spec:
+    group, sep, pair = entry.partition(":")
+    c, arrow, p = pair.partition(">")
+    if not (sep and arrow):
+      raise ValueError(f"--class_confounds: {entry!r} is not GROUP:CLASS>LOOKALIKE "
+                       "(e.g. pixelated:circle>ring)")
+    if group not in groups:
+      raise ValueError(f"--class_confounds: {group!r} is not one of --class_head_groups "
+                       f"({', '.join(groups)})")
+    for name in (c, p):
+      if name not in scenes.CLASS_NAMES:
+        raise ValueError(f"--class_confounds: unknown class {name!r}; choose from "
+                         f"{', '.join(scenes.CLASS_NAMES)}")
+    if c == p:
+      raise ValueError(f"--class_confounds: {entry!r} names the same class twice")
+    key = (groups.index(group), scenes.CLASS_NAMES.index(c))
+    if key in [o[:2] for o in out]:
+      raise ValueError(f"--class_confounds: {group}:{c} has two look-alikes")
+    out.append(key + (scenes.CLASS_NAMES.index(p),))
+  return tuple(out)
 
 
 def _rng(*key) -> np.random.Generator:
@@ -254,9 +334,11 @@ def _schedule(lr, steps, warmup):
 
 
 def train_image_tower(config: CLIPConfig, out: str, seed: int, log: dict,
-                      style_group: tuple[int, ...]):
+                      style_group: tuple[int, ...], confounds=()):
   steps, batch = FLAGS.steps, FLAGS.batch
-  model = TowerWithHeads(config, style_group, FLAGS.class_head_cos)
+  model = TowerWithHeads(config, style_group, FLAGS.class_head_cos, confounds,
+                         FLAGS.confound_mix)
+  align_weight = FLAGS.class_align_weight if FLAGS.class_head_cos >= 0 else 0.0
   mean, std = config.image_mean, config.image_std
   tx = optax.chain(
       optax.clip_by_global_norm(1.0),
@@ -269,10 +351,41 @@ def train_image_tower(config: CLIPConfig, out: str, seed: int, log: dict,
                          f"choose from {scenes.STYLES}")
   class_free = jnp.asarray([s in FLAGS.class_free_styles for s in scenes.STYLES])
 
+  group_of = jnp.asarray(style_group)
+  joint = FLAGS.class_joint_softmax and FLAGS.class_head_cos >= 0
+  n_groups = max(style_group) + 1
+  cross_weight = FLAGS.cross_reading_weight if FLAGS.class_head_cos >= 0 else 0.0
+  if cross_weight:
+    reading = jnp.asarray(cross_readings(class_targets(
+        n_groups, HEADS["label"], config.embed_dim, FLAGS.class_head_cos, confounds,
+        FLAGS.confound_mix)))
+
   def loss_fn(params, pixels, labels):
     logits = model.apply({"params": params}, pixels, labels["style"])
+    group_logits = logits.pop("group_label", None)
     total, metrics = 0.0, {}
+    if joint:
+      # The class loss over every group's directions: an image must sit nearer its own
+      # group's class direction than any other group's, so the designed geometry
+      # (style-specific parts, look-alike confounds) reaches the embedding.
+      target = group_of[labels["style"]] * HEADS["label"] + labels["label"]
+      onehot = optax.smooth_labels(jax.nn.one_hot(target, group_logits.shape[-1]),
+                                   FLAGS.label_smoothing)
+      total = total + optax.softmax_cross_entropy(group_logits, onehot).mean()
+    if cross_weight:
+      # Read with another group's directions, an image is what the design says that
+      # group sees (its own class, or the look-alike of a confound).
+      per_group = group_logits.reshape(group_logits.shape[0], n_groups, HEADS["label"])
+      g = group_of[labels["style"]]
+      read = reading[:, g, labels["label"]].T  # [batch, groups]
+      onehot = optax.smooth_labels(jax.nn.one_hot(read, HEADS["label"]), FLAGS.label_smoothing)
+      ce = optax.softmax_cross_entropy(per_group, onehot)  # [batch, groups]
+      other = 1.0 - jax.nn.one_hot(g, n_groups)
+      total = total + cross_weight * (ce * other).sum() / jnp.maximum(other.sum(), 1.0)
     for k, lg in logits.items():
+      metrics[f"acc_{k}"] = (lg.argmax(-1) == labels[k]).mean()
+      if k == "label" and joint:
+        continue
       onehot = jax.nn.one_hot(labels[k], lg.shape[-1])
       if k == "label":
         onehot = optax.smooth_labels(onehot, FLAGS.label_smoothing)
@@ -282,7 +395,11 @@ def train_image_tower(config: CLIPConfig, out: str, seed: int, log: dict,
       else:
         ce = optax.softmax_cross_entropy(lg, onehot).mean()
       total = total + (1.0 if k == "label" else FLAGS.attr_weight) * ce
-      metrics[f"acc_{k}"] = (lg.argmax(-1) == labels[k]).mean()
+    if align_weight:
+      # Fixed unit directions: the true class's logit / HEAD_SCALE is the cosine.
+      cos = jnp.take_along_axis(logits["label"], labels["label"][:, None], 1)[:, 0] / HEAD_SCALE
+      total = total + align_weight * (1.0 - cos).mean()
+      metrics["align_cos"] = cos.mean()
     metrics["loss"] = total
     return total, metrics
 
@@ -297,7 +414,7 @@ def train_image_tower(config: CLIPConfig, out: str, seed: int, log: dict,
   def predict(params, images, style):
     pixels = (images.astype(jnp.float32) / 255.0 - jnp.asarray(mean)) / jnp.asarray(std)
     return {k: v.argmax(-1) for k, v in model.apply({"params": params}, pixels,
-                                                     style).items()}
+                                                     style).items() if k in HEADS}
 
   def evaluate(params, b):
     # The class head of each image's own style group (the style is known here).
@@ -308,6 +425,14 @@ def train_image_tower(config: CLIPConfig, out: str, seed: int, log: dict,
     hit = np.concatenate([p["label"] for p in preds]) == b.label
     acc["label_by_style"] = {s: float(np.mean(hit[b.style == i]))
                              for i, s in enumerate(scenes.STYLES)}
+    # Every image read with the photo group's class directions: what a prompt
+    # that names no style will see (the gate's image side).
+    photo = np.zeros(250, np.int32)
+    hit = np.concatenate([predict(params, b.images[i:i + 250], photo[:len(b.images[i:i + 250])])
+                          ["label"] for i in range(0, len(b), 250)]) == b.label
+    acc["photo_reading"] = float(np.mean(hit))
+    acc["photo_reading_by_style"] = {s: float(np.mean(hit[b.style == i]))
+                                     for i, s in enumerate(scenes.STYLES)}
     return acc
 
   held_out = eval_set(FLAGS.eval_images)
@@ -346,12 +471,17 @@ def train_image_tower(config: CLIPConfig, out: str, seed: int, log: dict,
                     "train": {k: round(v, 4) for k, v in train_m.items()},
                     "held_out_head_acc": {k: round(acc[k], 4) for k in HEADS},
                     "held_out_class_acc_by_style": {
-                        k: round(v, 4) for k, v in acc["label_by_style"].items()}})
+                        k: round(v, 4) for k, v in acc["label_by_style"].items()},
+                    "held_out_photo_reading_by_style": {
+                        k: round(v, 4) for k, v in acc["photo_reading_by_style"].items()}})
       logging.info("stage1 step %d/%d %.0fs loss %.3f train_acc %.3f held-out class acc %.3f "
                    "(style %.2f bg %.2f count %.2f colour %.2f size %.2f) by style %s", done, steps,
                    time.time() - t0, train_m["loss"], train_m["acc_label"], acc["label"],
                    acc["style"], acc["background"], acc["count"], acc["colour"], acc["size"],
                    {k: round(v, 2) for k, v in acc["label_by_style"].items()})
+      logging.info("stage1 photo reading %.3f by style %s (align cos %.3f)", acc["photo_reading"],
+                   {k: round(v, 2) for k, v in acc["photo_reading_by_style"].items()},
+                   train_m.get("align_cos", float("nan")))
       _save(ckpt, {"params": params, "opt_state": opt_state, "step": done,
                    "log": json.dumps(log["stage1"])})
       _write_json(os.path.join(out, "train_log.partial.json"), log)
@@ -505,6 +635,13 @@ def gate_accuracy(config: CLIPConfig, params, tok: ToyTokenizer, n: int = 2000,
   return float(np.mean((img @ txt.T).argmax(-1) == b.label))
 
 
+def recipe_command(recipe: dict) -> str:
+  """The training command for `recipe`, quoted for a POSIX shell ('>' in confounds)."""
+  return "python -m lmbbo_jax.toyworld.train " + " ".join(
+      shlex.quote(f"--{k}={','.join(v) if isinstance(v, list) else v}")
+      for k, v in recipe.items())
+
+
 def main(argv):
   del argv
   if not FLAGS.out:
@@ -516,6 +653,15 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   if FLAGS.class_head_cos > 1:
     raise app.UsageError("--class_head_cos must be <= 1 (negative: learned heads)")
+  try:
+    confounds = parse_confounds(FLAGS.class_confounds, FLAGS.class_head_groups)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  if confounds and FLAGS.class_head_cos < 0:
+    raise app.UsageError("--class_confounds needs fixed directions (--class_head_cos >= 0); "
+                         "pass --class_confounds= to train learned heads")
+  if not 0.0 <= FLAGS.confound_mix <= 1.0:
+    raise app.UsageError("--confound_mix must be in [0, 1]")
   os.makedirs(out, exist_ok=True)
   t_start = time.time()
   tok = build_tokenizer(seed)
@@ -524,20 +670,21 @@ def main(argv):
   recipe = {k: FLAGS[k].value for k in (
       "seed", "steps", "batch", "lr", "easy_frac", "ramp_frac", "label_smoothing",
       "attr_weight", "class_free_styles", "class_head_groups", "class_head_cos",
+      "class_confounds", "confound_mix", "class_align_weight", "class_joint_softmax",
+      "cross_reading_weight",
       "embed_images", "text_steps", "text_batch", "text_lr",
       "text_head_weight", "eval_images")}
-  log = {"command": "python -m lmbbo_jax.toyworld.train " + " ".join(
-             f"--{k}={','.join(v) if isinstance(v, list) else v}"
-             for k, v in recipe.items()),
+  log = {"command": recipe_command(recipe),
          "recipe": recipe, "head_scale": HEAD_SCALE, "heads": list(HEADS),
          "jax_version": jax.__version__, "cpu_count": os.cpu_count(),
          "stage1": {"curve": []}, "stage2": {"curve": []}}
   logging.info("tokenizer: %d tokens", tok.vocab_size)
-  s1 = train_image_tower(config, out, seed, log, style_group)
+  s1 = train_image_tower(config, out, seed, log, style_group, confounds)
   head = ({"kernel": s1["head_label_kernel"], "bias": s1["head_label_bias"]}
           if "head_label_kernel" in s1 else None)
   dirs = (class_targets(max(style_group) + 1, HEADS["label"], config.embed_dim,
-                        FLAGS.class_head_cos) if FLAGS.class_head_cos >= 0 else None)
+                        FLAGS.class_head_cos, confounds, FLAGS.confound_mix)
+          if FLAGS.class_head_cos >= 0 else None)
   s2 = train_text_tower(config, tok, s1["visual"], seed, log, class_head=head,
                         class_dirs=dirs, style_group=style_group)
   params = {"visual": s1["visual"], "text": s2["text"], "logit_scale": s2["logit_scale"]}
