@@ -9,8 +9,8 @@ accuracy) runs twice with the same budget and the same initial pools.
 As in the paper, the search starts from generic wording: the initial pools come
 from `PHOTO_POOL` (`--pool=photo`, the default: CLIP-style "a photo of ..."
 templates) or `STYLE_FREE_POOL` (`--pool=style_free`: photo, picture, image and
-plain wordings), neither naming a rendering style, and the proposer's
-vocabulary is every word of the generic template list
+plain wordings), neither naming a rendering style other than photo, and the
+proposer's vocabulary is every word of the generic template list
 (`evaluate.GENERIC_TEMPLATES`), style words included: it plays the part of an
 LLM that knows the domain's words but not which of them fit this task. The two
 models:
