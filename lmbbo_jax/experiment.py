@@ -78,7 +78,7 @@ class ExperimentConfig:
   def proposer_kind(self) -> str:
     if self.proposer != "auto":
       return self.proposer
-    return "llm" if self.llm.base_url else "edit"
+    return "llm" if (self.llm.base_url or self.llm.local) else "edit"
 
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
@@ -241,15 +241,36 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
   """Runs (or resumes) the experiment and writes every output; returns results.json's dict."""
   cfg.search.validate()
   kind = cfg.proposer_kind
-  if kind == "llm" and not cfg.llm.base_url:
-    raise ExperimentError("--proposer=llm needs --llm_base_url (e.g. https://api.openai.com/v1 "
-                          "or a local vLLM/Ollama server); or use --proposer=edit offline")
+  if kind == "llm" and not (cfg.llm.base_url or cfg.llm.local):
+    raise ExperimentError("--proposer=llm needs an LLM: --llm=local (embedded llama.cpp "
+                          "server) or --llm_base_url (e.g. https://api.openai.com/v1 or a "
+                          "vLLM/Ollama server); or use --proposer=edit offline")
+  local = None
+  if kind == "llm" and cfg.llm.local and not cfg.dry_run:
+    local = _local_server(cfg)  # fails in seconds, before any heavy work
   if kind == "replay" and not cfg.replay_transcript:
     raise ExperimentError("--proposer=replay needs --replay_transcript=<run>/transcript.jsonl")
 
   if cfg.dry_run:
     return _dry_run(cfg)
+  with contextlib.ExitStack() as stack:
+    if local is not None:
+      stack.callback(local.stop)  # also on Ctrl-C and on any error
+    return _run(cfg, kind, local)
 
+
+def _local_server(cfg: ExperimentConfig):
+  """The embedded llama.cpp server for --llm=local (not started yet)."""
+  from lmbbo_jax.llm.local_server import LocalLLMError, LocalLLMServer
+  try:
+    return LocalLLMServer(cfg.llm.gguf, n_ctx=cfg.llm.n_ctx,
+                          chat_format=cfg.llm.chat_format,
+                          log_path=os.path.join(cfg.workdir, "llm_server.log"))
+  except LocalLLMError as e:
+    raise ExperimentError(str(e)) from None
+
+
+def _run(cfg: ExperimentConfig, kind: str, local) -> dict:
   # Data and weights are both checked before any heavy work, and reported together.
   tasks, data_err = _build_tasks(cfg)
   clip, model_err = _load_model(cfg)
@@ -263,6 +284,12 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     raise ExperimentError(str(e)) from e
   workdir = _prepare_workdir(cfg)
   started = time.time()
+  if local is not None:
+    from lmbbo_jax.llm.local_server import LocalLLMError
+    try:
+      local.start()  # loads in about a second; serves while the images are encoded
+    except LocalLLMError as e:
+      raise ExperimentError(str(e)) from None
   logging.info("model %s (%s, weights %s), dataset %s, %d-shot, seeds %s, proposer %s",
                clip.name, cfg.dtype, clip.weights_hash[:12], cfg.dataset, cfg.shots,
                list(cfg.seeds), kind)
@@ -289,10 +316,12 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
   busy_before = sum(r.scorer.stats().get("seconds_busy", 0.0) for r in runs)
   t_search = time.perf_counter()
   with profile:
-    ledger, intervals = asyncio.run(_search_all(cfg, workdir, runs, corpora))
+    ledger, intervals, client_info = asyncio.run(_search_all(cfg, workdir, runs, corpora,
+                                                             local))
   search_s = time.perf_counter() - t_search
   search_busy = _union_length(intervals)
-  results = _results(cfg, clip, runs, ledger, search_s, time.time() - started, search_busy)
+  results = _results(cfg, clip, runs, ledger, search_s, time.time() - started, search_busy,
+                     client_info)
   _write_outputs(workdir, results, runs)
   return results
 
@@ -313,13 +342,27 @@ def _profile(profile_dir: str):
   return jax.profiler.trace(profile_dir)
 
 
+def _llm_client(cfg: ExperimentConfig, workdir: pathlib.Path, local):
+  """The run's LLM client: the remote endpoint, or the embedded server."""
+  llm = dataclasses.replace(cfg.llm, cache_dir=cfg.llm.cache_dir or str(workdir / "llm_cache"))
+  if local is None:
+    return build_client(llm, workdir)
+  # The local model: free, one request at a time (more would only queue inside the
+  # server), and cached by the model's hash rather than by the port of this run.
+  llm = dataclasses.replace(llm, base_url=local.base_url, model=local.model_alias,
+                            prices={**(llm.prices or {}), local.model_alias: (0.0, 0.0)})
+  if cfg.llm.max_concurrency != local.capacity:
+    logging.info("--llm=local: %d request(s) in flight (the server's capacity), not %d",
+                 local.capacity, cfg.llm.max_concurrency)
+  return build_client(llm, workdir, cache_identity=f"local-gguf:{local.gguf.sha256}",
+                      max_concurrency=local.capacity)
+
+
 async def _search_all(cfg: ExperimentConfig, workdir: pathlib.Path, runs: list[_SeedRun],
-                      corpora: dict[int, list[str]]):
+                      corpora: dict[int, list[str]], local=None):
   """All seeds' searches concurrently (LLM latency overlaps; each seed has its own scorer)."""
   kind = cfg.proposer_kind
-  client = build_client(dataclasses.replace(
-      cfg.llm, cache_dir=cfg.llm.cache_dir or str(workdir / "llm_cache")), workdir) \
-      if kind == "llm" else None
+  client = _llm_client(cfg, workdir, local) if kind == "llm" else None
   ledger = client.ledger if client is not None else None
   stop = asyncio.Event()
   uninstall = install_signal_handlers(stop.set)
@@ -343,10 +386,11 @@ async def _search_all(cfg: ExperimentConfig, workdir: pathlib.Path, runs: list[_
     search_cfg = dataclasses.replace(cfg.search, seed=cfg.search_seed * 1000 + run.seed)
     corpus = corpora[run.seed]
     factory = make_proposer_factory(kind, search_cfg, client=client,
-                                    transcript=cfg.replay_transcript)
+                                    transcript=cfg.replay_transcript, replay_seed=run.seed)
     with RunLog(workdir / f"seed_{run.seed}", resume=cfg.resume) as log:
       run.result = await run_search(search_cfg, run.scorer, factory, log, corpus=corpus,
-                                    progress=progress, stop_event=stop, ledger=ledger)
+                                    progress=progress, stop_event=stop, ledger=ledger,
+                                    label=f"seed {run.seed}")
 
   try:
     await asyncio.gather(*(one(r) for r in runs))
@@ -362,18 +406,28 @@ async def _search_all(cfg: ExperimentConfig, workdir: pathlib.Path, runs: list[_
       if front is not None:
         intervals += front.intervals
         await front.aclose()
+    info = {}
     if client is not None:
       await client.aclose()
-  return ledger, intervals
+      info = {"structured": client.structured if cfg.search.reply_format == "json" else None,
+              "structured_refused": client.structured_refused,
+              "max_concurrency": client.max_concurrency,
+              "rate_limit": client.rate_limiter.summary() if client.rate_limiter else None}
+      if local is not None:
+        info["local"] = local.describe()
+  return ledger, intervals, info
 
 
 def _dry_run(cfg: ExperimentConfig) -> dict:
   from lmbbo_jax.llm import Ledger
-  ledger = Ledger(cfg.llm.model, prices=cfg.llm.prices)
-  per_seed = estimate_search(cfg.search, ledger)
+  if cfg.llm.local:  # the embedded model costs nothing
+    ledger = Ledger("local", prices={"local": (0.0, 0.0)})
+  else:
+    ledger = Ledger(cfg.llm.model, prices=cfg.llm.prices)
+  per_seed = estimate_search(cfg.search, ledger, max_tokens=cfg.llm.max_tokens)
   n = len(cfg.seeds)
   est = {k: (v * n if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
-         for k, v in per_seed.items()}
+         for k, v in per_seed.items()}  # tokens_per_turn stays per turn
   est.update(seeds=n, model=cfg.llm.model, proposer=cfg.proposer_kind)
   return {"dry_run": est}
 
@@ -390,8 +444,34 @@ def _percentile(xs: Sequence[float], q: float) -> float | None:
   return xs[lo] + (xs[hi] - xs[lo]) * (i - lo)
 
 
+def _proposer_accounting(runs: list[_SeedRun]) -> dict:
+  """Calls, valid new templates per call and per request, rejections, cut replies."""
+  keys = ("llm_calls", "cached_calls", "llm_errors", "templates_requested", "valid_new",
+          "scored_new", "failed_attempts", "skipped_iterations", "truncated")
+  total = {k: 0 for k in keys}
+  rejections: dict[str, int] = {}
+  queue_s = latency_s = 0.0
+  for r in runs:
+    for chain in (r.result.counts.get("per_chain") or {}).values():
+      for k in keys:
+        total[k] += chain.get(k, 0)
+      for kind, n in (chain.get("rejections") or {}).items():
+        rejections[kind] = rejections.get(kind, 0) + n
+      queue_s += chain.get("queue_s", 0.0)
+      latency_s += chain.get("latency_s", 0.0)
+  calls = total["llm_calls"]
+  total.update(
+      rejections=dict(sorted(rejections.items())),
+      valid_new_per_call=round(total["valid_new"] / calls, 3) if calls else None,
+      valid_new_fraction=(round(total["valid_new"] / total["templates_requested"], 4)
+                          if total["templates_requested"] else None),
+      latency_s_total=round(latency_s, 3), queue_s_total=round(queue_s, 3),
+      server_s_total=round(latency_s - queue_s, 3))
+  return total
+
+
 def _results(cfg, clip, runs: list[_SeedRun], ledger, search_s: float, wall_s: float,
-             search_busy_s: float) -> dict:
+             search_busy_s: float, client_info: dict | None = None) -> dict:
   per_seed, n_eval = {}, 0
   counts_total: dict[str, Any] = {}
   for r in runs:
@@ -406,6 +486,7 @@ def _results(cfg, clip, runs: list[_SeedRun], ledger, search_s: float, wall_s: f
         "initial_best": _entry(init.score if init else None),
         "baselines": baselines,
         "stop_reason": res.stop_reason,
+        "chain_stop_reasons": {str(c): v for c, v in sorted(res.chain_stop_reasons.items())},
         "counts": res.counts,
         "task": r.task.describe() if hasattr(r.task, "describe") else {},
     }
@@ -474,6 +555,14 @@ def _results(cfg, clip, runs: list[_SeedRun], ledger, search_s: float, wall_s: f
       "completion_tokens": llm.get("completion_tokens", 0),
       "cost_usd": llm.get("cost_usd", 0.0),
       "faults": llm.get("faults", {}),
+      "truncated_replies": llm.get("truncated_replies", 0),
+      "latency_p50_s": llm.get("latency_p50_s"),
+      "queue_p50_s": llm.get("queue_p50_s"),
+      "server_p50_s": llm.get("server_p50_s"),
+      "queue_s_total": llm.get("queue_s_total"),
+      "server_s_total": llm.get("server_s_total"),
+      "proposals": _proposer_accounting(runs),
+      **(client_info or {}),
   }
   best_entry = dict(best_ps["best"], seed=int(best_seed))
   return {

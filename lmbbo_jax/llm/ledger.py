@@ -77,8 +77,8 @@ class Ledger:
     model: the model name used to look up prices.
     prices: overrides/additions to `DEFAULT_PRICES` (USD per 1M tokens).
     budget_usd: stop starting new calls once this much is spent (None: no
-      limit). Calls already in flight finish, so the spend can exceed the
-      budget by at most `max_concurrency` calls.
+      limit). Each call reserves its worst-case cost before it is sent, so
+      the spend never exceeds the budget (given the server honours max_tokens).
     max_calls: stop after this many paid (non-cached) calls; in-flight calls
       are reserved, so this bound is exact.
     log_path: if given, one JSON line per call is appended there (no secrets).
@@ -111,6 +111,10 @@ class Ledger:
     self.faults: dict[str, int] = {}
     self.latencies_s: list[float] = []
     self._reserved = 0
+    self._reserved_usd = 0.0
+    self.queue_s: list[float] = []  # waiting for a slot or a rate limit
+    self.server_s: list[float] = []  # HTTP attempts (the server's work + transfer)
+    self.truncated = 0  # replies cut at the completion cap (finish_reason "length")
     # Concurrency gauge: the area under in-flight(t) over the active span.
     self._inflight = 0
     self.max_inflight = 0
@@ -126,24 +130,40 @@ class Ledger:
     return (prompt_tokens * self.price[0]
             + completion_tokens * self.price[1]) / 1e6
 
-  def reserve(self) -> None:
-    """Claims one paid call, or raises `LLMBudgetExceeded` when none is left."""
+  def reserve(self, cost_bound_usd: float = 0.0) -> float:
+    """Claims one paid call whose cost is at most `cost_bound_usd`.
+
+    The bound (the request's prompt-token bound plus its completion cap at the
+    model's price) is held until the call settles, so calls in flight can never
+    together push the spend past `budget_usd`. Returns the amount reserved (pass
+    it back to `record_call` / `record_failure` / `release`).
+
+    Raises:
+      LLMBudgetExceeded: the call limit is reached, or the budget cannot cover
+        this call's worst case on top of what is spent and reserved.
+    """
     if self.max_calls is not None and (
         self.calls + self.failed_calls + self._reserved >= self.max_calls):
       raise LLMBudgetExceeded(
           f"LLM call limit reached ({self.max_calls} calls); raise "
           "--llm_max_calls and rerun with --resume to continue.",
           reason="max_calls")
-    if self.budget_usd is not None and self.cost_usd >= self.budget_usd:
+    if self.budget_usd is not None and (
+        self.cost_usd + self._reserved_usd + cost_bound_usd > self.budget_usd):
       raise LLMBudgetExceeded(
-          f"LLM budget spent ({self.cost_usd:.4f} of {self.budget_usd:.4f} "
-          "USD); raise --llm_budget_usd and rerun with --resume to continue.",
+          f"LLM budget reached ({self.cost_usd:.4f} USD spent, "
+          f"{self._reserved_usd:.4f} reserved by calls in flight, the next call may "
+          f"cost up to {cost_bound_usd:.4f}, budget {self.budget_usd:.4f} USD); raise "
+          "--llm_budget_usd and rerun with --resume to continue.",
           reason="budget")
     self._reserved += 1
+    self._reserved_usd += cost_bound_usd
+    return cost_bound_usd
 
-  def release(self) -> None:
+  def release(self, reserved_usd: float = 0.0) -> None:
     """Returns a reservation (the call ended without a paid answer)."""
     self._reserved = max(0, self._reserved - 1)
+    self._reserved_usd = max(0.0, self._reserved_usd - reserved_usd)
 
   # --- recording --------------------------------------------------------------
   def count_fault(self, kind: str) -> None:
@@ -170,23 +190,37 @@ class Ledger:
     self._last_t = now
 
   def record_call(self, *, call_id: str, chain_id: str, usage: Mapping | None,
-                  latency_s: float) -> float:
-    """Records a paid call that returned a usable answer; returns its cost."""
-    self.release()
+                  latency_s: float, reserved_usd: float = 0.0,
+                  queue_s: float = 0.0, server_s: float | None = None,
+                  finish_reason: str | None = None,
+                  fallback_tokens: tuple[int, int] | None = None) -> float:
+    """Records a paid call that returned a usable answer; returns its cost.
+
+    `fallback_tokens` (prompt, completion upper bounds) is charged when the
+    server sent no usage, so a missing usage can never hide spending.
+    """
+    self.release(reserved_usd)
     usage = usage or {}
     pt = int(usage.get("prompt_tokens") or 0)
     ct = int(usage.get("completion_tokens") or 0)
     if not usage:
       self.missing_usage += 1
+      if fallback_tokens is not None:
+        pt, ct = fallback_tokens
     cost = self.cost_of(pt, ct)
     self.calls += 1
     self.prompt_tokens += pt
     self.completion_tokens += ct
     self.cost_usd += cost
     self.latencies_s.append(latency_s)
+    self.queue_s.append(queue_s)
+    self.server_s.append(latency_s - queue_s if server_s is None else server_s)
+    if finish_reason == "length":
+      self.truncated += 1
     self._log({"call_id": call_id, "chain": chain_id, "cached": False,
                "prompt_tokens": pt, "completion_tokens": ct, "cost_usd": cost,
-               "latency_s": round(latency_s, 4), "time": time.time()})
+               "latency_s": round(latency_s, 4), "queue_s": round(queue_s, 4),
+               "finish_reason": finish_reason, "time": time.time()})
     return cost
 
   def record_cached(self, *, call_id: str, chain_id: str) -> None:
@@ -194,9 +228,10 @@ class Ledger:
     self._log({"call_id": call_id, "chain": chain_id, "cached": True,
                "time": time.time()})
 
-  def record_failure(self, *, call_id: str, chain_id: str, kind: str) -> None:
+  def record_failure(self, *, call_id: str, chain_id: str, kind: str,
+                     reserved_usd: float = 0.0) -> None:
     """Records a paid call that ended in an error (it still used the limit)."""
-    self.release()
+    self.release(reserved_usd)
     self.failed_calls += 1
     self._log({"call_id": call_id, "chain": chain_id, "error": kind,
                "time": time.time()})
@@ -231,6 +266,13 @@ class Ledger:
         "faults": dict(sorted(self.faults.items())),
         "latency_p50_s": _percentile(self.latencies_s, 50),
         "latency_p95_s": _percentile(self.latencies_s, 95),
+        "queue_p50_s": _percentile(self.queue_s, 50),
+        "queue_p95_s": _percentile(self.queue_s, 95),
+        "server_p50_s": _percentile(self.server_s, 50),
+        "server_p95_s": _percentile(self.server_s, 95),
+        "queue_s_total": round(sum(self.queue_s), 3),
+        "server_s_total": round(sum(self.server_s), 3),
+        "truncated_replies": self.truncated,
         "mean_concurrency": self.mean_concurrency,
         "max_concurrency": self.max_inflight,
         "budget_usd": self.budget_usd,
@@ -240,21 +282,28 @@ class Ledger:
   # --- dry run ----------------------------------------------------------------
   def estimate(self, config: Any, *, first_prompt_tokens: int | None = None,
                reply_tokens: int | None = None,
-               feedback_tokens: int = _FEEDBACK_TOKENS) -> dict[str, Any]:
+               feedback_tokens: int = _FEEDBACK_TOKENS,
+               max_tokens: int | None = None) -> dict[str, Any]:
     """Expected calls, tokens and cost of a search with `config`, before it runs.
 
     Args:
       config: anything with `n_restart`, `n_reset`, `n_iter`, `m_new`, `k_pos`,
         `k_neg` and `conversation` (a `search.optimizer.SearchConfig`).
-      first_prompt_tokens: tokens of one first-turn meta-prompt; measured by
+      first_prompt_tokens: tokens of one first-turn request; measured by
         `search.optimizer.estimate` from a rendered prompt, else a rough guess.
-      reply_tokens: tokens of one reply (default: 20 per requested template).
+      reply_tokens: tokens of one reply that holds just the templates asked
+        for (default: 20 per template).
       feedback_tokens: tokens of one multi-turn feedback message.
+      max_tokens: the reply cap; gives the `*_worst` figures, where every
+        reply runs to the cap (and multi-turn prompts grow by as much).
 
     Returns:
       dict(calls, prompt_tokens, completion_tokens, cost_usd,
-      max_calls_with_retries): `calls` assumes every reply is valid;
-      `max_calls_with_retries` multiplies by `max_failed_attempts`.
+      max_calls_with_retries, and with max_tokens prompt_tokens_worst,
+      completion_tokens_worst, cost_usd_worst): `calls` assumes every reply
+      is valid; `max_calls_with_retries` multiplies by `max_failed_attempts`.
+      Multi-turn prompts resend the whole conversation, so turn i costs the
+      first prompt plus i (reply, feedback) pairs.
     """
     n_conv = config.n_restart * config.n_reset
     calls = n_conv * config.n_iter
@@ -263,15 +312,17 @@ class Ledger:
           config.k_pos + config.k_neg)
     if reply_tokens is None:
       reply_tokens = 20 * config.m_new + 5
-    if config.conversation == "multi_turn":
-      # Turn i resends the first prompt plus i (reply, feedback) pairs.
-      per_conv = sum(first_prompt_tokens + i * (reply_tokens + feedback_tokens)
-                     for i in range(config.n_iter))
-      prompt_tokens = n_conv * per_conv
-    else:
-      prompt_tokens = calls * first_prompt_tokens
+
+    def prompt_total(reply: int) -> int:
+      if config.conversation == "multi_turn":
+        per_conv = sum(first_prompt_tokens + i * (reply + feedback_tokens)
+                       for i in range(config.n_iter))
+        return n_conv * per_conv
+      return calls * first_prompt_tokens
+
+    prompt_tokens = prompt_total(reply_tokens)
     completion_tokens = calls * reply_tokens
-    return {
+    out = {
         "calls": calls,
         "max_calls_with_retries": calls * getattr(config, "max_failed_attempts",
                                                   1),
@@ -280,4 +331,12 @@ class Ledger:
         "cost_usd": round(self.cost_of(prompt_tokens, completion_tokens), 6),
         "model": self.model,
         "price_known": self.price is not None,
+        "tokens_per_turn": {"first_prompt": first_prompt_tokens,
+                            "reply": reply_tokens, "feedback": feedback_tokens},
     }
+    if max_tokens:
+      worst_prompt, worst_completion = prompt_total(max_tokens), calls * max_tokens
+      out.update(prompt_tokens_worst=worst_prompt,
+                 completion_tokens_worst=worst_completion,
+                 cost_usd_worst=round(self.cost_of(worst_prompt, worst_completion), 6))
+    return out

@@ -2,6 +2,7 @@
 
 Sources, in the order they are tried:
   "random:<arch>"      seeded random init of a named architecture (benchmarks, tests);
+  "random:toyclip"      the toy CLIP's shape and tokenizer with random weights (a control);
   a short name          RN50, RN101, ViT-B/32, ViT-B/16, ViT-L/14 -> OpenAI's public weights;
   "toyclip"             the toy world's trained tiny CLIP (lmbbo_jax/toyworld/assets);
   a local path          a directory (our format: config.json + params.msgpack; Hugging Face:
@@ -108,6 +109,11 @@ def load_clip(source: str, *, dtype: Any = jnp.float32, cache_dir: str | None = 
                           f"({', '.join(SHORT_NAMES)}), {TOYCLIP!r} or 'random:<arch>'")
   source = source.strip()
   cache_dir = cache_dir or default_cache_dir()
+  if source == f"random:{TOYCLIP}":
+    # The untrained control of the toy world: the toy CLIP's shape and tokenizer.
+    trained = load_clip(TOYCLIP, dtype=dtype)
+    return _make_clip(trained.config, random_variables(trained.config, seed=0),
+                      trained.tokenizer, dtype, source)
   if source.startswith("random:") or weights == "random":
     return _random_clip(source.removeprefix("random:"), dtype, config)
   short = {_short_key(k): k for k in SHORT_NAMES}.get(_short_key(source))

@@ -51,7 +51,8 @@ class MetaPrompts:
   Slots available: intro/task pieces get <<n_new>> (a number), <<templates_word>>
   ("template" or "templates"), <<score_note>>; lists get <<positives>>,
   <<negatives>>; items get <<template>>, <<score>>; feedback gets <<score>>,
-  <<reason>>, <<scored_list>>.
+  <<reason>>, <<scored_list>>; rejection feedback gets <<rejected_list>> (of
+  `rejected_item`s with <<template>> and <<reason>>) and <<requirements>>.
   """
 
   system: str | None = None
@@ -69,6 +70,15 @@ class MetaPrompts:
   feedback_rejected: str = ""
   feedback_scores_header: str = ""
   feedback_no_scores: str = ""
+  # The JSON reply format (`reply_format="json"`), replacing `requirements`.
+  requirements_json: str = ""
+  # Rejection feedback: what was wrong with the templates of the last reply.
+  rejected_item: str = ""
+  rejected_block: str = ""
+  retry_rejected: str = ""
+  retry_unreadable: str = ""
+  # Short, model-facing words for each rejection kind (`parsing.reason_kind`).
+  rejection_words: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 DEFAULT_META_PROMPTS = MetaPrompts(
@@ -132,6 +142,29 @@ DEFAULT_META_PROMPTS = MetaPrompts(
                            "<<scored_list>>",
     feedback_no_scores="Thanks! Could you suggest <<n_new>> different "
                        "<<templates_word>>?",
+    requirements_json=(
+        "Requirements:\n"
+        "- Reply with JSON only, in the form {\"templates\": [\"...\"]}, holding "
+        "<<n_new>> new <<templates_word>>.\n"
+        "- Each template must contain {} where the class name goes and no "
+        "other curly braces.\n"
+        "- Keep each template under 15 words and similar in structure to the "
+        "examples."),
+    rejected_item="- \"<<template>>\": <<reason>>",
+    rejected_block=("Some templates of your last reply could not be used:\n"
+                    "<<rejected_list>>"),
+    retry_rejected=("None of those templates could be used:\n<<rejected_list>>\n\n"
+                    "Please try again.\n<<requirements>>"),
+    retry_unreadable=("I could not find any template in your reply. Please try "
+                      "again.\n<<requirements>>"),
+    rejection_words={
+        "duplicate": "already tried, write a new one",
+        "no_slot": "no {} where the class name goes",
+        "format_field": "uses braces other than {}",
+        "unbalanced_brace": "unbalanced braces",
+        "too_long": "too long",
+        "other": "not a usable template",
+    },
 )
 
 

@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import math
 import random
 import time
 from typing import Any, Callable, Sequence
@@ -61,8 +62,8 @@ from lmbbo_jax.search import meta_prompts as mp
 from lmbbo_jax.search import parsing
 from lmbbo_jax.search import pool as pool_lib
 from lmbbo_jax.search.proposers import (CONVERSATIONS, FEEDBACK_MODES,
-                                        EditProposer, LLMProposer,
-                                        ReplayProposer)
+                                        REPLY_FORMATS, EditProposer,
+                                        LLMProposer, ReplayProposer)
 from lmbbo_jax.search.runlog import RunLog
 from lmbbo_jax.search.state import (SELECT_BY, ChainState, EvalRecord, Proposer,
                                     SearchError, Turn, best_of)
@@ -93,6 +94,15 @@ class SearchConfig:
       in a row (e.g. a model that never follows the format).
     max_template_chars: longest accepted template.
     time_limit_s: stop the search cleanly after this long (None: no limit).
+    m_ask: templates asked for per call (0: m_new). Asking for a few more
+      than m_new leaves room for duplicates; at most m_new are scored.
+    reply_format: "lines" (one per line, as the official code) or "json"
+      (a {"templates": [...]} object, enforced by a schema where the
+      server takes one).
+    rejection_feedback: tell the model which templates of its reply were
+      rejected and why (in the retry of a failed reply and in the next
+      multi-turn feedback). Not in the official code, which resends the same
+      request.
   """
 
   n_restart: int = 1
@@ -111,6 +121,9 @@ class SearchConfig:
   max_skipped_iterations: int = 3
   max_template_chars: int = parsing.DEFAULT_MAX_CHARS
   time_limit_s: float | None = None
+  m_ask: int = 0
+  reply_format: str = "lines"
+  rejection_feedback: bool = True
 
   def validate(self) -> None:
     """Raises `SearchError` with a one-line fix for any bad value."""
@@ -128,6 +141,12 @@ class SearchConfig:
     if self.conversation not in CONVERSATIONS:
       raise SearchError(f"conversation={self.conversation!r}: use one of "
                         f"{', '.join(CONVERSATIONS)}.")
+    if self.m_ask and self.m_ask < self.m_new:
+      raise SearchError(f"m_ask={self.m_ask} must be 0 or at least m_new="
+                        f"{self.m_new} (it asks for extra candidates).")
+    if self.reply_format not in REPLY_FORMATS:
+      raise SearchError(f"reply_format={self.reply_format!r}: use one of "
+                        f"{', '.join(REPLY_FORMATS)}.")
     if self.select_by not in SELECT_BY:
       raise SearchError(f"select_by={self.select_by!r}: use one of "
                         f"{', '.join(SELECT_BY)}.")
@@ -146,6 +165,16 @@ PRESETS: dict[str, SearchConfig] = {
 
 # Fields that may change between a run and its resume.
 _RESUMABLE_CHANGES = ("time_limit_s",)
+# Why a chain stopped (`SearchResult.chain_stop_reasons`).
+STOP_REASONS = ("completed", "format_failures", "budget", "max_calls", "signal",
+                "time_limit", "error")
+
+
+def _new_chain_counts() -> dict[str, Any]:
+  return {"llm_calls": 0, "cached_calls": 0, "llm_errors": 0,
+          "templates_requested": 0, "valid_new": 0, "scored_new": 0,
+          "failed_attempts": 0, "skipped_iterations": 0, "truncated": 0,
+          "latency_s": 0.0, "queue_s": 0.0, "rejections": {}}
 
 
 @dataclasses.dataclass
@@ -160,7 +189,11 @@ class SearchResult:
       deterministic order (step, chain, seq).
     counts: evaluations, rejections by kind, failed attempts, skipped
       iterations, LLM calls, replayed evaluations, memo hits, ...
-    stop_reason: "completed", "budget", "max_calls", "signal", "time_limit".
+    stop_reason: "completed" when every chain ran its budget, else why the
+      search (or its chains) stopped: "budget", "max_calls", "signal",
+      "time_limit", or "format_failures" (a chain gave up after
+      max_skipped_iterations iterations without a valid template).
+    chain_stop_reasons: chain -> its own stop reason (`STOP_REASONS`).
     elapsed_s: wall time of this invocation.
     llm: the ledger summary when a ledger was given.
   """
@@ -175,6 +208,7 @@ class SearchResult:
   stop_reason: str
   elapsed_s: float
   llm: dict | None = None
+  chain_stop_reasons: dict[int, str] = dataclasses.field(default_factory=dict)
 
   def summary(self) -> dict[str, Any]:
     def rec(r):
@@ -184,6 +218,8 @@ class SearchResult:
     return {"best": rec(self.best_record),
             "initial_best": rec(self.initial_best_record),
             "counts": self.counts, "stop_reason": self.stop_reason,
+            "chain_stop_reasons": {str(c): r for c, r in
+                                   sorted(self.chain_stop_reasons.items())},
             "elapsed_s": round(self.elapsed_s, 3), "llm": self.llm}
 
 
@@ -247,7 +283,11 @@ class _Search:
 
   def __init__(self, config: SearchConfig, scorer: Any,
                proposer_factory: Callable[[int], Proposer], runlog: RunLog,
-               corpus: Sequence[str], progress: Callable[[dict], Any] | None):
+               corpus: Sequence[str], progress: Callable[[dict], Any] | None,
+               label: str = "search"):
+    self.label = label
+    self.chain_stops: dict[int, str] = {}
+    self.per_chain: dict[int, dict[str, Any]] = {}
     self.config = config
     self.scorer = _SharedScorer(scorer)
     self.context_check = getattr(scorer, "max_context_ok", None)
@@ -339,7 +379,9 @@ class _Search:
     state = ChainState(chain=chain, config=cfg,
                        rng=random.Random(chain_seed(cfg.seed, chain)),
                        context_check=self.context_check,
-                       log_transcript=self.runlog.append_transcript)
+                       log_transcript=self.runlog.append_transcript,
+                       label=self.label)
+    mine = self.per_chain.setdefault(chain, _new_chain_counts())
     initial = pool_lib.sample_initial_pool(self.corpus, cfg.init_pool_size,
                                            state.rng)
     await self.evaluate(state, initial, proposer="init", call_id=None)
@@ -358,24 +400,24 @@ class _Search:
         try:
           proposal = await proposer.propose(state)
         except LLMBudgetExceeded as e:
-          logging.warning("Chain %d stops: %s", chain, e)
+          logging.warning("%s chain %d stops: %s", self.label, chain, e)
           self.stop_reason = self.stop_reason or e.reason
+          self.chain_stops[chain] = e.reason
           return
-        self.counts["proposals"] += 1
-        self.counts["failed_attempts"] += proposal.failed_attempts
-        self.counts["llm_calls"] += proposal.llm_calls
-        self.counts["llm_cached_calls"] += proposal.cached_calls
-        for _, reason in proposal.rejections:
-          self._count_rejection(reason)
+        self._count_proposal(mine, proposal)
         if not proposal.templates:
           self.counts["skipped_iterations"] += 1
+          mine["skipped_iterations"] += 1
           skipped_in_a_row += 1
           if skipped_in_a_row >= cfg.max_skipped_iterations:
             logging.warning(
-                "Chain %d stops early: %d iterations in a row gave no valid "
-                "template (see transcript.jsonl for the replies).", chain,
-                skipped_in_a_row)
+                "%s chain %d stops early after %d of %d turns: %d iterations in "
+                "a row gave no valid template (rejections %s; the replies are in "
+                "transcript.jsonl).", self.label, chain, state.step,
+                cfg.n_reset * cfg.n_iter, skipped_in_a_row,
+                mine["rejections"] or "none")
             self.counts["chains_stopped_early"] += 1
+            self.chain_stops[chain] = "format_failures"
             return
           continue
         skipped_in_a_row = 0
@@ -383,17 +425,41 @@ class _Search:
         records = await self.evaluate(state, proposal.templates,
                                       proposer=getattr(proposer, "name", "?"),
                                       call_id=proposal.call_id)
+        mine["scored_new"] += sum(1 for r in records if r.ok)
         state.turns.append(Turn(messages=list(proposal.messages or []),
                                 reply=proposal.raw_text or "",
-                                records=records))
+                                records=records,
+                                rejections=list(proposal.reply_rejections)))
+    self.chain_stops[chain] = "completed"
+
+  def _count_proposal(self, mine: dict[str, Any], proposal: Proposal) -> None:
+    self.counts["proposals"] += 1
+    self.counts["failed_attempts"] += proposal.failed_attempts
+    self.counts["llm_calls"] += proposal.llm_calls
+    self.counts["llm_cached_calls"] += proposal.cached_calls
+    mine["llm_calls"] += proposal.llm_calls
+    mine["cached_calls"] += proposal.cached_calls
+    mine["llm_errors"] += proposal.llm_errors
+    mine["templates_requested"] += proposal.requested
+    mine["valid_new"] += proposal.valid_candidates
+    mine["failed_attempts"] += proposal.failed_attempts
+    mine["truncated"] += proposal.truncated
+    mine["latency_s"] += proposal.latency_s
+    mine["queue_s"] += proposal.queue_s
+    for _, reason in proposal.rejections:
+      self._count_rejection(reason)
+      kind = parsing.reason_kind(reason)
+      mine["rejections"][kind] = mine["rejections"].get(kind, 0) + 1
 
   async def guard(self, chain: int) -> None:
     try:
       await self.run_chain(chain)
     except asyncio.CancelledError:
+      self.chain_stops.setdefault(chain, self.stop_reason or "error")
       if self.stop_reason is None and self.fatal is None:
         raise
     except Exception as e:  # pylint: disable=broad-except
+      self.chain_stops.setdefault(chain, "error")
       if self.fatal is None:
         self.fatal = e
       self.cancel_all()
@@ -416,7 +482,7 @@ async def run_search(config: SearchConfig, scorer: Any,
                      corpus: Sequence[str] | None = None,
                      progress: Callable[[dict], Any] | None = None,
                      stop_event: asyncio.Event | None = None,
-                     ledger: Any = None) -> SearchResult:
+                     ledger: Any = None, label: str = "search") -> SearchResult:
   """Runs (or resumes) the search; see the module docstring.
 
   Args:
@@ -431,6 +497,7 @@ async def run_search(config: SearchConfig, scorer: Any,
       `runlog.install_signal_handlers(event.set)`), chains stop at once;
       everything evaluated so far is already logged.
     ledger: an `llm.Ledger`, whose summary is put in the result.
+    label: names the run in log lines ("seed 1").
 
   Returns:
     A `SearchResult`.
@@ -443,7 +510,8 @@ async def run_search(config: SearchConfig, scorer: Any,
   config.validate()
   runlog.check_config(config.to_dict(), may_change=_RESUMABLE_CHANGES)
   corpus = pool_lib.builtin_corpus() if corpus is None else corpus
-  search = _Search(config, scorer, proposer_factory, runlog, corpus, progress)
+  search = _Search(config, scorer, proposer_factory, runlog, corpus, progress,
+                   label=label)
   start = time.monotonic()
   search.tasks = [asyncio.create_task(search.guard(c), name=f"chain-{c}")
                   for c in range(config.n_restart)]
@@ -475,26 +543,47 @@ async def run_search(config: SearchConfig, scorer: Any,
   counts["scorer_calls"] = search.scorer.calls
   counts["scored_templates"] = search.scorer.scored
   counts["memo_hits"] = search.scorer.memo_hits
+  counts["per_chain"] = {str(c): _chain_summary(v) for c, v in
+                         sorted(search.per_chain.items())}
+  stops = dict(sorted(search.chain_stops.items()))
+  stop_reason = search.stop_reason or (
+      "format_failures" if "format_failures" in stops.values() else "completed")
   result = SearchResult(
       best=best.score if best else None, best_record=best,
       initial_best=initial_best.score if initial_best else None,
       initial_best_record=initial_best, best_per_chain=per_chain,
       records=records, counts=counts,
-      stop_reason=search.stop_reason or "completed",
-      elapsed_s=time.monotonic() - start,
-      llm=ledger.summary() if ledger is not None else None)
+      stop_reason=stop_reason, elapsed_s=time.monotonic() - start,
+      llm=ledger.summary() if ledger is not None else None,
+      chain_stop_reasons=stops)
   if search.fatal is not None:
     search.fatal.partial_result = result  # type: ignore[attr-defined]
     raise search.fatal
   return result
 
 
+def _chain_summary(c: dict[str, Any]) -> dict[str, Any]:
+  """A chain's counts with the rates a reader wants (per call, per request)."""
+  calls = c["llm_calls"]
+  out = dict(c)
+  out["latency_s"] = round(c["latency_s"], 3)
+  out["queue_s"] = round(c["queue_s"], 3)
+  out["valid_new_per_call"] = round(c["valid_new"] / calls, 3) if calls else None
+  out["valid_new_fraction"] = (round(c["valid_new"] / c["templates_requested"], 4)
+                               if c["templates_requested"] else None)
+  return out
+
+
 def make_proposer_factory(kind: str, config: SearchConfig, *,
                           client: Any = None,
                           transcript: str | None = None,
+                          replay_seed: int | None = None,
                           meta_prompts: mp.MetaPrompts = mp.DEFAULT_META_PROMPTS
                           ) -> Callable[[int], Proposer]:
-  """chain -> proposer for kind "llm" (needs `client`), "edit" or "replay"."""
+  """chain -> proposer for kind "llm" (needs `client`), "edit" or "replay".
+
+  `replay_seed` picks one few-shot seed's entries of a merged transcript.
+  """
   if kind == "llm":
     if client is None:
       raise SearchError("the LLM proposer needs --llm_base_url.")
@@ -505,19 +594,28 @@ def make_proposer_factory(kind: str, config: SearchConfig, *,
   if kind == "replay":
     if not transcript:
       raise SearchError("the replay proposer needs a transcript.jsonl path.")
-    replay = ReplayProposer(transcript)
+    replay = ReplayProposer(transcript, seed=replay_seed)
     return lambda chain: replay
   raise SearchError(f"proposer {kind!r}: use llm, edit or replay.")
 
 
+def estimate_tokens(text: str) -> int:
+  """Rough tokens of English meta-prompt text (3.5 characters per token, the
+  ratio of BPE tokenizers on this wording) plus a message's template tokens."""
+  return math.ceil(len(text) / 3.5) + 4
+
+
 def estimate(config: SearchConfig, ledger: Any,
              corpus: Sequence[str] | None = None,
-             meta_prompts: mp.MetaPrompts = mp.DEFAULT_META_PROMPTS
-             ) -> dict[str, Any]:
+             meta_prompts: mp.MetaPrompts = mp.DEFAULT_META_PROMPTS,
+             max_tokens: int | None = None) -> dict[str, Any]:
   """Dry-run estimate of LLM calls, tokens and cost (nothing is sent).
 
-  The first-turn size is measured by rendering a real meta-prompt with
-  templates from the corpus (about 4 characters per token).
+  Every piece is measured on rendered text: the first request (system prompt
+  and first turn), a reply holding the `m_ask` templates asked for, and a real
+  multi-turn feedback message (the scores of the last turn's templates), so a
+  multi-turn conversation's growth is counted turn by turn. With `max_tokens`
+  the worst case, every reply at the cap, is given too.
   """
   config.validate()
   corpus = list(pool_lib.builtin_corpus() if corpus is None else corpus)
@@ -529,5 +627,17 @@ def estimate(config: SearchConfig, ledger: Any,
         template=t, accuracy={"train": 0.5, "val": 0.5}, logprob={},
         rejected=None, chain=0, reset=None, iteration=None, step=0, seq=i,
         proposer="init"))
-  text = LLMProposer(None, config, meta_prompts).first_turn(state)
-  return ledger.estimate(config, first_prompt_tokens=max(1, len(text) // 4))
+  proposer = LLMProposer(None, config, meta_prompts)
+  first = proposer.build_messages(state)
+  asked = [r.template for r in state.pool[:proposer.n_ask]]
+  reply = ('{"templates": [' + ", ".join(f'"{t}"' for t in asked) + "]}"
+           if config.reply_format == "json" else
+           "\n".join(f"- {t}" for t in asked))
+  state.turns = [Turn(messages=first, reply=reply,
+                      records=state.pool[:config.m_new])]
+  feedback = proposer.feedback(state)
+  return ledger.estimate(
+      config, first_prompt_tokens=sum(estimate_tokens(m["content"]) for m in first),
+      reply_tokens=estimate_tokens(reply),
+      feedback_tokens=estimate_tokens(feedback) + estimate_tokens(""),
+      max_tokens=max_tokens)

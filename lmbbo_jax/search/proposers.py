@@ -28,6 +28,26 @@ from lmbbo_jax.search.state import ChainState, EvalRecord, Proposal
 
 FEEDBACK_MODES = ("pos_neg", "pos", "neg", "none")
 CONVERSATIONS = ("single_turn", "multi_turn")
+REPLY_FORMATS = ("lines", "json")
+
+
+# One `{}`, no quote, backslash, other brace or line break, at most 100
+# characters on either side (a bounded grammar cannot run away).
+_TEMPLATE_PATTERN = '^[^"\\\\{}\\n\\r]{0,100}\\{\\}[^"\\\\{}\\n\\r]{0,100}$'
+
+
+def reply_schema(n: int) -> dict:
+  """JSON schema of a reply holding exactly `n` templates with one `{}` each.
+
+  The pattern excludes `"` and `\\`: llama.cpp turns it into a grammar, and a
+  string allowed to hold a quote could swallow the rest of the JSON.
+  """
+  return {"type": "object",
+          "properties": {"templates": {
+              "type": "array", "minItems": n, "maxItems": n,
+              "items": {"type": "string",
+                        "pattern": _TEMPLATE_PATTERN}}},
+          "required": ["templates"], "additionalProperties": False}
 
 
 def _plural(n: int) -> str:
@@ -90,11 +110,24 @@ class LLMProposer:
     neg = list(reversed(rest))[:k_neg]
     return pos, neg
 
+  @property
+  def n_ask(self) -> int:
+    """Templates asked for per call (`m_ask`, at least `m_new`)."""
+    return max(self.config.m_new, getattr(self.config, "m_ask", 0) or 0)
+
+  @property
+  def json_replies(self) -> bool:
+    return getattr(self.config, "reply_format", "lines") == "json"
+
+  def requirements(self) -> str:
+    return mp.render(self.mp.requirements_json if self.json_replies
+                     else self.mp.requirements, _count_values(self.n_ask))
+
   def first_turn(self, state: ChainState) -> str:
     """The first user message of a conversation (or the single-turn message)."""
     pos, neg = self.positives_negatives(state)
     state.first_reference = state.value(pos[0]) if pos else None
-    common = _count_values(self.config.m_new)
+    common = _count_values(self.n_ask)
     values = {
         **common,
         "score_note": self.mp.score_note if self.config.show_scores else "",
@@ -102,14 +135,47 @@ class LLMProposer:
                                      {"positives": self._items(state, pos)}),
         "negatives_block": mp.render(self.mp.negatives_block,
                                      {"negatives": self._items(state, neg)}),
-        "requirements": mp.render(self.mp.requirements, common),
+        "requirements": self.requirements(),
     }
     return mp.render(self.mp.first_turn[self.config.feedback], values)
 
+  def rejected_list(self, rejections: Sequence[tuple[str, str]]) -> str:
+    """The model-facing list of rejected templates and why (data, not format)."""
+    words = self.mp.rejection_words
+    seen, lines = set(), []
+    for template, reason in rejections:
+      kind = parsing.reason_kind(reason)
+      if kind == "extra" or (template, kind) in seen:
+        continue
+      seen.add((template, kind))
+      lines.append(mp.render(self.mp.rejected_item, {
+          "template": template[:120],
+          "reason": words.get(kind, words.get("other", reason))}))
+    return "\n".join(lines)
+
+  def retry_message(self, rejections: Sequence[tuple[str, str]]) -> str:
+    """The follow-up after a reply with no usable template."""
+    listed = self.rejected_list(rejections)
+    if not listed:
+      return mp.render(self.mp.retry_unreadable,
+                       {"requirements": self.requirements()})
+    return mp.render(self.mp.retry_rejected, {"rejected_list": listed,
+                                              "requirements": self.requirements()})
+
   def feedback(self, state: ChainState) -> str:
     """The follow-up user message after the last turn (multi-turn)."""
+    text = self._score_feedback(state)
+    rejections = state.turns[-1].rejections
+    if getattr(self.config, "rejection_feedback", True) and rejections:
+      listed = self.rejected_list(rejections)
+      if listed:
+        text = mp.render(self.mp.rejected_block,
+                         {"rejected_list": listed}) + "\n\n" + text
+    return text
+
+  def _score_feedback(self, state: ChainState) -> str:
     last = state.turns[-1]
-    common = _count_values(self.config.m_new)
+    common = _count_values(self.n_ask)
     if self.config.feedback == "none":
       return mp.render(self.mp.feedback_no_scores, common)
     ok = [r for r in last.records if r.ok]
@@ -153,8 +219,17 @@ class LLMProposer:
 
   # --- proposing --------------------------------------------------------------
   async def propose(self, state: ChainState) -> Proposal:
+    """Asks for `m_ask` templates and keeps at most `m_new` valid new ones.
+
+    A reply with no usable template is answered, within the same iteration,
+    with what was wrong with each of its templates (`rejection_feedback`), and
+    the model tries again, up to `max_failed_attempts` replies.
+    """
     messages = self.build_messages(state)
     out = Proposal(templates=[], messages=messages)
+    schema = reply_schema(self.n_ask) if self.json_replies else None
+    feedback_on = getattr(self.config, "rejection_feedback", True)
+    request = messages
     for attempt in range(self.config.max_failed_attempts):
       entry = {"kind": "attempt", "chain": state.chain,
                "restart": state.chain, "reset": state.reset,
@@ -162,39 +237,57 @@ class LLMProposer:
                "proposer": self.name}
       call_key = f"r{state.reset}-i{state.iteration}-a{attempt}"
       try:
-        result = await self.client.chat(messages, chain_id=state.chain_key,
-                                        call_key=call_key)
+        result = await self.client.chat(request, chain_id=state.chain_key,
+                                        call_key=call_key,
+                                        response_schema=schema)
       except LLMRetriesExhausted as e:
         out.failed_attempts += 1
-        logging.warning("Chain %d r%d i%d: LLM call failed: %s", state.chain,
-                        state.reset, state.iteration, e)
-        state.log_transcript({**entry, "messages": messages, "error": str(e)})
+        out.llm_errors += 1
+        logging.warning("%s chain %d r%d i%d: LLM call failed: %s",
+                        state.label, state.chain, state.reset, state.iteration, e)
+        state.log_transcript({**entry, "messages": request, "error": str(e)})
         continue
       out.llm_calls += 1
       out.cached_calls += int(result.cached)
+      out.requested += self.n_ask
+      out.truncated += int(result.finish_reason == "length")
+      out.queue_s += result.queue_s
+      out.latency_s += result.latency_s
       check = parsing.validate(
           parsing.extract_candidates(result.text), seen=state.seen,
           context_check=state.context_check, max_new=self.config.m_new,
           max_chars=self.config.max_template_chars)
+      extra = sum(1 for _, r in check.rejections
+                  if parsing.reason_kind(r) == "extra")
+      out.valid_candidates += len(check.valid) + extra
       for cand, reason in check.rejections:
-        logging.info("Chain %d r%d i%d: rejected %r: %s", state.chain,
-                     state.reset, state.iteration, cand, reason)
+        logging.info("%s chain %d r%d i%d: rejected %r: %s", state.label,
+                     state.chain, state.reset, state.iteration, cand, reason)
       out.rejections.extend(check.rejections)
       state.log_transcript({
           **entry, "call_id": result.call_id, "cached": result.cached,
-          "messages": messages, "reply": result.text,
+          "messages": request, "reply": result.text,
           "accepted": check.valid,
           "rejections": _rejection_rows(check.rejections),
-          "usage": result.usage, "latency_s": round(result.latency_s, 4)})
+          "finish_reason": result.finish_reason,
+          "structured": result.structured,
+          "usage": result.usage, "latency_s": round(result.latency_s, 4),
+          "queue_s": round(result.queue_s, 4)})
       if check.valid:
         out.templates = check.valid
         out.call_id = result.call_id
         out.raw_text = result.text
+        out.reply_rejections = [(t, r) for t, r in check.rejections
+                                if parsing.reason_kind(r) != "extra"]
         return out
       out.failed_attempts += 1
-      logging.warning("Chain %d r%d i%d attempt %d: reply had no valid "
-                      "template.", state.chain, state.reset, state.iteration,
-                      attempt)
+      logging.info("%s chain %d r%d i%d attempt %d: reply had no valid "
+                   "template.", state.label, state.chain, state.reset,
+                   state.iteration, attempt)
+      if feedback_on:
+        request = [*request, {"role": "assistant", "content": result.text},
+                   {"role": "user", "content": self.retry_message(
+                       check.rejections)}]
     return out
 
 
@@ -350,14 +443,18 @@ class ReplayProposer:
   Args:
     transcript: path of a transcript.jsonl (or its workdir), or its entries.
     chain_map: optional {new chain: recorded chain}; default identity.
+    seed: with a run's merged transcript (entries carry a `seed` field), the
+      few-shot seed whose entries are replayed.
   """
 
   name = "replay"
 
   def __init__(self, transcript: str | Sequence[dict], *,
-               chain_map: dict[int, int] | None = None):
+               chain_map: dict[int, int] | None = None, seed: int | None = None):
     entries = (runlog.read_transcript(transcript)
                if isinstance(transcript, str) else list(transcript))
+    if seed is not None and any("seed" in e for e in entries):
+      entries = [e for e in entries if e.get("seed") == seed]
     self._by_pos: dict[tuple, dict] = {}
     for e in entries:
       if e.get("kind", "attempt") == "attempt" and e.get("accepted"):

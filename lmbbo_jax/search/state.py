@@ -122,6 +122,7 @@ class Turn:
   messages: list[dict]
   reply: str
   records: list[EvalRecord]
+  rejections: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -135,7 +136,15 @@ class Proposal:
     messages: the request that produced the reply (for multi-turn history).
     failed_attempts: attempts that gave no valid template.
     rejections: (candidate, reason) pairs over all attempts.
+    reply_rejections: those of the reply that gave `templates` (beyond the
+      m_new cap), told to the model in the next multi-turn feedback.
     llm_calls / cached_calls: calls made / replayed from the cache.
+    llm_errors: calls that failed after the client's retries.
+    requested: templates asked for over all calls (m_ask per call).
+    valid_candidates: valid new templates the replies held (before the
+      m_new cap).
+    truncated: replies cut at the completion cap.
+    latency_s / queue_s: summed call latency, and its queueing part.
   """
 
   templates: list[str]
@@ -146,6 +155,14 @@ class Proposal:
   rejections: list[tuple[str, str]] = dataclasses.field(default_factory=list)
   llm_calls: int = 0
   cached_calls: int = 0
+  llm_errors: int = 0
+  reply_rejections: list[tuple[str, str]] = dataclasses.field(
+      default_factory=list)
+  requested: int = 0
+  valid_candidates: int = 0
+  truncated: int = 0
+  latency_s: float = 0.0
+  queue_s: float = 0.0
 
 
 @dataclasses.dataclass
@@ -165,6 +182,7 @@ class ChainState:
       turn of the conversation (the baseline of the first feedback message).
     context_check: the scorer's `max_context_ok`, if it has one.
     log_transcript: writes one transcript entry.
+    label: names the run in log lines (e.g. "seed 1").
   """
 
   chain: int
@@ -180,6 +198,7 @@ class ChainState:
   first_reference: float | None = None
   context_check: Callable[[str], str | None] | None = None
   log_transcript: Callable[[dict], Any] = lambda row: None
+  label: str = "search"
 
   @property
   def chain_key(self) -> str:

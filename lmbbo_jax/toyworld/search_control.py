@@ -63,24 +63,10 @@ STYLE_FREE_POOL: tuple[str, ...] = (
 # CLIP's usual starting point: photo templates (as in CLIP's ImageNet prompt
 # ensemble), no other style word. In this world "photo" ties the text to the
 # photo group's reading, which misreads the confounded classes of other styles.
-PHOTO_POOL: tuple[str, ...] = (
-    "a photo of a {}.",
-    "a photo of one {}.",
-    "a photo of a small {}.",
-    "a photo of a large {}.",
-    "a photo of a big {}.",
-    "a photo of the {}.",
-    "a clean photo of a {}.",
-    "a sharp photo of a {}.",
-    "a photo of a {} on a dark background.",
-    "a photo of a {} on a white background.",
-    "a photo of a {} on a striped background.",
-    "a photo of a {} on a dotted background.",
-    "a photo of a {} in the center.",
-    "a bright photo of a {}.",
-    "a dark photo of a {}.",
-    "a photo of a {} on a plain background.",
-)
+# The file is also the initial pool of the LLM demo (experiments/demo.flags).
+PHOTO_POOL_FILE = os.path.join(os.path.dirname(__file__), "assets", "photo_pool.txt")
+with open(PHOTO_POOL_FILE, encoding="utf-8") as _f:
+  PHOTO_POOL: tuple[str, ...] = tuple(line.strip() for line in _f if line.strip())
 POOLS = {"photo": PHOTO_POOL, "style_free": STYLE_FREE_POOL}
 
 

@@ -1,0 +1,46 @@
+"""A stand-in for `python -m llama_cpp.server` in a process of its own (tests).
+
+  python tests/fake_llm_process.py --host 127.0.0.1 --port P
+
+Serves `GET /v1/models` and `POST /v1/chat/completions` (one fixed template
+line), like the real server, until it is killed.
+"""
+
+import argparse
+import http.server
+import json
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--host", default="127.0.0.1")
+  parser.add_argument("--port", type=int, required=True)
+  args = parser.parse_args()
+
+  class Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *a):
+      pass
+
+    def _json(self, obj):
+      data = json.dumps(obj).encode()
+      self.send_response(200)
+      self.send_header("Content-Type", "application/json")
+      self.send_header("Content-Length", str(len(data)))
+      self.end_headers()
+      self.wfile.write(data)
+
+    def do_GET(self):  # noqa: N802
+      self._json({"object": "list", "data": [{"id": "fake", "object": "model"}]})
+
+    def do_POST(self):  # noqa: N802
+      self.rfile.read(int(self.headers.get("Content-Length") or 0))
+      self._json({"id": "x", "object": "chat.completion", "choices": [
+          {"index": 0, "finish_reason": "stop",
+           "message": {"role": "assistant", "content": '- "a fake photo of a {}."'}}],
+          "usage": {"prompt_tokens": 10, "completion_tokens": 5}})
+
+  http.server.ThreadingHTTPServer((args.host, args.port), Handler).serve_forever()
+
+
+if __name__ == "__main__":
+  main()
