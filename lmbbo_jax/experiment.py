@@ -355,7 +355,7 @@ def _llm_client(cfg: ExperimentConfig, workdir: pathlib.Path, local):
     logging.info("--llm=local: %d request(s) in flight (the server's capacity), not %d",
                  local.capacity, cfg.llm.max_concurrency)
   return build_client(llm, workdir, cache_identity=f"local-gguf:{local.gguf.sha256}",
-                      max_concurrency=local.capacity)
+                      max_concurrency=local.capacity, server_alive=local.exit_reason)
 
 
 async def _search_all(cfg: ExperimentConfig, workdir: pathlib.Path, runs: list[_SeedRun],

@@ -60,6 +60,10 @@ REPLY_FORMAT = flags.DEFINE_enum(
     "reply_format", "lines", ["lines", "json"],
     "How the LLM is asked to reply: lines ('- template' per line, official code) or json "
     "({\"templates\": [...]}, enforced by a schema where the server takes one).")
+MAX_TEMPLATE_WORDS = flags.DEFINE_integer(
+    "max_template_words", 14,
+    "Words besides {} per template: the LLM is asked for 'under N+1 words' (official code: "
+    "under 15) and --reply_format=json enforces it.")
 REJECTION_FEEDBACK = flags.DEFINE_bool(
     "rejection_feedback", True,
     "Tell the LLM which templates of its reply were rejected and why (not in the official "
@@ -164,7 +168,7 @@ flags.register_validator("seeds", lambda v: bool(v) and all(s.strip().lstrip("-"
 flags.register_validator("baselines", lambda v: all(b in KNOWN_BASELINES for b in v),
                          message=f"--baselines must be a subset of {','.join(KNOWN_BASELINES)}")
 for _name in ("n_restart", "n_reset", "n_iter", "m_new", "init_pool_size", "image_batch_size",
-              "llm_max_concurrency", "llm_n_ctx"):
+              "llm_max_concurrency", "llm_n_ctx", "max_template_words"):
   flags.register_validator(_name, lambda v: v is not None and v >= 1,
                            message=f"--{_name} must be >= 1")
 for _name in ("k_pos", "k_neg", "llm_max_retries", "m_ask"):
@@ -212,7 +216,8 @@ def experiment_config():
       show_scores=SHOW_SCORES.value, feedback=FEEDBACK.value,
       conversation=CONVERSATION.value, select_by=SELECT_BY.value,
       init_pool_size=INIT_POOL_SIZE.value, m_ask=M_ASK.value,
-      reply_format=REPLY_FORMAT.value, rejection_feedback=REJECTION_FEEDBACK.value)
+      reply_format=REPLY_FORMAT.value, rejection_feedback=REJECTION_FEEDBACK.value,
+      max_template_words=MAX_TEMPLATE_WORDS.value)
   llm = LLMConfig(
       base_url=LLM_BASE_URL.value, model=LLM_MODEL.value, api_key_env=LLM_API_KEY_ENV.value,
       temperature=LLM_TEMPERATURE.value, max_tokens=LLM_MAX_TOKENS.value,

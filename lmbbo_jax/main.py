@@ -19,6 +19,10 @@ flags.mark_flags_as_required(["dataset", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  import logging as std_logging
+  # One INFO line per HTTP request would bury the progress bars; details at -v 1.
+  std_logging.getLogger("httpx").setLevel(
+      std_logging.DEBUG if logging.get_verbosity() >= 1 else std_logging.WARNING)
   if lmbbo_flags.DISTRIBUTED.value:
     import jax  # Must be initialised before any other JAX call.
     jax.distributed.initialize(lmbbo_flags.COORDINATOR_ADDRESS.value,

@@ -307,8 +307,8 @@ def test_requests_per_minute_window_holds():
     starts = sorted(r.t_start for r in srv.requests)
     assert len(starts) == 7
     for i in range(len(starts) - 3):  # no 4 starts within one window
-      assert starts[i + 3] - starts[i] >= 0.5 - 0.05
-    assert client.ledger.summary()["queue_p95_s"] >= 0.5 - 0.05
+      assert starts[i + 3] - starts[i] >= 0.5 - 0.15
+    assert client.ledger.summary()["queue_p95_s"] >= 0.5 - 0.15
 
 
 def test_tokens_per_minute_window_holds():
@@ -329,7 +329,7 @@ def test_tokens_per_minute_window_holds():
     run(many())
     starts = sorted(r.t_start for r in srv.requests)
     for i in range(len(starts) - 2):  # 2 calls' tokens per window
-      assert starts[i + 2] - starts[i] >= 0.5 - 0.05
+      assert starts[i + 2] - starts[i] >= 0.5 - 0.15
 
 
 def test_server_ratelimit_headers_pause_new_requests():
@@ -350,7 +350,7 @@ def test_server_ratelimit_headers_pause_new_requests():
 
     run(two())
     a, b = srv.requests
-    assert b.t_start - a.t_end >= 0.6 - 0.05
+    assert b.t_start - a.t_end >= 0.6 - 0.15
     assert client.rate_limiter.server_holds >= 1
 
 
@@ -407,3 +407,14 @@ def test_base_url_with_credentials_is_not_stored(server, tmp_path):
   run(_chat(client))
   for f in glob.glob(str(tmp_path / "*" / "*.json")):
     assert b"pw-secret" not in open(f, "rb").read()
+
+
+def test_a_stopped_local_server_is_fatal_at_once():
+  with fake.FakeLLMServer() as srv:
+    url = srv.base_url
+  client = LLMClient(url, "m", max_retries=6, initial_backoff_s=0.2,
+                     server_alive=lambda: "the local server exited (code 1)")
+  start = time.monotonic()
+  with pytest.raises(LLMFatalError, match="exited"):
+    run(_chat(client))
+  assert time.monotonic() - start < 1.0  # no retry against a dead server

@@ -42,7 +42,7 @@ def _error_lines(stderr: str) -> list[str]:
 def test_there_is_a_flagfile_per_paper_dataset_plus_demo_and_smoke():
   names = {pathlib.Path(f).stem for f in FLAGFILES}
   assert {"caltech", "imagenet", "aircraft", "food", "pets", "cars", "sun", "ucf", "dtd",
-          "eurosat", "flowers", "demo", "smoke"} <= names
+          "eurosat", "flowers", "demo", "demo_edit", "smoke"} <= names
 
 
 @pytest.mark.parametrize("flagfile", FLAGFILES, ids=lambda f: pathlib.Path(f).stem)
@@ -66,7 +66,7 @@ def test_every_flagfile_parses_into_a_valid_config(flagfile):
     fv.unparse_flags()
   cfg.search.validate()
   assert cfg.workdir and cfg.dataset
-  if pathlib.Path(flagfile).stem not in ("demo", "smoke"):
+  if pathlib.Path(flagfile).stem not in ("demo", "demo_edit", "smoke"):
     assert cfg.shots == 1 and cfg.seeds == (1, 2, 3) and cfg.model == "RN50"
     assert cfg.search.select_by == "train" and cfg.search.feedback == "pos_neg"
     name = cfg.dataset.split(":", 1)[-1]

@@ -325,3 +325,36 @@ def test_dry_run_estimate():
   est = estimate(cfg, Ledger("gpt-4o-mini"))
   assert est["calls"] == 80
   assert est["prompt_tokens"] > 80 * 100 and est["cost_usd"] > 0
+
+
+def test_dry_run_counts_the_growth_of_multi_turn_prompts(tmp_path):
+  """The estimate matches what a multi-turn search really sends, turn by turn."""
+  from lmbbo_jax.search.optimizer import estimate_tokens
+  cfg = small_config(n_restart=2, n_reset=1, n_iter=6, m_new=2, k_pos=3, k_neg=3,
+                     show_scores=True)
+  with fake.FakeLLMServer(n_templates=2) as srv:
+    asyncio.run(llm_search(cfg, srv, tmp_path / "w", tmp_path / "c"))
+    sent = sum(estimate_tokens(m["content"]) for r in srv.requests
+               for m in r.body["messages"])
+    calls = len(srv.requests)
+  est = estimate(cfg, Ledger("gpt-4o-mini"), max_tokens=200)
+  assert est["calls"] == calls == 12
+  assert 0.75 <= est["prompt_tokens"] / sent <= 1.33
+  single = estimate(small_config(n_restart=2, n_reset=1, n_iter=6, m_new=2,
+                                 conversation="single_turn"), Ledger("gpt-4o-mini"))
+  assert est["prompt_tokens"] > 1.5 * single["prompt_tokens"]  # growth counted
+  assert est["prompt_tokens_worst"] > est["prompt_tokens"]
+  assert est["completion_tokens_worst"] == 12 * 200
+
+
+def test_a_chain_that_gives_up_says_why_and_per_chain_counts_add_up(server, tmp_path):
+  server.script([fake.reply("no templates here")] * 40)
+  cfg = small_config(n_restart=1, n_reset=1, n_iter=6, max_failed_attempts=2,
+                     max_skipped_iterations=2)
+  result = asyncio.run(llm_search(cfg, server, tmp_path / "w", tmp_path / "c"))
+  assert result.stop_reason == "format_failures"
+  assert result.chain_stop_reasons == {0: "format_failures"}
+  chain = result.counts["per_chain"]["0"]
+  assert chain["llm_calls"] == 4 and chain["skipped_iterations"] == 2
+  assert chain["valid_new"] == 0 and chain["valid_new_fraction"] == 0.0
+  assert chain["templates_requested"] == 4 * cfg.m_new

@@ -114,3 +114,29 @@ def test_sample_initial_pool_is_seeded():
   c = pool.sample_initial_pool(corpus, 20, random.Random(4))
   assert a == b and a != c and len(set(a)) == 20
   assert len(pool.sample_initial_pool(corpus[:5], 80, random.Random(0))) == 5
+
+
+def test_a_candidate_that_copies_the_instructions_is_rejected():
+  messages = [{"role": "user", "content": (
+      'Templates that work well:\n- "a photo of a {}."\n\nRequirements:\n- Each '
+      "template must contain {} where the class name goes and no other curly "
+      "braces.")}]
+  text = parsing.instruction_text(messages, ["a photo of a {}."])
+  assert "a photo of a {}." not in text
+  v = parsing.validate(["Each template must contain {} where the class name goes",
+                        "a sketch of a {}.", "a {}"], seen=set(), instructions=text)
+  assert v.valid == ["a sketch of a {}.", "a {}"]  # short ones are not echoes
+  assert parsing.reason_kind(v.rejections[0][1]) == "echo"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("a photo of a {class}.", "a photo of a {}."),
+    ("a [CLASS] at night", "a {} at night"),
+    ("a <class> from above", "a {} from above"),
+    ("a {{}} on a table", "a {} on a table"),
+    ("a { } in a field", "a {} in a field"),
+    ("the {Object}, close up", "the {}, close up"),
+    ("a {name} and a {0}", "a {name} and a {0}"),  # ambiguous: left for validate
+])
+def test_placeholder_variants_become_slots(text, expected):
+  assert parsing.normalize_placeholders(text) == expected

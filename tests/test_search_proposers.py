@@ -150,8 +150,8 @@ def test_llm_proposer_retries_until_a_valid_template():
   assert "could not find any template" in a1[-1]["content"]
   assert a2[:len(a1)] == a1 and len(a2) == len(a1) + 2
   retry = a2[-1]["content"]
-  assert '"a {} with {0.__class__}": uses braces other than {}' in retry
-  assert '"{name} of {}": uses braces other than {}' in retry
+  assert '"a {} with {0.__class__}": has braces with something inside' in retry
+  assert '"{name} of {}": has braces with something inside' in retry
   assert a3 == a2  # the failed call had no reply to answer
   assert out.messages == first  # the conversation history keeps the request
   assert out.requested == 3 * 2 and out.valid_candidates == 3

@@ -25,7 +25,7 @@ import hashlib
 import os
 import random
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
 import httpx
@@ -180,7 +180,9 @@ def prompt_token_bound(messages: Sequence[Mapping[str, str]]) -> int:
 
 def build_client(config: LLMConfig, workdir: str | os.PathLike, *,
                  cache_identity: str | None = None,
-                 max_concurrency: int | None = None) -> "LLMClient":
+                 max_concurrency: int | None = None,
+                 server_alive: Callable[[], str | None] | None = None
+                 ) -> "LLMClient":
   """An `LLMClient` with a ledger (usage log in workdir) and a response cache.
 
   `cache_identity` replaces the base URL in cache keys (the local server's
@@ -208,7 +210,7 @@ def build_client(config: LLMConfig, workdir: str | os.PathLike, *,
           ("json_object" if config.local else "json_schema")
           if config.structured == "auto" else config.structured),
       rate_limiter=RateLimiter(config.rpm, config.tpm),
-      cache_identity=cache_identity)
+      cache_identity=cache_identity, server_alive=server_alive)
 
 
 class _Fault(Exception):
@@ -295,6 +297,9 @@ class LLMClient:
       and later requests go without it.
     rate_limiter: a `RateLimiter` (requests/tokens per minute, server headers).
     cache_identity: names the endpoint in cache keys (default: base_url).
+    server_alive: for a server this process runs, returns None while it runs
+      and why it stopped otherwise; a connection fault to a stopped server is
+      fatal at once instead of being retried.
     ledger: usage ledger (a fresh one when None).
     cache: response cache (None: no caching).
     transport: an httpx transport (tests).
@@ -311,6 +316,7 @@ class LLMClient:
                cache: ResponseCache | None = None,
                structured: str = "off", rate_limiter: Any = None,
                cache_identity: str | None = None,
+               server_alive: Callable[[], str | None] | None = None,
                transport: httpx.AsyncBaseTransport | None = None):
     if not base_url:
       raise LLMError("LLMClient needs a base_url (--llm_base_url).")
@@ -342,6 +348,7 @@ class LLMClient:
     self.structured_refused: str | None = None
     self.rate_limiter = rate_limiter
     self.cache_identity = cache_identity or self.base_url
+    self.server_alive = server_alive
     self._transport = transport
     self._http: httpx.AsyncClient | None = None
     self._sem: asyncio.Semaphore | None = None
@@ -544,6 +551,10 @@ class LLMClient:
           server_s += time.monotonic() - t0
           last = fault
           self.ledger.count_fault(fault.kind)
+          gone = (self.server_alive() if self.server_alive is not None
+                  and fault.kind in ("connection", "timeout") else None)
+          if gone:
+            raise LLMFatalError(f"the LLM server stopped: {gone}") from None
         if attempt == self.max_retries:
           break
         wait = self._backoff(attempt, last.retry_after)

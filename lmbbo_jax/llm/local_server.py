@@ -259,6 +259,14 @@ class LocalLLMServer:
   def running(self) -> bool:
     return self.proc is not None and self.proc.poll() is None
 
+  def exit_reason(self) -> str | None:
+    """None while the server runs; else one line on how it ended."""
+    if self.running:
+      return None
+    code = self.proc.returncode if self.proc is not None else None
+    return (f"the local llama.cpp server exited (code {code}; {self._log_tail()}); "
+            "rerun with --resume to continue from what is saved")
+
   def stop(self, timeout_s: float = 5.0) -> None:
     """Stops the server's process group (SIGTERM, then SIGKILL); idempotent."""
     proc, self.proc = self.proc, None

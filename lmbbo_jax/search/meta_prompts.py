@@ -51,7 +51,7 @@ class MetaPrompts:
   Slots available: intro/task pieces get <<n_new>> (a number), <<templates_word>>
   ("template" or "templates"), <<score_note>>; lists get <<positives>>,
   <<negatives>>; items get <<template>>, <<score>>; feedback gets <<score>>,
-  <<reason>>, <<scored_list>>; rejection feedback gets <<rejected_list>> (of
+  <<reason>>, <<scored_list>>; requirements get <<max_words>>; rejection feedback gets <<rejected_list>> (of
   `rejected_item`s with <<template>> and <<reason>>) and <<requirements>>.
   """
 
@@ -124,7 +124,7 @@ DEFAULT_META_PROMPTS = MetaPrompts(
         "starting with \"- \".\n"
         "- Each template must contain {} where the class name goes and no "
         "other curly braces.\n"
-        "- Keep each template under 15 words and similar in structure to the "
+        "- Keep each template under <<max_words>> words and similar in structure to the "
         "examples."),
     item="- \"<<template>>\"",
     item_with_score="- \"<<template>>\" (accuracy <<score>>)",
@@ -148,7 +148,7 @@ DEFAULT_META_PROMPTS = MetaPrompts(
         "<<n_new>> new <<templates_word>>.\n"
         "- Each template must contain {} where the class name goes and no "
         "other curly braces.\n"
-        "- Keep each template under 15 words and similar in structure to the "
+        "- Keep each template under <<max_words>> words and similar in structure to the "
         "examples."),
     rejected_item="- \"<<template>>\": <<reason>>",
     rejected_block=("Some templates of your last reply could not be used:\n"
@@ -159,8 +159,9 @@ DEFAULT_META_PROMPTS = MetaPrompts(
                       "again.\n<<requirements>>"),
     rejection_words={
         "duplicate": "already tried, write a new one",
-        "no_slot": "no {} where the class name goes",
-        "format_field": "uses braces other than {}",
+        "no_slot": "the class-name slot is missing",
+        "format_field": "has braces with something inside",
+        "echo": "copies my instructions, not a template",
         "unbalanced_brace": "unbalanced braces",
         "too_long": "too long",
         "other": "not a usable template",

@@ -99,6 +99,9 @@ class SearchConfig:
     reply_format: "lines" (one per line, as the official code) or "json"
       (a {"templates": [...]} object, enforced by a schema where the
       server takes one).
+    max_template_words: words besides the slot that a template may have: the
+      meta-prompt asks for "under max_template_words + 1 words" (the official
+      code: under 15) and the JSON reply schema enforces it.
     rejection_feedback: tell the model which templates of its reply were
       rejected and why (in the retry of a failed reply and in the next
       multi-turn feedback). Not in the official code, which resends the same
@@ -124,11 +127,13 @@ class SearchConfig:
   m_ask: int = 0
   reply_format: str = "lines"
   rejection_feedback: bool = True
+  max_template_words: int = 14
 
   def validate(self) -> None:
     """Raises `SearchError` with a one-line fix for any bad value."""
     for name in ("n_restart", "n_reset", "n_iter", "m_new", "init_pool_size",
-                 "max_failed_attempts", "max_skipped_iterations"):
+                 "max_failed_attempts", "max_skipped_iterations",
+                 "max_template_words"):
       if getattr(self, name) < 1:
         raise SearchError(f"{name} must be at least 1 (got "
                           f"{getattr(self, name)}).")

@@ -237,6 +237,11 @@ def _line_candidates(line: str) -> list[str]:
         end = start + len(text) + 1
     return [c for c in (_clean(t) for t in out) if c]
   has_brace = "{" in body or "}" in body
+  if marker and not has_brace:
+    # A list item that forgot its slot: its quoted part, for the rejection.
+    plain = re.match(r"^[\"“‘`']([^\"”’`']+)[\"”’`']", body)
+    if plain:
+      return [_clean(plain.group(1))]
   fully_quoted = len(body) >= 2 and body[0] in _QUOTES and body[-1] in _QUOTES
   if not has_brace and not (marker or fully_quoted):
     return []  # prose
@@ -278,7 +283,8 @@ class Validation:
 def validate(candidates: Iterable[str], *, seen: set[str],
              context_check: Callable[[str], str | None] | None = None,
              max_new: int | None = None,
-             max_chars: int = DEFAULT_MAX_CHARS) -> Validation:
+             max_chars: int = DEFAULT_MAX_CHARS,
+             instructions: str | None = None) -> Validation:
   """Splits candidates into scorable templates and (template, reason) pairs.
 
   Args:
@@ -288,12 +294,17 @@ def validate(candidates: Iterable[str], *, seen: set[str],
     max_new: keep at most this many valid templates (the rest are rejected
       with reason "more than m_new templates").
     max_chars: longest accepted template.
+    instructions: the request's own wording (its listed templates removed,
+      see `instruction_text`); a candidate found in it is the model echoing
+      the instructions ("Each template must contain {} where ..."), not a
+      template.
 
   Returns:
     A `Validation`.
   """
   result = Validation()
   local: set[str] = set()
+  echo_text = tpl.normalize(instructions) if instructions else ""
   for cand in candidates:
     reason = tpl.invalid_reason(cand)
     if reason is None and len(cand) > max_chars:
@@ -301,6 +312,8 @@ def validate(candidates: Iterable[str], *, seen: set[str],
     key = tpl.normalize(cand) if reason is None else None
     if reason is None and (key in seen or key in local):
       reason = "duplicate of an evaluated template"
+    if reason is None and echo_text and len(key) > 8 and key in echo_text:
+      reason = "copies the instructions"
     if reason is None and context_check is not None:
       reason = context_check(cand)
     if reason is None and max_new is not None and len(result.valid) >= max_new:
@@ -313,8 +326,18 @@ def validate(candidates: Iterable[str], *, seen: set[str],
   return result
 
 
+def instruction_text(messages: Iterable[dict], listed: Iterable[str]) -> str:
+  """The user turns of a request with the `listed` templates cut out."""
+  text = "\n".join(m["content"] for m in messages if m.get("role") == "user")
+  for t in sorted(set(listed), key=len, reverse=True):
+    text = text.replace(t, " ")
+  return text
+
+
 def reason_kind(reason: str) -> str:
   """A short, countable category for a rejection reason."""
+  if reason.startswith("copies the instructions"):
+    return "echo"
   if reason.startswith("format field"):
     return "format_field"
   if reason.startswith("duplicate"):

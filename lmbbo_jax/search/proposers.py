@@ -31,22 +31,29 @@ CONVERSATIONS = ("single_turn", "multi_turn")
 REPLY_FORMATS = ("lines", "json")
 
 
-# One `{}`, no quote, backslash, other brace or line break, at most 100
-# characters on either side (a bounded grammar cannot run away).
-_TEMPLATE_PATTERN = '^[^"\\\\{}\\n\\r]{0,100}\\{\\}[^"\\\\{}\\n\\r]{0,100}$'
+# A template as words around one `{}`, an optional full stop at the end. No
+# quote or backslash can occur, so llama.cpp's grammar cannot swallow the JSON
+# around the string, and a small model cannot fill it with symbols or URLs.
+_WORD = "[A-Za-z][A-Za-z'-]{0,19}"  # a word of at most 20 letters
 
 
-def reply_schema(n: int) -> dict:
-  """JSON schema of a reply holding exactly `n` templates with one `{}` each.
+def template_pattern(max_words: int) -> str:
+  """A regex for templates of at most `max_words` words besides the slot.
 
-  The pattern excludes `"` and `\\`: llama.cpp turns it into a grammar, and a
-  string allowed to hold a quote could swallow the rest of the JSON.
+  The bound is joint (words before plus words after), spelled out as one
+  alternative per split so that a grammar built from it enforces it.
   """
+  splits = "|".join(f"({_WORD},? ){{{before}}}[{{][}}](,? {_WORD}){{0,{max_words - before}}}"
+                    for before in range(max_words + 1))
+  return f"^({splits})[.]?$"
+
+
+def reply_schema(n: int, max_words: int = 14) -> dict:
+  """JSON schema of a reply holding exactly `n` templates (see `template_pattern`)."""
   return {"type": "object",
           "properties": {"templates": {
               "type": "array", "minItems": n, "maxItems": n,
-              "items": {"type": "string",
-                        "pattern": _TEMPLATE_PATTERN}}},
+              "items": {"type": "string", "pattern": template_pattern(max_words)}}},
           "required": ["templates"], "additionalProperties": False}
 
 
@@ -54,7 +61,7 @@ def _plural(n: int) -> str:
   return "template" if n == 1 else "templates"
 
 
-def _count_values(m: int) -> dict[str, str]:
+def _count_values(m: int) -> dict[str, str]:  # noqa: D103
   """Slot values for how many templates are asked for ("one template")."""
   return {"n_new": "one" if m == 1 else str(m), "templates_word": _plural(m)}
 
@@ -119,9 +126,14 @@ class LLMProposer:
   def json_replies(self) -> bool:
     return getattr(self.config, "reply_format", "lines") == "json"
 
+  @property
+  def max_words(self) -> int:
+    return getattr(self.config, "max_template_words", 14)
+
   def requirements(self) -> str:
     return mp.render(self.mp.requirements_json if self.json_replies
-                     else self.mp.requirements, _count_values(self.n_ask))
+                     else self.mp.requirements,
+                     {**_count_values(self.n_ask), "max_words": str(self.max_words + 1)})
 
   def first_turn(self, state: ChainState) -> str:
     """The first user message of a conversation (or the single-turn message)."""
@@ -227,8 +239,9 @@ class LLMProposer:
     """
     messages = self.build_messages(state)
     out = Proposal(templates=[], messages=messages)
-    schema = reply_schema(self.n_ask) if self.json_replies else None
+    schema = reply_schema(self.n_ask, self.max_words) if self.json_replies else None
     feedback_on = getattr(self.config, "rejection_feedback", True)
+    instructions = parsing.instruction_text(messages, (r.template for r in state.pool))
     request = messages
     for attempt in range(self.config.max_failed_attempts):
       entry = {"kind": "attempt", "chain": state.chain,
@@ -256,12 +269,12 @@ class LLMProposer:
       check = parsing.validate(
           parsing.extract_candidates(result.text), seen=state.seen,
           context_check=state.context_check, max_new=self.config.m_new,
-          max_chars=self.config.max_template_chars)
+          max_chars=self.config.max_template_chars, instructions=instructions)
       extra = sum(1 for _, r in check.rejections
                   if parsing.reason_kind(r) == "extra")
       out.valid_candidates += len(check.valid) + extra
       for cand, reason in check.rejections:
-        logging.info("%s chain %d r%d i%d: rejected %r: %s", state.label,
+        logging.debug("%s chain %d r%d i%d: rejected %r: %s", state.label,
                      state.chain, state.reset, state.iteration, cand, reason)
       out.rejections.extend(check.rejections)
       state.log_transcript({
@@ -281,7 +294,7 @@ class LLMProposer:
                                 if parsing.reason_kind(r) != "extra"]
         return out
       out.failed_attempts += 1
-      logging.info("%s chain %d r%d i%d attempt %d: reply had no valid "
+      logging.debug("%s chain %d r%d i%d attempt %d: reply had no valid "
                    "template.", state.label, state.chain, state.reset,
                    state.iteration, attempt)
       if feedback_on:
