@@ -354,7 +354,9 @@ def _llm_client(cfg: ExperimentConfig, workdir: pathlib.Path, local):
   if cfg.llm.max_concurrency != local.capacity:
     logging.info("--llm=local: %d request(s) in flight (the server's capacity), not %d",
                  local.capacity, cfg.llm.max_concurrency)
-  return build_client(llm, workdir, cache_identity=f"local-gguf:{local.gguf.sha256}",
+  # The chat format changes what the model reads, so it is part of the identity.
+  identity = f"local-gguf:{local.gguf.sha256}:chat-format:{local.chat_format or 'gguf'}"
+  return build_client(llm, workdir, cache_identity=identity,
                       max_concurrency=local.capacity, server_alive=local.exit_reason)
 
 
@@ -392,12 +394,17 @@ async def _search_all(cfg: ExperimentConfig, workdir: pathlib.Path, runs: list[_
                                     progress=progress, stop_event=stop, ledger=ledger,
                                     label=f"seed {run.seed}")
 
+  tasks = [asyncio.create_task(one(r)) for r in runs]
   try:
-    await asyncio.gather(*(one(r) for r in runs))
+    await asyncio.gather(*tasks)
   except LLMFatalError as e:
     raise ExperimentError(f"the LLM endpoint refused for good: {e} (everything evaluated so "
                           "far is in the workdir; fix the cause and rerun with --resume)") from e
   finally:
+    # One seed's fatal error stops the others before the client is closed.
+    for t in tasks:
+      t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     bar.close()
     uninstall()
     intervals = []
@@ -428,7 +435,8 @@ def _dry_run(cfg: ExperimentConfig) -> dict:
   n = len(cfg.seeds)
   est = {k: (v * n if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
          for k, v in per_seed.items()}  # tokens_per_turn stays per turn
-  est.update(seeds=n, model=cfg.llm.model, proposer=cfg.proposer_kind)
+  est.update(seeds=n, model="local" if cfg.llm.local else cfg.llm.model,
+             proposer=cfg.proposer_kind)
   return {"dry_run": est}
 
 
@@ -465,8 +473,7 @@ def _proposer_accounting(runs: list[_SeedRun]) -> dict:
       valid_new_per_call=round(total["valid_new"] / calls, 3) if calls else None,
       valid_new_fraction=(round(total["valid_new"] / total["templates_requested"], 4)
                           if total["templates_requested"] else None),
-      latency_s_total=round(latency_s, 3), queue_s_total=round(queue_s, 3),
-      server_s_total=round(latency_s - queue_s, 3))
+      latency_s_total=round(latency_s, 3), queue_s_total=round(queue_s, 3))
   return total
 
 

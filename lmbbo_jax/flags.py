@@ -171,6 +171,9 @@ for _name in ("n_restart", "n_reset", "n_iter", "m_new", "init_pool_size", "imag
               "llm_max_concurrency", "llm_n_ctx", "max_template_words"):
   flags.register_validator(_name, lambda v: v is not None and v >= 1,
                            message=f"--{_name} must be >= 1")
+for _name in ("llm_rpm", "llm_tpm"):
+  flags.register_validator(_name, lambda v: v is None or v >= 1,
+                           message=f"--{_name} must be >= 1 (or unset for no limit)")
 for _name in ("k_pos", "k_neg", "llm_max_retries", "m_ask"):
   flags.register_validator(_name, lambda v: v is not None and v >= 0,
                            message=f"--{_name} must be >= 0")

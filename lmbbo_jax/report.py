@@ -203,7 +203,7 @@ def _proposer_section(results: dict) -> list[str]:
             f"{str(local.get('gguf_sha256', ''))[:12]})"
   out = ["", f"## LLM proposer: {model}", "",
          "| seed | chain | stop reason | calls | valid new / requested | valid per call "
-         "| rejections | cut at max_tokens | queue s | server s |",
+         "| rejections | cut at max_tokens | queue s | server s (retry waits incl.) |",
          "|---|---|---|---|---|---|---|---|---|---|"]
 
   def row(seed, chain, stop, c):

@@ -418,3 +418,15 @@ def test_a_stopped_local_server_is_fatal_at_once():
   with pytest.raises(LLMFatalError, match="exited"):
     run(_chat(client))
   assert time.monotonic() - start < 1.0  # no retry against a dead server
+
+
+def test_a_request_larger_than_tpm_waits_for_an_empty_window():
+  from lmbbo_jax.llm.ratelimit import RateLimiter
+  now = [0.0]
+  limiter = RateLimiter(tpm=100, window_s=10.0, clock=lambda: now[0])
+  assert limiter._wait_needed(now[0], 30) == 0
+  limiter._starts.append((0.0, 30))
+  now[0] = 4.0
+  assert limiter._wait_needed(now[0], 500) == pytest.approx(6.0)  # until empty
+  assert limiter._wait_needed(now[0], 60) == 0  # 30 + 60 fits
+  assert limiter._wait_needed(now[0], 80) == pytest.approx(6.0)

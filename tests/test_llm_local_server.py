@@ -164,3 +164,36 @@ def test_the_main_job_leaves_no_server_when_interrupted_or_killed(tmp_path, sig)
       assert results["llm"]["local"]["gguf_sha256"] == gguf_info(default_gguf()).sha256
   finally:
     job.kill()
+
+
+@pytest.mark.parametrize("supervise", [False, True], ids=["pdeathsig", "supervisor"])
+def test_the_launcher_kills_its_command_when_the_parent_dies(tmp_path, supervise):
+  """Both ways of `lmbbo_jax.llm.launch`: the kernel's and the polling supervisor's."""
+  pid_file = tmp_path / "pid"
+  child_py = tmp_path / "child.py"
+  child_py.write_text(f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+                      "time.sleep(600)\n")
+  # A parent that launches the child through the launcher, then waits to be killed.
+  parent_py = tmp_path / "parent.py"
+  parent_py.write_text(
+      "import os, subprocess, sys, time\n"
+      "subprocess.Popen([sys.executable, '-m', 'lmbbo_jax.llm.launch', str(os.getpid()), '--',"
+      f" sys.executable, {str(child_py)!r}])\n"
+      "time.sleep(600)\n")
+  code = str(parent_py)
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  if supervise:
+    env["LMBBO_LAUNCH_SUPERVISE"] = "1"
+  parent = subprocess.Popen([sys.executable, code], env=env)
+  try:
+    end = time.monotonic() + 30
+    while not (pid_file.exists() and pid_file.read_text()):
+      assert time.monotonic() < end, "the command never started"
+      time.sleep(0.1)
+    child = int(pid_file.read_text())
+    assert _alive(child)
+    parent.kill()
+    parent.wait(10)
+    assert _wait_gone(child, 10), "the command outlived its parent"
+  finally:
+    parent.kill()

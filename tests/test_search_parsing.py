@@ -140,3 +140,13 @@ def test_a_candidate_that_copies_the_instructions_is_rejected():
 ])
 def test_placeholder_variants_become_slots(text, expected):
   assert parsing.normalize_placeholders(text) == expected
+
+
+@pytest.mark.parametrize("reply,expected", [
+    ('- "Photo" of a {} in the wild', ['"Photo" of a {} in the wild']),
+    ('- "A template with no slot" : no {} where the class name goes',
+     ["A template with no slot"]),
+    ("- a \x000\x00 {} here", ["a 0 {} here"]),
+])
+def test_quoted_heads_and_control_bytes(reply, expected):
+  assert parsing.extract_candidates(reply) == expected

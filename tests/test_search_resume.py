@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import orjson
+import pytest
 
 import fake_llm_server as fake
 
@@ -105,3 +106,20 @@ def test_sigterm_stops_cleanly(tmp_path):
   assert summary["stop_reason"] == "signal"
   assert len(rows(tmp_path / "w")) > 20
   assert "SIGTERM received" in err
+
+
+def test_a_run_stored_before_new_settings_existed_still_resumes(tmp_path):
+  """Keys missing from an older search_config.json compare to their defaults."""
+  import json
+  from lmbbo_jax.search import SearchConfig
+  from lmbbo_jax.search.runlog import RunLog
+  cfg = SearchConfig().to_dict()
+  old = {k: v for k, v in cfg.items() if k not in ("m_ask", "reply_format",
+                                                 "rejection_feedback",
+                                                 "max_template_words")}
+  (tmp_path / "search_config.json").write_text(json.dumps(old))
+  with RunLog(tmp_path, resume=True, fsync=False) as log:
+    log.check_config(cfg, defaults=SearchConfig().to_dict())
+    changed = dict(cfg, reply_format="json")
+    with pytest.raises(Exception, match="reply_format"):
+      log.check_config(changed, defaults=SearchConfig().to_dict())

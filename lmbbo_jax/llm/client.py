@@ -162,8 +162,10 @@ _STRUCTURED_REFUSAL_MARKERS = ("response_format", "json_schema", "json_object",
 # Error text that names the request itself as invalid: retrying cannot help,
 # even when the server (as llama-cpp-python does) answers it with a 5xx.
 _INVALID_REQUEST_MARKERS = ("input should be", "validation error",
-                            "invalid request", "not supported", "unsupported",
                             "extra inputs are not permitted")
+# A request longer than the model's context: a fatal 4xx with its own hint.
+_CONTEXT_MARKERS = ("context length", "context window", "maximum context",
+                    "exceeds the context", "n_ctx", "too many tokens")
 # Completion cap assumed for the budget when none is sent (reasoning models).
 UNCAPPED_COMPLETION_BOUND = 16384
 
@@ -210,7 +212,8 @@ def build_client(config: LLMConfig, workdir: str | os.PathLike, *,
           ("json_object" if config.local else "json_schema")
           if config.structured == "auto" else config.structured),
       rate_limiter=RateLimiter(config.rpm, config.tpm),
-      cache_identity=cache_identity, server_alive=server_alive)
+      cache_identity=cache_identity, server_alive=server_alive,
+      trust_env=server_alive is None)
 
 
 class _Fault(Exception):
@@ -300,6 +303,8 @@ class LLMClient:
     server_alive: for a server this process runs, returns None while it runs
       and why it stopped otherwise; a connection fault to a stopped server is
       fatal at once instead of being retried.
+    trust_env: read proxy settings from the environment (False for a server
+      on loopback, which a proxy cannot reach).
     ledger: usage ledger (a fresh one when None).
     cache: response cache (None: no caching).
     transport: an httpx transport (tests).
@@ -317,6 +322,7 @@ class LLMClient:
                structured: str = "off", rate_limiter: Any = None,
                cache_identity: str | None = None,
                server_alive: Callable[[], str | None] | None = None,
+               trust_env: bool = True,
                transport: httpx.AsyncBaseTransport | None = None):
     if not base_url:
       raise LLMError("LLMClient needs a base_url (--llm_base_url).")
@@ -349,6 +355,7 @@ class LLMClient:
     self.rate_limiter = rate_limiter
     self.cache_identity = cache_identity or self.base_url
     self.server_alive = server_alive
+    self.trust_env = trust_env
     self._transport = transport
     self._http: httpx.AsyncClient | None = None
     self._sem: asyncio.Semaphore | None = None
@@ -359,7 +366,7 @@ class LLMClient:
     # Created lazily inside the running loop: httpx/asyncio objects bind to it.
     if self._http is None:
       self._http = httpx.AsyncClient(
-          transport=self._transport,
+          transport=self._transport, trust_env=self.trust_env,
           limits=httpx.Limits(max_connections=self.max_concurrency,
                               max_keepalive_connections=self.max_concurrency),
           timeout=httpx.Timeout(self.timeout_s,
@@ -464,22 +471,26 @@ class LLMClient:
                           structured=hit.get("structured"))
     prompt_bound = prompt_token_bound(messages)
     completion_bound = params.get("max_tokens") or UNCAPPED_COMPLETION_BOUND
-    # Raises LLMBudgetExceeded before anything is sent.
-    reserved = self.ledger.reserve(self.ledger.cost_of(prompt_bound,
-                                                       completion_bound))
     start = time.monotonic()
-    try:
-      answer = await self._post_with_retries(
-          params, messages, response_schema, call_id, start,
-          prompt_bound + completion_bound)
-    except LLMRetriesExhausted as e:
-      self.ledger.record_failure(call_id=call_id, chain_id=chain_id,
-                                 kind=e.last_fault or "error",
-                                 reserved_usd=reserved)
-      raise
-    except BaseException:
-      self.ledger.release(reserved)
-      raise
+    http = self._ensure_http()
+    assert self._sem is not None
+    async with self._sem:
+      # The worst case is reserved once the call holds a slot (calls waiting for
+      # one hold nothing); raises LLMBudgetExceeded before anything is sent.
+      reserved = await self._reserve(self.ledger.cost_of(prompt_bound,
+                                                         completion_bound))
+      try:
+        answer = await self._post_with_retries(
+            http, params, messages, response_schema, call_id, start,
+            prompt_bound + completion_bound)
+      except LLMRetriesExhausted as e:
+        self.ledger.record_failure(call_id=call_id, chain_id=chain_id,
+                                   kind=e.last_fault or "error",
+                                   reserved_usd=reserved)
+        raise
+      except BaseException:
+        self.ledger.release(reserved)
+        raise
     latency = time.monotonic() - start
     self.ledger.record_call(
         call_id=call_id, chain_id=chain_id, usage=answer.usage,
@@ -502,69 +513,85 @@ class LLMClient:
                       finish_reason=answer.finish_reason,
                       queue_s=answer.queue_s, structured=answer.structured)
 
-  async def _post_with_retries(self, params: dict, messages: list[dict],
+  async def _reserve(self, cost_bound_usd: float) -> float:
+    """Reserves a call's worst case; waits while only calls in flight block it."""
+    while True:
+      try:
+        return self.ledger.reserve(cost_bound_usd)
+      except LLMBudgetExceeded as e:
+        if not (e.reason == "budget" and self.ledger.reserved_usd > 0
+                and self.ledger.fits_when_settled(cost_bound_usd)):
+          raise
+      await asyncio.sleep(0.05)  # a call in flight settles below its bound
+
+  async def _post_with_retries(self, http: httpx.AsyncClient, params: dict,
+                               messages: list[dict],
                                schema: Mapping[str, Any] | None, call_id: str,
                                start: float, tokens_bound: int) -> "_Answer":
-    http = self._ensure_http()
-    assert self._sem is not None
-    deadline = start + self.deadline_s
+    """The attempts of one call; the caller holds a slot and a reservation.
+
+    The deadline counts from the moment the call holds its slot, so time spent
+    queueing behind other calls is never charged to it.
+    """
     last: _Fault | None = None
     attempts = 0
     server_s = 0.0
-    async with self._sem:
-      if self.rate_limiter is not None:
-        await self.rate_limiter.acquire(tokens_bound)
-      queue_s = time.monotonic() - start
-      attempt = 0
-      while attempt <= self.max_retries:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-          break
-        fmt = self.response_format(schema)
-        body = {"model": self.model, "messages": messages, **params}
-        if fmt is not None:
-          body["response_format"] = fmt
-        attempts += 1
-        t0 = time.monotonic()
-        try:
-          answer = await self._post_once(http, orjson.dumps(body),
-                                         min(self.timeout_s, remaining))
-          server_s += time.monotonic() - t0
-          answer.queue_s, answer.server_s = queue_s, server_s
-          answer.structured = fmt["type"] if fmt else None
-          return answer
-        except LLMFatalError as e:
-          server_s += time.monotonic() - t0
-          if fmt is None or not _names_structured_output(str(e)):
-            raise
-          # The server does not take this response_format: decided once per
-          # run, and the same call goes again as free text (not a retry).
-          if not self.structured_refused:
-            self.structured_refused = (
-                f"{fmt['type']} refused (HTTP {e.status}); free-text replies from "
-                "now on")
-            logging.warning("LLM endpoint %s: %s.", redact_url(self.url),
-                            self.structured_refused)
-          self.ledger.count_fault("structured_refused")
-          continue
-        except _Fault as fault:
-          server_s += time.monotonic() - t0
-          last = fault
-          self.ledger.count_fault(fault.kind)
-          gone = (self.server_alive() if self.server_alive is not None
-                  and fault.kind in ("connection", "timeout") else None)
-          if gone:
-            raise LLMFatalError(f"the LLM server stopped: {gone}") from None
-        if attempt == self.max_retries:
-          break
-        wait = self._backoff(attempt, last.retry_after)
-        if time.monotonic() + wait >= deadline:
-          break
-        logging.warning("LLM call %s attempt %d failed (%s: %s); retrying in "
-                        "%.2f s.", call_id, attempt + 1, last.kind,
-                        last.detail, wait)
-        await asyncio.sleep(wait)
-        attempt += 1
+    queue_s = time.monotonic() - start
+    deadline = time.monotonic() + self.deadline_s
+    attempt = 0
+    while attempt <= self.max_retries:
+      if self.rate_limiter is not None:  # every attempt, retries included
+        waited = await self.rate_limiter.acquire(tokens_bound)
+        queue_s += waited
+        deadline += waited
+      remaining = deadline - time.monotonic()
+      if remaining <= 0:
+        break
+      fmt = self.response_format(schema)
+      body = {"model": self.model, "messages": messages, **params}
+      if fmt is not None:
+        body["response_format"] = fmt
+      attempts += 1
+      t0 = time.monotonic()
+      try:
+        answer = await self._post_once(http, orjson.dumps(body),
+                                       min(self.timeout_s, remaining))
+        server_s += time.monotonic() - t0
+        answer.queue_s, answer.server_s = queue_s, server_s
+        answer.structured = fmt["type"] if fmt else None
+        return answer
+      except LLMFatalError as e:
+        server_s += time.monotonic() - t0
+        if fmt is None or not _names_structured_output(str(e)):
+          raise
+        # The server does not take this response_format: decided once per
+        # run, and the same call goes again as free text (not a retry).
+        if not self.structured_refused:
+          self.structured_refused = (
+              f"{fmt['type']} refused (HTTP {e.status}); free-text replies from "
+              "now on")
+          logging.warning("LLM endpoint %s: %s.", redact_url(self.url),
+                          self.structured_refused)
+        self.ledger.count_fault("structured_refused")
+        continue
+      except _Fault as fault:
+        server_s += time.monotonic() - t0
+        last = fault
+        self.ledger.count_fault(fault.kind)
+        gone = (self.server_alive() if self.server_alive is not None
+                and fault.kind in ("connection", "timeout") else None)
+        if gone:
+          raise LLMFatalError(gone) from None
+      if attempt == self.max_retries:
+        break
+      wait = self._backoff(attempt, last.retry_after)
+      if time.monotonic() + wait >= deadline:
+        break
+      logging.warning("LLM call %s attempt %d failed (%s: %s); retrying in "
+                      "%.2f s.", call_id, attempt + 1, last.kind,
+                      last.detail, wait)
+      await asyncio.sleep(wait)
+      attempt += 1
     kind = last.kind if last else "deadline"
     detail = last.detail if last else "no attempt fitted in the deadline"
     raise LLMRetriesExhausted(
@@ -613,6 +640,9 @@ class LLMClient:
       raise _Fault(f"http_{status}", detail, _retry_after_s(resp.headers))
     hint = _FATAL_HINTS.get(status, "the server refused the request as invalid"
                             if invalid else "the server refused the request")
+    if msg is not None and any(m in msg.lower() for m in _CONTEXT_MARKERS):
+      hint = ("the conversation no longer fits the model's context; raise "
+              "--llm_n_ctx (local server) or lower --n_iter / --k_pos / --k_neg")
     raise LLMFatalError(
         f"LLM endpoint {redact_url(self.url)} answered {detail}; "
         f"{hint.format(env=self.api_key_env)}.", status=status,

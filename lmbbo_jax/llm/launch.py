@@ -5,9 +5,10 @@
 On Linux the kernel does the work: `prctl(PR_SET_PDEATHSIG, SIGKILL)` is set
 and the command is exec'd in place, so it is killed the moment its parent dies,
 even by SIGKILL (no Python code of the parent runs then). Elsewhere this
-process stays as a supervisor: it runs the command in its own process group and
-kills that group when the parent is gone (polled twice a second) or when it is
-itself asked to stop.
+process stays as a supervisor: it runs the command in its own process group
+(the one its starter made) and kills it when the parent is gone (polled twice
+a second) or when it is itself asked to stop (also used on Linux when LMBBO_LAUNCH_SUPERVISE=1 is set,
+so that this path is tested everywhere).
 """
 
 from __future__ import annotations
@@ -36,27 +37,28 @@ def _set_parent_death_signal() -> bool:
 
 
 def _supervise(parent_pid: int, command: list[str]) -> int:
-  child = subprocess.Popen(command, start_new_session=True)
+  """Runs `command` in this process's group until the parent is gone.
+
+  The command stays in the supervisor's process group (the one its starter
+  made), so a `killpg` of that group reaches both; the handlers are installed
+  before the command starts, so a stop request can never leave it behind.
+  """
+  child: subprocess.Popen | None = None
 
   def stop(*_):
-    _kill_group(child.pid)
+    if child is not None and child.poll() is None:
+      child.kill()
     sys.exit(0)
 
   signal.signal(signal.SIGTERM, stop)
   signal.signal(signal.SIGINT, stop)
+  child = subprocess.Popen(command)
   while child.poll() is None:
     if os.getppid() != parent_pid:
-      _kill_group(child.pid)
+      child.kill()
       break
     time.sleep(0.5)
   return child.wait()
-
-
-def _kill_group(pid: int) -> None:
-  try:
-    os.killpg(pid, signal.SIGKILL)
-  except (ProcessLookupError, PermissionError):
-    pass
 
 
 def main(argv: list[str]) -> int:
@@ -65,7 +67,7 @@ def main(argv: list[str]) -> int:
           file=sys.stderr)
     return 2
   parent_pid, command = int(argv[0]), argv[2:]
-  if _set_parent_death_signal():
+  if not os.environ.get("LMBBO_LAUNCH_SUPERVISE") and _set_parent_death_signal():
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
       return 1
     os.execvp(command[0], command)

@@ -160,6 +160,16 @@ class Ledger:
     self._reserved_usd += cost_bound_usd
     return cost_bound_usd
 
+  @property
+  def reserved_usd(self) -> float:
+    """Worst-case cost held by calls in flight."""
+    return self._reserved_usd
+
+  def fits_when_settled(self, cost_bound_usd: float) -> bool:
+    """Whether a call of this bound fits once the calls in flight settle."""
+    return (self.budget_usd is None
+            or self.cost_usd + cost_bound_usd <= self.budget_usd)
+
   def release(self, reserved_usd: float = 0.0) -> None:
     """Returns a reservation (the call ended without a paid answer)."""
     self._reserved = max(0, self._reserved - 1)

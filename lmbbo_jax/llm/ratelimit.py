@@ -1,10 +1,11 @@
 """Requests-per-minute and tokens-per-minute limits, and the server's own.
 
 `RateLimiter.acquire(tokens)` waits until a request may start: at most `rpm`
-request starts and at most `tpm` tokens (the request's prompt bound plus its
-completion cap, as OpenAI counts them) in any sliding window of `window_s`
-seconds. A single request larger than `tpm` still starts once the window is
-empty (it could never start otherwise).
+request starts and at most `tpm` tokens in any sliding window of `window_s`
+seconds. A request counts its prompt's token bound (its UTF-8 bytes, an upper
+bound, so the limit errs on the safe side) plus its completion cap, which
+OpenAI also counts against a token limit. A single request larger than `tpm`
+starts once the window is empty (it could never start otherwise).
 
 `observe(headers)` reads OpenAI-style `x-ratelimit-remaining-requests` /
 `-tokens` and `x-ratelimit-reset-requests` / `-tokens` ("1s", "6m0s", "20ms"):
@@ -86,9 +87,10 @@ class RateLimiter:
     if self.tpm is not None and self._starts:
       used = sum(t for _, t in self._starts)
       if used + tokens > self.tpm:
-        # Wait until enough of the window has expired.
+        if tokens > self.tpm:  # too large for any window: wait for an empty one
+          return max(wait, self._starts[-1][0] + self.window_s - now)
         need, freed = used + tokens - self.tpm, 0
-        for start, t in self._starts:
+        for start, t in self._starts:  # until enough of the window has expired
           freed += t
           if freed >= need:
             wait = max(wait, start + self.window_s - now)

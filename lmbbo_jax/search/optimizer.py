@@ -513,7 +513,8 @@ async def run_search(config: SearchConfig, scorer: Any,
     SearchError: bad configuration or a resume that diverges.
   """
   config.validate()
-  runlog.check_config(config.to_dict(), may_change=_RESUMABLE_CHANGES)
+  runlog.check_config(config.to_dict(), may_change=_RESUMABLE_CHANGES,
+                      defaults=SearchConfig().to_dict())
   corpus = pool_lib.builtin_corpus() if corpus is None else corpus
   search = _Search(config, scorer, proposer_factory, runlog, corpus, progress,
                    label=label)

@@ -83,7 +83,10 @@ _QUOTES = "\"'“”‘’`«»"
 _SEPARATORS = (" - ", " – ", " — ", " -- ", ": ", " | ", "\t", " → ", " => ")
 _SCORE_RE = re.compile(
     r"\s*[\(\[]\s*(?:(?:accuracy|acc|score|train|test)\b[^()\[\]]*|~?\d+(?:\.\d+)?\s*%[^()\[\]]*)[\)\]]\s*$"
-    r"|\s*[-–—:,]?\s*(?:accuracy|acc|score)?\s*[:=]?\s*\d+(?:\.\d+)?\s*%\s*$", re.I)
+    r"|\s*[-–—:,]?\s*(?:accuracy|acc|score)?\s*[:=]?\s*\d+(?:\.\d+)?\s*%"
+    r"(?:\s*(?:accuracy|acc))?\s*$", re.I)
+_INNER_SCORE_RE = re.compile(r"\s*\((?:accuracy|acc|score)\b[^()]*\)|\s*\(~?\d+(?:\.\d+)?\s*%\)",
+                             re.I)
 _TRAILING_PAREN_RE = re.compile(r"\s*\(([^(){}]*)\)\s*$")
 # A new sentence after the slot's sentence ("a {}. This one ..." ).
 _NEW_SENTENCE_RE = re.compile(r"(?<=[.!?])\s+(?=[A-Z(])")
@@ -203,7 +206,7 @@ def _cut_explanation(body: str) -> str:
         body, changed = right, True
       if changed:
         break
-  body = _SCORE_RE.sub("", body)
+  body = _SCORE_RE.sub("", _INNER_SCORE_RE.sub("", body))
   paren = _TRAILING_PAREN_RE.search(body)
   if paren and tpl.SLOT in body[:paren.start()]:
     inner = paren.group(1).strip()
@@ -237,11 +240,11 @@ def _line_candidates(line: str) -> list[str]:
         end = start + len(text) + 1
     return [c for c in (_clean(t) for t in out) if c]
   has_brace = "{" in body or "}" in body
-  if marker and not has_brace:
-    # A list item that forgot its slot: its quoted part, for the rejection.
-    plain = re.match(r"^[\"“‘`']([^\"”’`']+)[\"”’`']", body)
-    if plain:
-      return [_clean(plain.group(1))]
+  plain = re.match(r"^[\"“‘`']([^\"”’`']+)[\"”’`']\s*(?:$|[:(|,–—-])", body)
+  if marker and plain:
+    # A list item whose quoted template forgot its slot: the quoted part (for
+    # the rejection), never the remark after it.
+    return [_clean(plain.group(1))]
   fully_quoted = len(body) >= 2 and body[0] in _QUOTES and body[-1] in _QUOTES
   if not has_brace and not (marker or fully_quoted):
     return []  # prose
@@ -252,13 +255,15 @@ def _line_candidates(line: str) -> list[str]:
     return []  # a markdown heading is never a template
   if tpl.SLOT in body:
     body = _cut_explanation(body)
+  else:  # reported as a rejection: at least without its score annotation
+    body = _SCORE_RE.sub("", _INNER_SCORE_RE.sub("", body))
   cand = _clean(body)
   return [cand] if cand else []
 
 
 def extract_candidates(reply: str) -> list[str]:
   """Candidate templates in an LLM reply, in order, decoration removed."""
-  reply = _drop_thinking(reply)
+  reply = _drop_thinking(reply.replace("\x00", ""))
   from_json = _json_candidates(reply)
   if from_json is not None:
     return from_json
@@ -327,8 +332,20 @@ def validate(candidates: Iterable[str], *, seen: set[str],
 
 
 def instruction_text(messages: Iterable[dict], listed: Iterable[str]) -> str:
-  """The user turns of a request with the `listed` templates cut out."""
-  text = "\n".join(m["content"] for m in messages if m.get("role") == "user")
+  """The system prompt and first user turn of a request, `listed` templates cut out.
+
+  Later turns are left out: they quote the model's own templates (scores,
+  rejections), and a corrected template may well be part of a rejected one.
+  """
+  text, users = [], 0
+  for m in messages:
+    if m.get("role") == "user":
+      users += 1
+      if users > 1:
+        break
+    if m.get("role") in ("system", "user"):
+      text.append(m["content"])
+  text = "\n".join(text)
   for t in sorted(set(listed), key=len, reverse=True):
     text = text.replace(t, " ")
   return text

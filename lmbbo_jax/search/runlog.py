@@ -122,12 +122,18 @@ class RunLog:
 
   # --- configuration ----------------------------------------------------------
   def check_config(self, config: Mapping[str, Any],
-                   may_change: Iterable[str] = ()) -> None:
-    """Stores `config`, or on resume checks that it matches the stored one."""
+                   may_change: Iterable[str] = (),
+                   defaults: Mapping[str, Any] | None = None) -> None:
+    """Stores `config`, or on resume checks that it matches the stored one.
+
+    `defaults` fill keys a run stored before they existed (a run made by an
+    older version resumes as long as the new settings keep their defaults).
+    """
     config = json.loads(json.dumps(config))  # plain JSON types
     if self.resume and os.path.exists(self.config_path):
       with open(self.config_path, encoding="utf-8") as f:
-        stored = json.load(f)
+        stored = {**json.loads(json.dumps(dict(defaults or {}))),
+                  **json.load(f)}
       allowed = set(may_change)
       diff = sorted(k for k in set(stored) | set(config)
                     if k not in allowed and stored.get(k) != config.get(k))
