@@ -61,7 +61,7 @@ def _plural(n: int) -> str:
   return "template" if n == 1 else "templates"
 
 
-def _count_values(m: int) -> dict[str, str]:  # noqa: D103
+def _count_values(m: int) -> dict[str, str]:
   """Slot values for how many templates are asked for ("one template")."""
   return {"n_new": "one" if m == 1 else str(m), "templates_word": _plural(m)}
 
