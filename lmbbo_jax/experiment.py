@@ -454,27 +454,9 @@ def _percentile(xs: Sequence[float], q: float) -> float | None:
 
 def _proposer_accounting(runs: list[_SeedRun]) -> dict:
   """Calls, valid new templates per call and per request, rejections, cut replies."""
-  keys = ("llm_calls", "cached_calls", "llm_errors", "templates_requested", "valid_new",
-          "scored_new", "failed_attempts", "skipped_iterations", "truncated")
-  total = {k: 0 for k in keys}
-  rejections: dict[str, int] = {}
-  queue_s = latency_s = 0.0
-  for r in runs:
-    for chain in (r.result.counts.get("per_chain") or {}).values():
-      for k in keys:
-        total[k] += chain.get(k, 0)
-      for kind, n in (chain.get("rejections") or {}).items():
-        rejections[kind] = rejections.get(kind, 0) + n
-      queue_s += chain.get("queue_s", 0.0)
-      latency_s += chain.get("latency_s", 0.0)
-  calls = total["llm_calls"]
-  total.update(
-      rejections=dict(sorted(rejections.items())),
-      valid_new_per_call=round(total["valid_new"] / calls, 3) if calls else None,
-      valid_new_fraction=(round(total["valid_new"] / total["templates_requested"], 4)
-                          if total["templates_requested"] else None),
-      latency_s_total=round(latency_s, 3), queue_s_total=round(queue_s, 3))
-  return total
+  from lmbbo_jax.search.optimizer import sum_chain_counts
+  return sum_chain_counts([c for r in runs
+                           for c in (r.result.counts.get("per_chain") or {}).values()])
 
 
 def _results(cfg, clip, runs: list[_SeedRun], ledger, search_s: float, wall_s: float,

@@ -209,8 +209,8 @@ def _proposer_section(results: dict) -> list[str]:
   def row(seed, chain, stop, c):
     frac = c.get("valid_new_fraction")
     rej = ", ".join(f"{k} {v}" for k, v in sorted((c.get("rejections") or {}).items()))
-    queue = c.get("queue_s_total", c.get("queue_s", 0.0)) or 0.0
-    latency = c.get("latency_s_total", c.get("latency_s", 0.0)) or 0.0
+    queue = c.get("queue_s") or 0.0
+    latency = c.get("latency_s") or 0.0
     per_call = c.get("valid_new_per_call")
     return (f"| {seed} | {chain} | {stop} | {c.get('llm_calls', 0)} | "
             f"{c.get('valid_new', 0)} / {c.get('templates_requested', 0)}"

@@ -568,6 +568,20 @@ async def run_search(config: SearchConfig, scorer: Any,
   return result
 
 
+def sum_chain_counts(chains: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """Several chains' counts added up, with the rates recomputed (`_chain_summary`)."""
+  total = _new_chain_counts()
+  for c in chains:
+    for k, v in c.items():
+      if k == "rejections":
+        for kind, n in v.items():
+          total["rejections"][kind] = total["rejections"].get(kind, 0) + n
+      elif k in total:
+        total[k] += v
+  total["rejections"] = dict(sorted(total["rejections"].items()))
+  return _chain_summary(total)
+
+
 def _chain_summary(c: dict[str, Any]) -> dict[str, Any]:
   """A chain's counts with the rates a reader wants (per call, per request)."""
   calls = c["llm_calls"]
