@@ -1,20 +1,24 @@
 """A stand-in for `python -m llama_cpp.server` in a process of its own (tests).
 
-  python tests/fake_llm_process.py --host 127.0.0.1 --port P
+  python tests/fake_llm_process.py --host 127.0.0.1 --port P [--crash_on_post=SIGILL]
 
 Serves `GET /v1/models` and `POST /v1/chat/completions` (one fixed template
-line), like the real server, until it is killed.
+line), like the real server, until it is killed; with `--crash_on_post` it dies
+by that signal at its first POST, as a llama.cpp build for the wrong CPU does.
 """
 
 import argparse
 import http.server
 import json
+import os
+import signal
 
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--host", default="127.0.0.1")
   parser.add_argument("--port", type=int, required=True)
+  parser.add_argument("--crash_on_post", default=None, help="a signal name, e.g. SIGILL")
   args = parser.parse_args()
 
   class Handler(http.server.BaseHTTPRequestHandler):
@@ -34,6 +38,8 @@ def main():
 
     def do_POST(self):  # noqa: N802
       self.rfile.read(int(self.headers.get("Content-Length") or 0))
+      if args.crash_on_post:
+        os.kill(os.getpid(), getattr(signal, args.crash_on_post))
       self._json({"id": "x", "object": "chat.completion", "choices": [
           {"index": 0, "finish_reason": "stop",
            "message": {"role": "assistant", "content": '- "a fake photo of a {}."'}}],

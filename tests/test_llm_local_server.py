@@ -87,6 +87,15 @@ def test_a_server_that_dies_while_starting_is_one_line(tmp_path):
     srv.start()
 
 
+def test_a_server_that_crashes_at_its_first_completion_says_how_to_rebuild(tmp_path):
+  srv = LocalLLMServer(command=FAKE + ["--crash_on_post=SIGILL"],
+                       log_path=tmp_path / "llm_server.log")
+  with pytest.raises(LocalLLMError, match=r"code -4.*first completion") as err:
+    srv.start()
+  assert "rebuild llama.cpp portably" in str(err.value) and "\n" not in str(err.value)
+  assert srv.proc is None  # stopped and reaped
+
+
 _HOLDER = r"""
 import sys, time
 sys.path.insert(0, {tests!r})

