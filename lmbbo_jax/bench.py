@@ -4,6 +4,18 @@
   python -m lmbbo_jax.bench --arch=ViT-B/32 --classes=1000 --repeats=3 --json
   python -m lmbbo_jax.bench --what=images --arch=ViT-B/32 --batch_size=64 --json
   python -m lmbbo_jax.bench ... --profile_dir=/tmp/trace   (one extra, untimed jax.profiler trace)
+  python -m lmbbo_jax.bench --mode=cold --arch=ViT-B/32 --classes=100 --json
+
+Steady mode (the default) excludes warm-up: it compiles first, then times
+repeats. Cold mode measures what a run sees from its first template: this
+process starts with an empty persistent compilation cache (a new temporary
+directory, unless --jax_cache_dir names one), builds the scorer (its programs
+compile in a background thread, as in a run) and scores a stream of LLM-like
+templates of mixed lengths in small batches (`--stream_batch`, as proposals
+arrive), or the templates of `--stream_file` (one per line, e.g. a run's
+`templates_scored.txt`). It reports the time to the first scored template,
+templates/s including every compile, how many programs compiled and for how
+long, and then the same stream's steady templates/s in the same process.
 
 Text: `--classes=1000` uses ImageNet's class names, `--classes=100` Caltech101's
 (CoOp's lists shipped in third_party), other counts the first N ImageNet names.
@@ -23,16 +35,19 @@ CPU contention measured from /proc/stat during the timed repeats: own_cores
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
 import sys
+import tempfile
 import time
+import types
 from typing import Any
 
 import numpy as np
+from absl import app, flags
 
 # Short OpenAI-style and long LLM-style templates, interleaved so that any
 # `--templates=N` prefix of the list is mixed too.
@@ -210,12 +225,12 @@ def bench_text(args, clip) -> dict[str, Any]:
                  for i, t in enumerate(templates)]
   if args.layout == "trimmed":
     return bench_trimmed(args, clip, names, feats, labels, templates)
-  kwargs = {k: getattr(args, k) for k in ("class_chunk", "max_templates_per_call",
-                                          "max_rows_per_call") if getattr(args, k)}
-  scorer = PromptScorer(clip, {"train": feats}, {"train": labels}, names, **kwargs)
+  scorer = PromptScorer(clip, {"train": feats}, {"train": labels}, names,
+                        rows_per_call=args.rows_per_call or None)
 
   _log(f"bench: warm-up ({len(templates)} templates, {args.classes} classes; compiles)")
   t0 = time.perf_counter()
+  scorer.wait_compiled()
   warm = scorer.score(templates)
   compile_s = time.perf_counter() - t0
   rejected = [s.template for s in warm if not s.ok]
@@ -262,11 +277,11 @@ def bench_text(args, clip) -> dict[str, Any]:
       "achieved_gflops": round((gflops_text + gflops_img) * med, 1),
       "runs_templates_per_s": [round(x, 4) for x in runs],
       "repeats": args.repeats, "warmup_s": round(compile_s, 1), "compiles": compiles,
-      "calls_per_repeat": last["calls"], "class_chunk": scorer.class_chunk,
+      "calls_per_repeat": last["calls"],
       "time_split": {k: round(statistics.median(st[f"seconds_{k}"] for st in stats)
                               / statistics.median(st["seconds_busy"] for st in stats), 3)
                      for k in ("prepare", "device", "merge")},
-      "max_units": scorer.max_units, "max_rows": scorer.max_rows,
+      "call_shapes": [dataclasses.asdict(x) for x in scorer.text_encoder.shapes],
       "images": n_img, **_median_cpu(cpus), "loadavg": _loadavg(),
       "jax": jax.__version__, **({"profile_top_ops": profile} if profile else {}),
   }
@@ -321,6 +336,116 @@ def bench_trimmed(args, clip, names, feats, labels, templates) -> dict[str, Any]
       "gflops_per_template": round(gflop, 2), "achieved_gflops": round(gflop * med, 1),
       "runs_templates_per_s": [round(x, 4) for x in runs], "repeats": args.repeats,
       "warmup_s": round(compile_s, 1), **_median_cpu(cpus), "loadavg": _loadavg(),
+      "jax": jax.__version__,
+  }
+
+
+# ----------------------------------------------------------------------------- cold
+# Words of LLM-written templates: a stream drawn from them has the mixed lengths and
+# slot positions of real proposals (1-9 words before the slot, 0-11 after).
+_STREAM_HEADS = ("a photo of a", "a blurry photo of the", "an image of a", "a close-up of a",
+                 "a high-quality photograph of a", "a picture showing a",
+                 "a low resolution snapshot of the", "art of the", "a drawing of a",
+                 "a detailed studio photo of a", "this is a", "a cropped image of my")
+_STREAM_WORDS = ("small large bright dark vivid natural daylight sharp focus soft shadows "
+                 "background white backdrop wild outdoor indoor typical environment "
+                 "professional camera lens texture colours shape detailed centered "
+                 "single plain old new clean dirty weird nice").split()
+
+
+def llm_like_stream(n: int, seed: int) -> list[str]:
+  """`n` distinct templates shaped like an LLM's proposals (seeded)."""
+  rng = np.random.default_rng(seed)
+  out: list[str] = []
+  seen = set()
+  while len(out) < n:
+    head = _STREAM_HEADS[rng.integers(len(_STREAM_HEADS))]
+    extra = " ".join(rng.choice(_STREAM_WORDS, rng.integers(0, 4)))
+    tail = " ".join(rng.choice(_STREAM_WORDS, rng.integers(0, 12)))
+    before = f"{head} {extra}".strip() if rng.random() < 0.5 else head
+    t = f"{before} {{}}" + (f", {tail}." if tail else ".")
+    if t not in seen:
+      seen.add(t)
+      out.append(t)
+  return out
+
+
+def _cold_cache_dir(cache_dir: str | None) -> str:
+  """Points JAX's persistent compilation cache at `cache_dir` (default: new and empty)."""
+  import jax
+  path = os.path.expanduser(cache_dir) if cache_dir else tempfile.mkdtemp(prefix="lmbbo_cold_")
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  return path
+
+
+def _stream(args) -> list[str]:
+  if args.stream_file:
+    with open(args.stream_file, encoding="utf-8") as f:
+      found = [line.rstrip("\n") for line in f if "{}" in line]
+    if not found:
+      raise BenchError(f"--stream_file={args.stream_file}: no line holds a {{}} slot; "
+                       "pass one template per line")
+    return found[:args.templates] if args.templates else found
+  return llm_like_stream(args.templates or 96, args.stream_seed)
+
+
+def bench_cold(args, clip, cache_dir: str) -> dict[str, Any]:
+  """Time to the first template and templates/s from the first template (module doc)."""
+  import jax
+  from lmbbo_jax.evaluator.scorer import PromptScorer
+  names = class_names_for(args.classes)
+  rng = np.random.default_rng(0)
+  n_img = args.classes * args.images_per_class
+  feats = rng.normal(size=(n_img, clip.embed_dim)).astype(np.float32)
+  labels = np.repeat(np.arange(args.classes), args.images_per_class).astype(np.int32)
+  stream = _stream(args)
+  batches = [stream[i:i + args.stream_batch] for i in range(0, len(stream), args.stream_batch)]
+  cache_files = len(os.listdir(cache_dir))
+  _log(f"bench: cold stream of {len(stream)} templates in batches of {args.stream_batch}, "
+       f"{args.classes} classes (compilation cache {cache_dir}: {cache_files} files)")
+  meter = CpuMeter()
+  meter.start()
+  t0 = time.perf_counter()
+  scorer = PromptScorer(clip, {"train": feats}, {"train": labels}, names,
+                        rows_per_call=args.rows_per_call or None)
+  first_s = None
+  rejected = []
+  for i, batch in enumerate(batches):
+    scores = scorer.score(batch)
+    rejected += [s.template for s in scores if not s.ok]
+    if first_s is None:
+      first_s = time.perf_counter() - t0
+    if (i + 1) % max(1, len(batches) // 4) == 0:
+      _log(f"bench: {min(len(stream), (i + 1) * args.stream_batch)}/{len(stream)} templates "
+           f"at {time.perf_counter() - t0:.1f} s")
+  total_s = time.perf_counter() - t0
+  cpu = meter.stop()
+  cold = scorer.stats()
+  scored = len(stream) - len(rejected)
+  # The same stream again, programs compiled: the steady rate of this stream.
+  scorer.clear_caches()
+  scorer.reset_stats()
+  t1 = time.perf_counter()
+  for batch in batches:
+    scorer.score(batch)
+  steady_s = time.perf_counter() - t1
+  return {
+      "what": "text", "mode": "cold", "arch": args.arch, "weights": args.weights,
+      "classes": args.classes, "templates": len(stream), "templates_scored": scored,
+      "rejected": len(rejected), "stream": args.stream_file or f"generated (seed "
+      f"{args.stream_seed})", "stream_batch": args.stream_batch, "dtype": args.dtype,
+      "devices": jax.device_count(), "backend": jax.default_backend(),
+      "first_template_s": round(first_s or 0.0, 2), "stream_s": round(total_s, 2),
+      "templates_per_s_incl_compile": round(scored / total_s, 4),
+      "templates_per_s_steady": round(scored / steady_s, 4),
+      "compiles": cold["compiles"], "compile_s_total": round(cold["compile_s_total"], 2),
+      "compile_s_waited": round(cold["seconds_compile"], 2),
+      "compile_share": round(cold["seconds_compile"] / total_s, 3),
+      "calls": cold["calls"], "cache_files_before": cache_files,
+      "call_shapes": [dataclasses.asdict(x) for x in scorer.text_encoder.shapes],
+      "images": n_img, **{k: round(v, 2) for k, v in cpu.items()}, "loadavg": _loadavg(),
       "jax": jax.__version__,
   }
 
@@ -382,49 +507,83 @@ def bench_images(args, clip) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- main
-def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m lmbbo_jax.bench", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--what", choices=("text", "images"), default="text")
-  p.add_argument("--arch", default="ViT-B/32")
-  p.add_argument("--weights", default="random",
-                 help="'random' (random init of --arch) or a load_clip source")
-  p.add_argument("--classes", type=int, default=100)
-  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  p.add_argument("--templates", type=int, default=0,
-                 help="how many templates (default: the whole set)")
-  p.add_argument("--template_set", choices=("mixed", "short"), default="mixed",
-                 help="mixed: short and long LLM-style; short: peer_bench's 6-word ones")
-  p.add_argument("--layout", choices=("prefix", "trimmed"), default="prefix",
-                 help="prefix: the PromptScorer; trimmed: a plain JAX baseline (one "
-                      "CLIP.encode_text call per template, trimmed to a length bucket)")
-  p.add_argument("--images_per_class", type=int, default=16)
-  p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--batch_size", type=int, default=64, help="images per step (--what=images)")
-  p.add_argument("--batches", type=int, default=4, help="batches per repeat (--what=images)")
-  p.add_argument("--class_chunk", type=int, default=None)
-  p.add_argument("--max_templates_per_call", type=int, default=None)
-  p.add_argument("--max_rows_per_call", type=int, default=None)
-  p.add_argument("--profile_dir", default=None, help="write a jax.profiler trace here")
-  p.add_argument("--json", action="store_true", help="one JSON object per line")
-  args = p.parse_args(argv)
-  if args.classes < 1 or args.templates < 0 or args.repeats < 1:
-    p.error("--classes and --repeats must be >= 1")
-  return args
+_WHAT = flags.DEFINE_enum("what", "text", ["text", "images"], "What to measure.")
+_MODE = flags.DEFINE_enum(
+    "mode", "steady", ["steady", "cold"],
+    "steady: warm-up excluded, medians of repeats; cold (text only): from the first "
+    "template, compiles included, empty compilation cache (see the module doc).")
+_ARCH = flags.DEFINE_string("arch", "ViT-B/32", "A named CLIP architecture.")
+_WEIGHTS = flags.DEFINE_string("weights", "random",
+                               "'random' (random init of --arch) or a load_clip source.")
+_CLASSES = flags.DEFINE_integer("classes", 100, "Class names (100: Caltech101's, else "
+                                "the first N of ImageNet's).", lower_bound=1)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_TEMPLATES = flags.DEFINE_integer("templates", 0, "How many templates (0: the whole set; "
+                                  "cold mode: the generated stream's length, default 96).",
+                                  lower_bound=0)
+_TEMPLATE_SET = flags.DEFINE_enum(
+    "template_set", "mixed", ["mixed", "short"],
+    "mixed: short and long LLM-style; short: peer_bench's eight 6-word ones.")
+_LAYOUT = flags.DEFINE_enum(
+    "layout", "prefix", ["prefix", "trimmed"],
+    "prefix: the PromptScorer; trimmed: a plain JAX baseline (one CLIP.encode_text call "
+    "per template, trimmed to a length bucket).")
+_IMAGES_PER_CLASS = flags.DEFINE_integer("images_per_class", 16, "Random image features "
+                                         "per class.", lower_bound=1)
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (steady mode).", lower_bound=1)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images per step (--what=images).")
+_BATCHES = flags.DEFINE_integer("batches", 4, "Batches per repeat (--what=images).")
+_ROWS_PER_CALL = flags.DEFINE_integer(
+    "rows_per_call", 0, "Token rows of the largest call (0: 32 on CPU, 1024 on accelerators).")
+_STREAM_FILE = flags.DEFINE_string(
+    "stream_file", None, "Cold mode: templates to score in order, one per line (lines "
+    "without {} are skipped); default: a generated LLM-like stream.")
+_STREAM_BATCH = flags.DEFINE_integer("stream_batch", 4, "Cold mode: templates per score "
+                                     "call.", lower_bound=1)
+_STREAM_SEED = flags.DEFINE_integer("stream_seed", 0, "Cold mode: seed of the generated "
+                                    "stream.")
+_JAX_CACHE_DIR = flags.DEFINE_string(
+    "jax_cache_dir", None, "Cold mode: persistent compilation cache to use (default: a new "
+    "empty temporary directory, so the figure is a first run's).")
+_PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "Write a jax.profiler trace here.")
+_JSON = flags.DEFINE_bool("json", False, "One JSON object per line.")
 
 
-def main(argv=None) -> int:
-  args = parse_args(argv)
+def _args() -> types.SimpleNamespace:
+  """The flags as one namespace (the bench functions take it)."""
+  names = ("what", "mode", "arch", "weights", "classes", "dtype", "templates", "template_set",
+           "layout", "images_per_class", "repeats", "batch_size", "batches", "rows_per_call",
+           "stream_file", "stream_batch", "stream_seed", "jax_cache_dir", "profile_dir", "json")
+  return types.SimpleNamespace(**{n: flags.FLAGS[n].value for n in names})
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  args = _args()
   try:
+    if args.mode == "cold":
+      if args.what != "text" or args.layout != "prefix":
+        raise BenchError("--mode=cold measures the scorer: use --what=text --layout=prefix")
+      cache_dir = _cold_cache_dir(args.jax_cache_dir)
     _log(f"bench: loading {args.weights} {args.arch} ({args.dtype})")
     clip = load_model(args.arch, args.weights, args.dtype)
-    record = bench_text(args, clip) if args.what == "text" else bench_images(args, clip)
-  except BenchError as e:
+    if args.what == "images":
+      record = bench_images(args, clip)
+    elif args.mode == "cold":
+      record = bench_cold(args, clip, cache_dir)
+    else:
+      record = bench_text(args, clip)
+  except (BenchError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   _emit(record, args.json)
   return 0
 
 
+def run():
+  app.run(main)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  run()

@@ -115,7 +115,7 @@ def test_encode_task_feeds_the_scorer(clip):
   assert set(feats) == {"train", "test"}
   by_split, labels = features_lib.scorer_inputs(feats)
   scorer = PromptScorer(clip, by_split, labels, task.class_names,
-                        suffix_buckets=(8, 77), prefix_buckets=(8, 77))
+                        rows_per_call=8)
   score = scorer.score(["a photo of a {}."])[0]
   assert score.ok and set(score.accuracy) == {"train", "test"}
 

@@ -111,8 +111,7 @@ def test_score_async_equals_score_on_a_real_scorer():
   clip = make_clip()
   images, labels = random_images(len(CLASS_NAMES), 2, clip.embed_dim, seed=4)
   scorer = PromptScorer(clip, {"train": images}, {"train": labels}, CLASS_NAMES,
-                        suffix_buckets=(8, 77), prefix_buckets=(8, 77),
-                        max_templates_per_call=8)
+                        rows_per_call=8)
   groups = [["a photo of a {}.", "{} in the wild."], ["many {}s."], ["a {0} photo {}"],
             ["itap of my {}!", "a photo of a {}."]]
   direct = scorer.score([t for g in groups for t in g])

@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 
 from lmbbo_jax.evaluator.scorer import PromptScorer, ScorerError
+from lmbbo_jax.evaluator.text_encoder import PackedTextEncoder, pack_segments
 
 from evaluator_helpers import (CLASS_NAMES, TEMPLATES, make_clip, plain_features,
                                random_images, reference_score)
 
-# Coarse buckets keep the number of compiled shapes (and the test time) small.
-COARSE = dict(suffix_buckets=(8, 16, 77), prefix_buckets=(8, 77), max_templates_per_call=16)
+# Small calls: the 5 templates below take several calls, and share some.
+SMALL = dict(rows_per_call=8)
 SCORED = ["a photo of a {}.", "many {}s.", "{}{}", "a{} thing",
           "An image of a {} with a blurred background that emphasizes the subject"]
 
@@ -32,7 +33,7 @@ def data(clip):
 @pytest.fixture(scope="module")
 def scorer(clip, data):
   return PromptScorer(clip, {k: v[0] for k, v in data.items()},
-                      {k: v[1] for k, v in data.items()}, CLASS_NAMES, per_class=True, **COARSE)
+                      {k: v[1] for k, v in data.items()}, CLASS_NAMES, per_class=True, **SMALL)
 
 
 def test_prefix_shared_features_equal_plain_77_token_encode(clip, scorer):
@@ -61,10 +62,12 @@ def test_scores_match_numpy_reference(clip, data, scorer):
 
 def test_chunking_and_batching_do_not_change_scores(clip, data, scorer):
   base = scorer.score(SCORED)
-  # Classes in chunks of 4 sorted by suffix length, fewer templates per call.
+  # One-row calls (a template's classes split over calls), prefixes cut at 3 tokens
+  # (the rest of a shared prefix repeated in every segment).
+  encoder = PackedTextEncoder(clip, CLASS_NAMES, rows_per_call=1, prefix_tokens=3)
   other = PromptScorer(clip, {k: v[0] for k, v in data.items()},
-                       {k: v[1] for k, v in data.items()}, CLASS_NAMES, class_chunk=4,
-                       **{**COARSE, "max_templates_per_call": 4})
+                       {k: v[1] for k, v in data.items()}, CLASS_NAMES, text_encoder=encoder)
+  assert all(s.rows == 1 for s in encoder.shapes)
   for a, b in zip(base, other.score(SCORED[::-1])[::-1]):
     assert a.accuracy == b.accuracy
     for split in a.logprob:
@@ -108,13 +111,18 @@ def test_argmax_ties_go_to_the_lowest_class_index(clip):
   text = plain_features(clip, "a photo of a {}.", names)
   images, _ = random_images(3, 2, clip.embed_dim, seed=3, text=text)
   labels = np.array([0, 0, 1, 1, 2, 2], np.int32)
-  # One class per chunk: the tie is resolved across units too.
-  scorer = PromptScorer(clip, {"test": images}, {"test": labels}, names, per_class=True,
-                        class_chunk=1, **COARSE)
-  s = scorer.score(["a photo of a {}."])[0]
-  assert s.per_class["test"][2] == 0.0  # class 2 is never predicted
-  acc, logp = reference_score(text, images, labels, clip.logit_scale)
-  assert s.accuracy["test"] == acc and s.logprob["test"] == pytest.approx(logp, abs=1e-4)
+  # Then segments longer than half a row in one-row calls: every class in its own
+  # call, so the tie is resolved across calls (on the host) too.
+  long = "a photo of a {}" + " very" * 40 + " nice."
+  for template, rows in (("a photo of a {}.", 8), (long, 1)):
+    scorer = PromptScorer(clip, {"test": images}, {"test": labels}, names, per_class=True,
+                          rows_per_call=rows)
+    s = scorer.score([template])[0]
+    assert s.per_class["test"][2] == 0.0, template  # class 2 is never predicted
+    ref = plain_features(clip, template, names)
+    acc, logp = reference_score(ref, images, labels, clip.logit_scale)
+    assert s.accuracy["test"] == acc and s.logprob["test"] == pytest.approx(logp, abs=1e-4)
+  assert scorer.stats()["calls"] == 2  # the two "cat" sentences are one segment
 
 
 def test_ensembles_average_normalised_features(clip, data, scorer):
@@ -140,3 +148,35 @@ def test_bad_inputs_raise_clear_errors(clip):
     PromptScorer(clip, {"train": np.zeros((2, clip.embed_dim))}, {"train": [0, 5]}, ["a"])
   with pytest.raises(ScorerError, match="class names"):
     PromptScorer(clip, {}, {}, [])
+
+
+def test_a_stream_of_mixed_templates_compiles_a_fixed_program_set(clip, data):
+  """However long the templates and wherever the slot: 3 text + 3 partials programs."""
+  rng = np.random.default_rng(0)
+  words = "a photo of the small large blurry bright dark cropped close-up rendering".split()
+  stream = []
+  for _ in range(40):
+    before = " ".join(rng.choice(words, rng.integers(0, 14)))
+    after = " ".join(rng.choice(words, rng.integers(0, 20)))
+    stream.append(f"{before} {{}} {after}.".strip())
+  scorer = PromptScorer(clip, {k: v[0] for k, v in data.items()},
+                        {k: v[1] for k, v in data.items()}, CLASS_NAMES, **SMALL)
+  scorer.wait_compiled()
+  compiled = scorer.stats()["compiles"]
+  assert compiled == 2 * len(scorer.text_encoder.shapes) == 6
+  for i in range(0, len(stream), 3):
+    scorer.score(stream[i:i + 3])
+  scorer.score(stream)
+  assert scorer.stats()["compiles"] == compiled
+  for t, f in zip(stream[:6], scorer.text_features(stream[:6])):
+    assert np.abs(f - plain_features(clip, t, CLASS_NAMES)).max() <= 1e-5, t
+
+
+def test_packing_fills_rows_first_fit_without_overflow():
+  lengths = np.array([30, 50, 10, 40, 77, 5, 5, 20])
+  place, rows = pack_segments(lengths, 77)
+  assert rows == 4  # 77 | 50+20+5 | 40+30+5 | 10 (first fit, longest first)
+  used = np.zeros((rows, 77), int)
+  for (r, col), n in zip(place, lengths):
+    used[r, col:col + n] += 1
+  assert used.max() == 1 and used.sum() == lengths.sum()

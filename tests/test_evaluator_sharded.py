@@ -41,8 +41,7 @@ SCRIPT = textwrap.dedent("""
       valid = feats.labels >= 0
       scorer = PromptScorer(clip, {"train": images[::2], "test": images[1::2]},
                             {"train": labels[::2], "test": labels[1::2]}, CLASS_NAMES,
-                            mesh=mesh, suffix_buckets=(8, 77), prefix_buckets=(8, 77),
-                            max_templates_per_call=8)
+                            mesh=mesh, rows_per_call=8)
       scores = scorer.score(templates)
       ens = scorer.score_ensemble([templates[:2]])
       out[name] = {

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from lmbbo_jax import templates as templates_lib
-from lmbbo_jax.evaluator.scorer import TokenCache, _clip_boundary
+from lmbbo_jax.evaluator.tokens import TokenCache, _clip_boundary
 from lmbbo_jax.models.tokenizer import ClipBPETokenizer
 
 from evaluator_helpers import CLASS_NAMES, TEMPLATES, WordTokenizer, toy_bpe_tokenizer

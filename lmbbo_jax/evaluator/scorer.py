@@ -2,35 +2,28 @@
 
 How one `score(templates)` call runs:
 1. Each template is validated (`templates.invalid_reason`), filled with every
-   class name by plain substitution, and tokenized. Tokens are cached per
-   template piece and per class name; a filled sentence is assembled from the
-   cached pieces only where no token can straddle a piece boundary, else the
-   whole sentence is tokenized (see `TokenCache`). Templates longer than the
-   text context for some class are rejected, never truncated.
-2. The template's *prefix*, the longest token prefix shared by all its class
-   sentences (at least the start token), is encoded once; the causal text
-   tower with absolute positions makes this exact. Each class's remaining
-   tokens (its *suffix*) are sorted by length and cut into chunks of
-   `class_chunk` classes; a chunk is padded to a small fixed set of suffix
-   lengths (`SUFFIX_BUCKETS`) and its prefix to `PREFIX_BUCKETS`. A chunk with its
-   prefix is a *unit*.
-3. Units of equal (prefix bucket, suffix bucket) from all templates are stacked
-   into calls of a power-of-two number of units (a remainder of 5 runs as 4 + 1). One jitted step per call shape
-   encodes the units, L2-normalises, multiplies with all images of all splits
-   and reduces over the unit's classes to per-image partial results (best
-   logit and its class, log-sum-exp, true-class logit). The host merges the
-   partials of a template's units into accuracy and log-probability per split.
-   So the compiled shapes are bounded by |prefix buckets| x |suffix buckets| x
-   log2(max units per call), each compiled (and logged) once.
+   class name by plain substitution and tokenized (`tokens.TokenCache`
+   assembles ids from cached pieces where that is exact). Templates longer than
+   the text context for some class are rejected, never truncated.
+2. `text_encoder.PackedTextEncoder` lays each template out as its shared prefix
+   plus its classes' segments packed into rows of the text context, and groups
+   the rows of all templates into calls of a fixed shape set (3 row counts per
+   (model, classes), compiled ahead of time in a background thread).
+3. Per call, a second small program multiplies the normalised class features
+   with all images of all splits and reduces over each template's classes in
+   the call to per-image partial results (best logit and its class,
+   log-sum-exp, true-class logit). The host merges the partials of a template's
+   calls into accuracy and log-probability per split.
 
-Arrays are placed on a 1-D device mesh: images split over the data axis, the
-classes of a unit split over the same axis, weights replicated.
+Arrays are placed on a 1-D device mesh: images split over the data axis, token
+rows split over the same axis, weights replicated.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -43,270 +36,57 @@ import numpy as np
 
 from lmbbo_jax import templates as templates_lib
 from lmbbo_jax.evaluator import sharding
+from lmbbo_jax.evaluator.text_encoder import (_NO_CLASS, CallShape, PackedTemplate,
+                                              PackedTextEncoder, l2_normalize)
 from lmbbo_jax.evaluator.types import Score
-from lmbbo_jax.models.clip import CLIPModel
 
 log = logging.getLogger(__name__)
-
-# Suffix lengths (class name + rest of the template + EOT) are padded up to one of these.
-SUFFIX_BUCKETS = (2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 32, 40, 48, 64, 77)
-# Prefix lengths (start token + template text before the first class token).
-PREFIX_BUCKETS = (8, 16, 32, 48, 77)
-
-
-def default_class_chunk(num_classes: int) -> int:
-  """Classes per unit, aimed at: small chunks pad each to its own suffix length.
-
-  Measured by executed token rows on the bench's templates (shared/reference/
-  performance.md FLOP model): 25 is best at 100 classes, 25-50 at 1000 classes,
-  where 50 needs fewer compiled shapes.
-  """
-  return 25 if num_classes <= 200 else 50
-
-
-_NO_CLASS = np.iinfo(np.int32).max  # argmax tie-break sentinel: larger than any class index
 
 
 class ScorerError(ValueError):
   """Bad input to the scorer (the message says what to change)."""
 
 
-def _bucket(n: int, buckets: Sequence[int]) -> int:
-  for b in buckets:
-    if n <= b:
-      return b
-  return buckets[-1]
-
-
-def _pow2_floor(n: int) -> int:
-  return 1 << (max(1, n).bit_length() - 1)
-
-
-def _pow2_ceil(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
-
-# ----------------------------------------------------------------------------- tokens
-_CONTRACTION_STARTS = frozenset("stmdrvl")  # 's 't 'm 'd 're 've 'll
-
-
-def _char_kind(ch: str) -> str:
-  if ch.isspace():
-    return "space"
-  if ch.isalpha():
-    return "letter"
-  if ch.isdigit():
-    return "digit"
-  return "other"
-
-
-def _plain_text(text: str) -> bool:
-  """Text that CLIP's cleaning leaves alone (no ftfy, no HTML entities) except spacing."""
-  return text.isascii() and text.isprintable() and "&" not in text
-
-
-def _space_boundary(a: str, b: str) -> bool:
-  """Whitespace-splitting tokenizers: only a whitespace boundary is a token boundary."""
-  return a.isspace() or b.isspace()
-
-
-def _clip_boundary(a: str, b: str) -> bool:
-  """CLIP's pre-tokenizer (`'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+`).
-
-  On ASCII text a pre-token ends between characters of different kinds
-  (space, letter, digit, other), and between two digits; an apostrophe
-  followed by a contraction letter starts one pre-token ("'s"), so it must not
-  be cut.
-  """
-  ka, kb = _char_kind(a), _char_kind(b)
-  if "space" in (ka, kb):
-    return True
-  if a == "'" and b.lower() in _CONTRACTION_STARTS:
-    return False
-  return ka != kb or ka == "digit"
-
-
-def _whitespace_splits(tokenizer: Any, probe_words: Sequence[str]) -> bool:
-  """Whether `tokenizer` treats whitespace as a pure separator (CLIP's BPE does).
-
-  Then tokens("x y") == tokens("x") + tokens("y") and a lone space has no token.
-  Byte-level BPEs that glue the space to the next word fail this, and the
-  scorer then always tokenizes whole sentences.
-  """
-  words = [w for w in probe_words if w and _plain_text(w)][:8]
-  words += ["a photo of a", "dog", "thing.", "x"]
-  pairs = [(words[i], words[(i + 1) % len(words)]) for i in range(len(words))]
-  texts = []
-  for a, b in pairs:
-    texts += [a + " " + b, a, b, a + " ", " " + b]
-  enc = tokenizer.encode_batch(texts)
-  for i in range(len(pairs)):
-    ab, a, b, a_sp, sp_b = enc[5 * i: 5 * i + 5]
-    if ab != a + b or a_sp != a or sp_b != b:
-      return False
-  return True
-
-
-def _boundary_rule(tokenizer: Any, probe_words: Sequence[str]):
-  """The piece-boundary rule that is exact for `tokenizer`, or None (never assemble)."""
-  if not _whitespace_splits(tokenizer, probe_words):
-    return None
-  is_clip = getattr(tokenizer, "boundary_rule", None) == "clip"
-  try:
-    from lmbbo_jax.models.tokenizer import ClipBPETokenizer
-    is_clip = is_clip or isinstance(tokenizer, ClipBPETokenizer)
-  except ImportError:  # The models room without its tokenizer: space rule only.
-    pass
-  return _clip_boundary if is_clip else _space_boundary
-
-
-class TokenCache:
-  """Token ids of filled templates, assembled from cached pieces when that is exact.
-
-  The cache keys are template pieces (the literal text between `{}` slots) and
-  class names. A sentence is the concatenation of its pieces' and names' ids
-  only when no token can straddle a boundary between them: the tokenizer must
-  split on whitespace (probed once), both sides must be plain ASCII text that
-  its cleaning leaves alone, and the two touching characters must be a
-  pre-token boundary (`_clip_boundary` for CLIP's BPE, else whitespace only).
-  Otherwise the whole filled sentence is tokenized. Either way the ids equal
-  tokenizing the filled sentence; one class per template is re-checked
-  against the whole sentence as a guard, and a mismatch switches assembly off.
-  """
-
-  def __init__(self, tokenizer: Any, class_names: Sequence[str], max_pieces: int = 8192):
-    self.tokenizer = tokenizer
-    self.class_names = list(class_names)
-    self._name_ids = tokenizer.encode_batch(self.class_names)
-    self._name_plain = [_plain_text(n) for n in self.class_names]
-    self._pieces: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
-    self._max_pieces = max_pieces
-    self.rule = _boundary_rule(tokenizer, self.class_names)
-    self._check_counter = 0
-    self.stats = collections.Counter()
-
-  @property
-  def assemble(self) -> bool:
-    return self.rule is not None
-
-  def _piece(self, text: str) -> list[int]:
-    ids = self._pieces.get(text)
-    if ids is None:
-      ids = self.tokenizer.encode_batch([text])[0]
-      self._pieces[text] = ids
-      if len(self._pieces) > self._max_pieces:
-        self._pieces.popitem(last=False)
-    else:
-      self._pieces.move_to_end(text)
-    return ids
-
-  def _assembled(self, pieces: list[str], c: int) -> list[int] | None:
-    if not self._name_plain[c]:
-      return None
-    name = self.class_names[c]
-    segments = [pieces[0]]
-    for piece in pieces[1:]:
-      segments += [name, piece]
-    segments = [s for s in segments if s]
-    if any(not self.rule(a[-1], b[0]) for a, b in zip(segments, segments[1:])):
-      return None
-    out: list[int] = []
-    for i, piece in enumerate(pieces):
-      if i:
-        out += self._name_ids[c]
-      if piece:
-        out += self._piece(piece)
-    return out
-
-  def sentences(self, template: str) -> list[list[int]]:
-    """Ids of `fill(template, name)` for every class (no start/end tokens)."""
-    rows: list[list[int] | None] = [None] * len(self.class_names)
-    pieces = templates_lib.split_slots(template)
-    if self.assemble and all(_plain_text(p) for p in pieces):
-      rows = [self._assembled(pieces, c) for c in range(len(self.class_names))]
-    todo = [c for c, r in enumerate(rows) if r is None]
-    if todo:
-      whole = self.tokenizer.encode_batch(
-          [templates_lib.fill(template, self.class_names[c]) for c in todo])
-      for c, ids in zip(todo, whole):
-        rows[c] = ids
-    self.stats["assembled"] += len(rows) - len(todo)
-    self.stats["whole"] += len(todo)
-    if len(todo) < len(rows):
-      skip = set(todo)
-      c = next(c for c in self._check_order() if c not in skip)
-      truth = self.tokenizer.encode_batch([templates_lib.fill(template, self.class_names[c])])[0]
-      if truth != rows[c]:
-        log.warning("token assembly disagreed with whole-sentence tokenization for %r "
-                    "(class %r); tokenizing whole sentences from now on",
-                    template, self.class_names[c])
-        self.rule = None
-        return self.sentences(template)
-    return rows  # type: ignore[return-value]
-
-  def clear(self) -> None:
-    """Drops the cached pieces (class names stay: they are fixed per scorer)."""
-    self._pieces.clear()
-
-  def _check_order(self):
-    # Rotate the checked class so that every class name gets checked over time.
-    n = len(self.class_names)
-    start = self._check_counter % n
-    self._check_counter += 1
-    return [(start + i) % n for i in range(n)]
-
-
-# ----------------------------------------------------------------------------- planning
-@dataclasses.dataclass
-class _Prepared:
-  """One template's token layout (host side)."""
-  ids: np.ndarray  # int32 [C, W]: start + sentence + end, padded
-  lengths: np.ndarray  # int32 [C]
-  prefix_len: int
-  units: list[tuple[int, int, np.ndarray]]  # (prefix bucket, suffix bucket, class rows)
-
-
 @dataclasses.dataclass
 class _Partial:
-  """Per-image partial results of one unit (host numpy, [N])."""
+  """Per-image partial results of one template over some of its classes (host, [N])."""
   best: np.ndarray
   best_class: np.ndarray
   lse: np.ndarray
   true: np.ndarray
 
 
-def _l2_normalize(x: jax.Array) -> jax.Array:
-  x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def _partials(text: jax.Array, class_idx: jax.Array, images: jax.Array, labels: jax.Array,
-              scale: jax.Array):
-  """Per-image reductions of the logits against one unit's classes.
+@functools.partial(jax.jit, static_argnames=("num_slots",))
+def segment_partials(text, seg_class, seg_slot, images, labels, scale, *, num_slots):
+  """Per-image reductions of the logits over each slot's segments (classes).
 
   Args:
-    text: float32 [U, K, E] normalised class features.
-    class_idx: int32 [U, K], the class of each row (-1 = padding row).
+    text: float32 [M, E] normalised class features, one per segment.
+    seg_class: int32 [M], the class of each segment (-1 = padding).
+    seg_slot: int32 [M], the slot (template) of each segment, in 0..num_slots
+      (num_slots = padding).
     images: float32 [N, E] normalised image features.
     labels: int32 [N] (-1 = padding image).
     scale: float32 scalar logit scale.
 
   Returns:
-    best [U, N], best_class [U, N] (lowest class index among ties), lse [U, N]
-    (log-sum-exp of the scaled logits), true [U, N] (scaled logit of the true
-    class if it is in the unit, else -inf).
+    best [S, N], best_class [S, N] (lowest class index among ties), lse [S, N]
+    (log-sum-exp of the scaled logits), true [S, N] (scaled logit of the true
+    class if the slot has it, else -inf), S = num_slots.
   """
-  logits = scale * jnp.einsum("ne,uke->unk", images, text,
-                              preferred_element_type=jnp.float32)
-  valid = (class_idx >= 0)[:, None, :]
-  masked = jnp.where(valid, logits, -jnp.inf)
-  best = masked.max(axis=-1)
-  best_class = jnp.where(masked == best[..., None], class_idx[:, None, :], _NO_CLASS).min(-1)
+  n = num_slots + 1
+  valid = seg_class >= 0
+  slot = jnp.where(valid, seg_slot, num_slots)
+  logits = scale * jnp.einsum("me,ne->mn", text, images, preferred_element_type=jnp.float32)
+  logits = jnp.where(valid[:, None], logits, -jnp.inf)
+  best = jax.ops.segment_max(logits, slot, n)
+  at_best = logits == best[slot]
+  best_class = jax.ops.segment_min(jnp.where(at_best, seg_class[:, None], _NO_CLASS), slot, n)
   safe = jnp.where(jnp.isfinite(best), best, 0.0)
-  lse = safe + jnp.log(jnp.sum(jnp.exp(masked - safe[..., None]), axis=-1))
-  is_true = class_idx[:, None, :] == labels[None, :, None]
-  true = jnp.where(is_true, logits, -jnp.inf).max(axis=-1)
-  return best, best_class, lse, true
+  lse = safe + jnp.log(jax.ops.segment_sum(jnp.exp(logits - safe[slot]), slot, n))
+  is_true = seg_class[:, None] == labels[None, :]
+  true = jax.ops.segment_max(jnp.where(is_true, logits, -jnp.inf), slot, n)
+  return best[:num_slots], best_class[:num_slots], lse[:num_slots], true[:num_slots]
 
 
 class PromptScorer:
@@ -318,11 +98,9 @@ class PromptScorer:
   def __init__(self, clip: Any, features_by_split: Mapping[str, Any],
                labels_by_split: Mapping[str, Any], class_names: Sequence[str], *,
                mesh: jax.sharding.Mesh | None = None, dtype: Any = None,
-               per_class: bool = False, max_templates_per_call: int | None = None,
-               class_chunk: int | None = None, max_rows_per_call: int | None = None,
-               suffix_buckets: Sequence[int] = SUFFIX_BUCKETS,
-               prefix_buckets: Sequence[int] = PREFIX_BUCKETS):
-    """Places the image features on the mesh and prepares the tokenizer cache.
+               per_class: bool = False, text_encoder: PackedTextEncoder | None = None,
+               rows_per_call: int | None = None, precompile: bool = True):
+    """Places the image features on the mesh and starts compiling in the background.
 
     Args:
       clip: a `lmbbo_jax.models.api.CLIP`.
@@ -330,64 +108,44 @@ class PromptScorer:
       labels_by_split: split -> int [N] labels; rows with label -1 are ignored
         (padding, unreadable images).
       class_names: the task's class names in label order.
-      mesh: device mesh (default: all devices).
+      mesh: device mesh (default: all devices, or the text encoder's).
       dtype: compute dtype of the text tower (default: the CLIP's).
       per_class: also report per-class accuracy per split.
-      max_templates_per_call: most units (template class chunks) per device
-        call; default 16 on CPU, 256 on accelerators.
-      class_chunk: classes per unit, aimed at (equal chunks, rounded up to
-        the mesh size); default `default_class_chunk(num_classes)`.
-      max_rows_per_call: token rows per call the unit count is sized for;
-        default 2048 on CPU (fits the caches), 65536 on accelerators.
-      suffix_buckets, prefix_buckets: padded lengths (ascending, the last one
-        >= the text context): fewer buckets mean fewer compiled shapes and more
-        padding.
+      text_encoder: a `PackedTextEncoder` for these class names to share (e.g.
+        across seeds, so its programs compile once); default: a new one.
+      rows_per_call: the new encoder's largest call (see PackedTextEncoder).
+      precompile: compile every program ahead of time in a background thread.
     """
     if not class_names:
       raise ScorerError("no class names; the task must have at least one class")
     if set(features_by_split) != set(labels_by_split):
       raise ScorerError(f"features splits {sorted(features_by_split)} != labels splits "
                         f"{sorted(labels_by_split)}; pass both for the same splits")
+    if text_encoder is not None and list(text_encoder.class_names) != [str(c) for c in class_names]:
+      raise ScorerError("the shared text encoder was built for other class names; "
+                        "build one per task's class names")
     self.clip = clip
     self.class_names = [str(c) for c in class_names]
     self.num_classes = len(self.class_names)
-    self.mesh = mesh if mesh is not None else sharding.make_mesh()
     self.per_class = per_class
-    self.dtype = jnp.dtype(dtype) if dtype is not None else clip.dtype
+    if text_encoder is None:
+      text_encoder = PackedTextEncoder(clip, self.class_names, mesh=mesh, dtype=dtype,
+                                       rows_per_call=rows_per_call)
+    self.text_encoder = text_encoder
+    self.mesh = text_encoder.mesh
+    self.dtype = text_encoder.dtype
     self.context_length = clip.context_length
-    self.suffix_buckets = tuple(sorted(suffix_buckets))
-    self.prefix_buckets = tuple(sorted(prefix_buckets))
-    if min(self.suffix_buckets[-1], self.prefix_buckets[-1]) < self.context_length:
-      raise ScorerError(f"the largest suffix and prefix buckets must be >= the text context "
-                        f"({self.context_length})")
     self.logit_scale = float(clip.logit_scale)
     self.tokenizer = clip.tokenizer
-    shards = sharding.num_shards(self.mesh)
-    on_cpu = self.mesh.devices.flat[0].platform == "cpu"
-    self.max_units = max_templates_per_call or (16 if on_cpu else 256)
-    self.max_rows = max_rows_per_call or (2048 if on_cpu else 65536)
-    # Small chunks pad each to its own suffix length; several units per call keep
-    # the calls big.
-    class_chunk = class_chunk or default_class_chunk(self.num_classes)
-    chunks = -(-self.num_classes // max(1, class_chunk))
-    # Equal chunks, padded to the mesh: 100 classes -> 4 x 25, 101 -> 5 x 21.
-    self.class_chunk = sharding.round_up(-(-self.num_classes // chunks), shards)
-
-    self._model = CLIPModel(clip.config, self.dtype)
-    params = clip.variables["params"]
-    self._text_vars = sharding.put_replicated(
-        {"params": {"text": params["text"], "logit_scale": params["logit_scale"]}}, self.mesh)
+    self.tokens = text_encoder.tokens
     self._load_images(features_by_split, labels_by_split)
-
-    self.tokens = TokenCache(self.tokenizer, self.class_names)
-    self._prepared: collections.OrderedDict[str, _Prepared | str] = collections.OrderedDict()
+    self._prepared: collections.OrderedDict[str, PackedTemplate | str] = collections.OrderedDict()
     self._lock = threading.Lock()
     self._prep_lock = threading.Lock()
-    self._shapes_seen: set[tuple] = set()
     self._stats = collections.Counter()
     self._front = None
-    self._score_fn = jax.jit(self._score_step)
-    self._weights_fn = jax.jit(_partials)
+    if precompile:
+      self.precompile()
 
   # -- images ------------------------------------------------------------------------
   def _load_images(self, features_by_split, labels_by_split) -> None:
@@ -412,28 +170,33 @@ class PromptScorer:
       f[:start] = np.concatenate(feats)
       y[:start] = np.concatenate(labels)
     self._labels = y
-    self._images = jax.jit(_l2_normalize)(sharding.put_sharded(f, self.mesh))
+    self._images = jax.jit(l2_normalize)(sharding.put_sharded(f, self.mesh))
     self._labels_dev = sharding.put_sharded(y, self.mesh)
     self.num_images = start
 
-  # -- jitted steps ------------------------------------------------------------------
-  def _encode_step(self, variables, prefix_ids, prefix_len, suffix_ids, eot):
-    text = self._model.apply(variables, prefix_ids, prefix_len, suffix_ids, eot,
-                             method=CLIPModel.encode_text_prefixed)
-    text = _l2_normalize(text)
-    # Gather the class axis before the image matmul (images are split over the mesh).
-    return jax.lax.with_sharding_constraint(text, sharding.replicated(self.mesh))
+  # -- programs ----------------------------------------------------------------------
+  def _partials_key(self, shape: CallShape):
+    return ("partials", shape.segments, shape.slots, len(self._labels))
 
-  def _score_step(self, variables, prefix_ids, prefix_len, suffix_ids, eot, class_idx,
-                  images, labels, scale):
-    """(normalised text features [U, K, E], partials): one compiled program per shape.
+  def _build_partials(self, shape: CallShape):
+    rep = sharding.replicated(self.mesh)
+    e = self.clip.embed_dim
+    return segment_partials.lower(
+        jax.ShapeDtypeStruct((shape.segments, e), jnp.float32, sharding=rep),
+        jax.ShapeDtypeStruct((shape.segments,), jnp.int32, sharding=rep),
+        jax.ShapeDtypeStruct((shape.segments,), jnp.int32, sharding=rep),
+        self._images, self._labels_dev, jnp.float32(self.logit_scale),
+        num_slots=shape.slots).compile()
 
-    The score path leaves the features on the device; the encode path
-    (ensembles, `text_features`) ignores the partials, so both share compiles.
-    """
-    text = self._encode_step(variables, prefix_ids, prefix_len, suffix_ids, eot)
-    class_idx = jax.lax.with_sharding_constraint(class_idx, sharding.replicated(self.mesh))
-    return text, _partials(text, class_idx, images, labels, scale)
+  def _partials_program(self, shape: CallShape):
+    return self.text_encoder.programs.get(self._partials_key(shape),
+                                          functools.partial(self._build_partials, shape))
+
+  def precompile(self) -> None:
+    """Compiles every text and partials program in the encoder's background thread."""
+    extra = [(self._partials_key(s), functools.partial(self._build_partials, s))
+             for s in self.text_encoder.shapes]
+    self.text_encoder.precompile(extra)
 
   # -- validation & preparation ----------------------------------------------------
   def rejection_reason(self, template: str) -> str | None:
@@ -441,151 +204,59 @@ class PromptScorer:
     prepared = self._prepare(template)
     return prepared if isinstance(prepared, str) else None
 
-  def _prepare(self, template: str) -> _Prepared | str:
+  def _prepare(self, template: str) -> PackedTemplate | str:
     # Own short lock: the event loop may validate while a worker thread scores.
     with self._prep_lock:
       found = self._prepared.get(template)
       if found is not None:
         self._prepared.move_to_end(template)
         return found
-      prepared = self._build(template)
+      prepared = self.text_encoder.pack(template)
       self._prepared[template] = prepared
       if len(self._prepared) > 256:
         self._prepared.popitem(last=False)
       return prepared
 
-  def _build(self, template: str) -> _Prepared | str:
-    reason = templates_lib.invalid_reason(template)
-    if reason:
-      return reason
-    rows = self.tokens.sentences(template)
-    tok = self.tokenizer
-    lengths = np.array([len(r) + 2 for r in rows], np.int32)
-    worst = int(lengths.argmax())
-    if lengths[worst] > self.context_length:
-      return (f"too long: {int(lengths[worst])} tokens with class "
-              f"{self.class_names[worst]!r} (context {self.context_length}); shorten it")
-    ids = np.full((len(rows), int(lengths.max())), tok.pad_token_id, np.int32)
-    for c, r in enumerate(rows):
-      ids[c, 0] = tok.sot_token_id
-      ids[c, 1:len(r) + 1] = r
-      ids[c, len(r) + 1] = tok.eot_token_id
-    # Shared prefix: equal columns from the start, leaving every class >= 1 own token.
-    upto = int(lengths.min()) - 1
-    same = (ids[:, :upto] == ids[0, :upto]).all(axis=0)
-    prefix_len = int(upto if same.all() else same.argmin())
-    suffix_len = lengths - prefix_len
-    order = np.argsort(suffix_len, kind="stable").astype(np.int32)
-    p_bucket = _bucket(prefix_len, self.prefix_buckets)
-    units = []
-    for start in range(0, len(order), self.class_chunk):
-      rows_ = order[start:start + self.class_chunk]
-      s_bucket = _bucket(int(suffix_len[rows_].max()), self.suffix_buckets)
-      units.append((p_bucket, s_bucket, rows_))
-    # Room for the widest padded suffix, so slicing never runs short (kept small:
-    # prepared templates are cached).
-    width = prefix_len + max(u[1] for u in units)
-    if width > ids.shape[1]:
-      ids = np.pad(ids, ((0, 0), (0, width - ids.shape[1])),
-                   constant_values=tok.pad_token_id)
-    return _Prepared(ids, lengths, prefix_len, units)
+  # -- running calls -------------------------------------------------------------------
+  def _run(self, preps: list[PackedTemplate], encode_only: bool = False):
+    """Runs every row of `preps`.
 
-  # -- running units -----------------------------------------------------------------
-  def _units_per_call(self, s_bucket: int) -> int:
-    fit = self.max_rows // (self.class_chunk * s_bucket)
-    return _pow2_floor(max(1, min(self.max_units, fit)))
-
-  def _unit_arrays(self, units: list[tuple[_Prepared, int]], u_pad: int, p_bucket: int,
-                   s_bucket: int):
-    """Host arrays of one call: units padded to `u_pad` with empty units."""
-    k, pad = self.class_chunk, self.tokenizer.pad_token_id
-    prefix_ids = np.full((u_pad, p_bucket), pad, np.int32)
-    prefix_len = np.ones((u_pad,), np.int32)
-    suffix = np.full((u_pad, k, s_bucket), pad, np.int32)
-    eot = np.zeros((u_pad, k), np.int32)
-    class_idx = np.full((u_pad, k), -1, np.int32)
-    for u, (prep, j) in enumerate(units):
-      plen = prep.prefix_len
-      rows = prep.units[j][2]
-      prefix_ids[u, :min(plen, p_bucket)] = prep.ids[0, :min(plen, p_bucket)]
-      prefix_len[u] = plen
-      suffix[u, :len(rows)] = prep.ids[rows, plen:plen + s_bucket]
-      eot[u, :len(rows)] = prep.lengths[rows] - plen - 1
-      class_idx[u, :len(rows)] = rows
-      self._stats["token_rows_real"] += int(prep.lengths[rows].sum() - plen * len(rows))
-      self._stats["token_rows_real"] += plen if j == 0 else 0
-    self._stats["token_rows"] += u_pad * (p_bucket + k * s_bucket)
-    self._stats["attention_keys"] += u_pad * (p_bucket * p_bucket
-                                              + k * s_bucket * (p_bucket + s_bucket))
-    return prefix_ids, prefix_len, suffix, eot, class_idx
-
-  def _place(self, prefix_ids, prefix_len, suffix, eot, class_idx):
-    mesh = self.mesh
-    return (sharding.put_replicated(prefix_ids, mesh), sharding.put_replicated(prefix_len, mesh),
-            sharding.put_sharded(suffix, mesh, 1), sharding.put_sharded(eot, mesh, 1),
-            sharding.put_sharded(class_idx, mesh, 1))
-
-  def _note_shape(self, kind: str, shape: tuple) -> float | None:
-    key = (kind,) + shape
-    if key in self._shapes_seen:
-      return None
-    self._shapes_seen.add(key)
-    log.info("scorer: compiling %s step for shape %s (units, prefix, classes, suffix) "
-             "x %d images, %s", kind, shape, len(self._labels), self.dtype.name)
-    return time.perf_counter()
-
-  def _calls(self, work: list[tuple[_Prepared, int]]):
-    """Groups (template, unit) pairs by shape into calls: yields (units, u_pad, P, S)."""
-    groups: dict[tuple[int, int], list[tuple[_Prepared, int]]] = collections.defaultdict(list)
-    for prep, j in work:
-      p_bucket, s_bucket, _ = prep.units[j]
-      groups[(p_bucket, s_bucket)].append((prep, j))
-    for (p_bucket, s_bucket), items in sorted(groups.items()):
-      per_call = self._units_per_call(s_bucket)
-      # Full calls, then the rest in power-of-two calls (5 -> 4 + 1): no padded
-      # units, the same bounded set of shapes. Remainders too small to fill a
-      # GEMM well (< 1/4 of a full call) are padded up instead of split further.
-      sizes, rest = [], len(items)
-      while rest:
-        u = min(per_call, _pow2_floor(rest))
-        if u < rest and rest <= per_call // 4:
-          u = _pow2_ceil(rest)
-        sizes.append(u)
-        rest -= min(u, rest)
-      at = 0
-      for u in sizes:
-        chunk = items[at:at + u]
-        at += len(chunk)
-        yield chunk, u, p_bucket, s_bucket
-
-  def _run(self, work: list[tuple[_Prepared, int]], encode_only: bool = False):
-    """Runs every unit; returns {(id(prep), j): _Partial or np.ndarray [rows, E]}."""
-    pending = []
+    Returns, per template index, a list of _Partial (score) or of
+    (classes, features [k, E]) pairs (encode_only).
+    """
+    enc = self.text_encoder
     scale = jnp.float32(self.logit_scale)
-    for chunk, u_pad, p_bucket, s_bucket in self._calls(work):
-      arrays = self._place(*self._unit_arrays(chunk, u_pad, p_bucket, s_bucket))
-      shape = (u_pad, p_bucket, self.class_chunk, s_bucket)
-      started = self._note_shape("text", shape)
-      text, partials = self._score_fn(self._text_vars, *arrays, self._images,
-                                      self._labels_dev, scale)
-      out = text if encode_only else partials
-      if started is not None:  # Wait, so the log says what the compile + first run cost.
-        jax.block_until_ready(out)
-        compile_s = time.perf_counter() - started
-        self._stats["seconds_compile"] += compile_s
-        log.info("scorer: shape %s compiled and ran in %.1f s", shape, compile_s)
-      pending.append((chunk, out))
+    pending = []
+    for shape, call in enc.plan(preps):
+      arrays, seg_class, seg_slot, template_of = enc.call_arrays(shape, preps, call)
+      text, waited = enc.run(shape, enc.place(arrays))
+      if encode_only:
+        out = text
+      else:
+        fn, waited_p = self._partials_program(shape)
+        waited += waited_p
+        out = fn(text, sharding.put_replicated(seg_class, self.mesh),
+                 sharding.put_replicated(seg_slot, self.mesh), self._images,
+                 self._labels_dev, scale)
+      self._stats["seconds_compile"] += waited
+      rows, keys = enc.cost(shape)
+      self._stats["token_rows"] += rows
+      self._stats["attention_keys"] += keys
       self._stats["calls"] += 1
-    results = {}
-    for chunk, out in pending:
+      pending.append((out, seg_class, seg_slot, template_of))
+    results: dict[int, list] = collections.defaultdict(list)
+    for out, seg_class, seg_slot, template_of in pending:
       if encode_only:
         feats = np.asarray(out)
-        for u, (prep, j) in enumerate(chunk):
-          results[(id(prep), j)] = feats[u, :len(prep.units[j][2])]
+        for slot, t in template_of.items():
+          keep = (seg_slot == slot) & (seg_class >= 0)
+          results[t].append((seg_class[keep], feats[keep]))
       else:
         best, best_class, lse, true = (np.asarray(a) for a in out)
-        for u, (prep, j) in enumerate(chunk):
-          results[(id(prep), j)] = _Partial(best[u], best_class[u], lse[u], true[u])
+        for slot, t in template_of.items():
+          results[t].append(_Partial(best[slot], best_class[slot], lse[slot], true[slot]))
+    for prep in preps:
+      self._stats["token_rows_real"] += prep.tokens
     return results
 
   # -- merging ---------------------------------------------------------------------------
@@ -624,9 +295,10 @@ class PromptScorer:
       started = time.perf_counter()
       prepared = {t: self._prepare(t) for t in templates if isinstance(t, str)}
       ok = {t: p for t, p in prepared.items() if not isinstance(p, str)}
-      work = [(p, j) for p in ok.values() for j in range(len(p.units))]
+      order = list(ok)
       ran = time.perf_counter()
-      results = self._run(work)
+      results = self._run([ok[t] for t in order])
+      index = {t: i for i, t in enumerate(order)}
       merged = time.perf_counter()
       out = []
       for t in templates:
@@ -634,14 +306,14 @@ class PromptScorer:
         if isinstance(p, str):
           out.append(Score(t if isinstance(t, str) else repr(t), rejected=p))
         else:
-          out.append(self._merge(t, [results[(id(p), j)] for j in range(len(p.units))]))
+          out.append(self._merge(t, results[index[t]]))
       self._stats["templates"] += len(ok)
       self._stats["rejected"] += sum(1 for s in out if not s.ok)
       self._stats["score_calls"] += 1
       done = time.perf_counter()
       self._stats["seconds_busy"] += done - started
-      self._stats["seconds_prepare"] += ran - started  # tokenize, prefix, plan
-      self._stats["seconds_device"] += merged - ran  # host arrays, dispatch, wait
+      self._stats["seconds_prepare"] += ran - started  # tokenize, prefix, pack
+      self._stats["seconds_device"] += merged - ran  # plan, host arrays, dispatch, wait
       self._stats["seconds_merge"] += done - merged
     return out
 
@@ -658,11 +330,12 @@ class PromptScorer:
         raise ScorerError(f"template {t!r} cannot be encoded: {p}")
       preps.append(p)
     uniq = list({id(p): p for p in preps}.values())
-    results = self._run([(p, j) for p in uniq for j in range(len(p.units))], encode_only=True)
+    results = self._run(uniq, encode_only=True)
+    index = {id(p): i for i, p in enumerate(uniq)}
     out = np.zeros((len(preps), self.num_classes, self.clip.embed_dim), np.float32)
     for i, p in enumerate(preps):
-      for j, (_, _, rows) in enumerate(p.units):
-        out[i, rows] = results[(id(p), j)]
+      for classes, feats in results[index[id(p)]]:
+        out[i, classes] = feats
     return out
 
   def score_ensemble(self, groups: Sequence[Sequence[str]]) -> list[Score]:
@@ -702,28 +375,39 @@ class PromptScorer:
     return out  # type: ignore[return-value]
 
   def _run_weights(self, weights: np.ndarray) -> list[list[_Partial]]:
-    """Partials of classifiers given directly as class weights [G, C, E]."""
-    k = self.class_chunk
-    work = [(g, lo) for g in range(len(weights)) for lo in range(0, self.num_classes, k)]
-    per_call = _pow2_floor(max(1, self.max_units))
-    results: list[list[_Partial]] = [[] for _ in weights]
+    """Partials of classifiers given directly as class weights [G, C, E].
+
+    Runs through the partials programs of the text calls (same segment and slot
+    counts), so ensembles compile nothing of their own.
+    """
+    shape = self.text_encoder.shapes[-1]
+    fn, waited = self._partials_program(shape)
+    self._stats["seconds_compile"] += waited
     scale = jnp.float32(self.logit_scale)
-    for i in range(0, len(work), per_call):
-      chunk = work[i:i + per_call]
-      u_pad = _pow2_ceil(len(chunk))
-      w = np.zeros((u_pad, k, weights.shape[-1]), np.float32)
-      idx = np.full((u_pad, k), -1, np.int32)
-      for u, (g, lo) in enumerate(chunk):
-        hi = min(lo + k, self.num_classes)
-        w[u, :hi - lo] = weights[g, lo:hi]
-        idx[u, :hi - lo] = np.arange(lo, hi)
-      self._note_shape("weights", (u_pad, k))
-      out = self._weights_fn(sharding.put_replicated(w, self.mesh),
-                             sharding.put_replicated(idx, self.mesh),
-                             self._images, self._labels_dev, scale)
+    work = [(g, c) for g in range(len(weights)) for c in range(self.num_classes)]
+    per_call = min(shape.segments, shape.slots * self.num_classes)
+    results: list[list[_Partial]] = [[] for _ in weights]
+    at = 0
+    while at < len(work):
+      text = np.zeros((shape.segments, weights.shape[-1]), np.float32)
+      seg_class = np.full((shape.segments,), -1, np.int32)
+      seg_slot = np.full((shape.segments,), shape.slots, np.int32)
+      slot_of: dict[int, int] = {}
+      m = 0
+      while at < len(work) and m < per_call:
+        g, c = work[at]
+        if g not in slot_of:
+          if len(slot_of) == shape.slots:  # More groups than slots: the next call.
+            break
+          slot_of[g] = len(slot_of)
+        text[m], seg_class[m], seg_slot[m] = weights[g, c], c, slot_of[g]
+        m += 1
+        at += 1
+      rep = functools.partial(sharding.put_replicated, mesh=self.mesh)
+      out = fn(rep(text), rep(seg_class), rep(seg_slot), self._images, self._labels_dev, scale)
       best, best_class, lse, true = (np.asarray(a) for a in out)
-      for u, (g, _) in enumerate(chunk):
-        results[g].append(_Partial(best[u], best_class[u], lse[u], true[u]))
+      for g, slot in slot_of.items():
+        results[g].append(_Partial(best[slot], best_class[slot], lse[slot], true[slot]))
       self._stats["calls"] += 1
     return results
 
@@ -741,22 +425,26 @@ class PromptScorer:
   @property
   def preferred_batch(self) -> int:
     """Templates per `score` call that fill the device calls well."""
-    return max(1, self.max_units)
+    return max(1, self.text_encoder.shapes[-1].slots // 2)
 
   def stats(self) -> dict[str, float]:
     """Counters for throughput reports.
 
     templates (valid templates scored), rejected, ensembles, score_calls,
-    calls (device step calls), compiles, seconds_busy (wall time inside
-    score/score_ensemble; of score's: seconds_prepare for tokenization and
-    planning, seconds_device for the device calls, seconds_merge for merging
-    partials on the host), token_rows (executed, with padding),
+    calls (device calls), seconds_busy (wall time inside score/score_ensemble;
+    of score's: seconds_prepare for tokenization and packing, seconds_device
+    for the device calls, seconds_merge for merging partials on the host),
+    seconds_compile (of seconds_busy: compiling, or waiting for the background
+    compile), compiles and compile_s_total (programs of the text encoder, which
+    scorers may share, and their compile time in any thread, background
+    included), token_rows (executed, with padding),
     token_rows_real (without padding), gflops_text (executed, by the FLOP
     model of performance.md), gflops_images (image-text matmuls), and the
     token cache's assembled/whole sentence counts.
     """
     s = dict(self._stats)
-    s["compiles"] = len(self._shapes_seen)  # Never reset: compiled programs stay.
+    s["compiles"] = self.text_encoder.programs.compiled  # Never reset: programs stay.
+    s["compile_s_total"] = self.text_encoder.programs.compile_s
     s.update({f"sentences_{k}": v for k, v in self.tokens.stats.items()})
     cfg = self.clip.config.text
     params = cfg.layers * (4 * cfg.width ** 2 + 2 * cfg.width * int(cfg.width * cfg.mlp_ratio))
@@ -765,7 +453,7 @@ class PromptScorer:
     s["gflops_images"] = (2 * len(self._labels) * self.clip.embed_dim * self.num_classes
                           * (s.get("templates", 0) + s.get("ensembles", 0))) / 1e9
     for key in ("templates", "rejected", "ensembles", "score_calls", "calls", "compiles",
-                "seconds_busy", "token_rows", "token_rows_real"):
+                "seconds_busy", "seconds_compile", "token_rows", "token_rows_real"):
       s.setdefault(key, 0)
     return s
 
@@ -774,6 +462,16 @@ class PromptScorer:
     with self._prep_lock:
       self._prepared.clear()
       self.tokens.clear()
+
+  def wait_compiled(self) -> None:
+    """Blocks until every program is compiled (benchmarks: steady state)."""
+    for shape in self.text_encoder.shapes:
+      self.text_encoder.program(shape)
+      self._partials_program(shape)
+
+  def close(self) -> None:
+    """Stops compiling ahead of time (idempotent); the scorer still scores, compiling on use."""
+    self.text_encoder.programs.stop()
 
   def reset_stats(self) -> None:
     self._stats.clear()

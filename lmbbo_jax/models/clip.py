@@ -14,6 +14,10 @@ Conventions
   causally, to their own earlier tokens. Because attention is causal and
   positions are absolute, this is exactly the plain encode of the full sentence.
   The plain encode is the same code with an empty prefix (P = 0, C = 1).
+- The scorer's *packed* encode (`TextTransformer.encode_packed`) uses the same
+  blocks with rows as the main stream: each row continues the prefix of one
+  template (`prefix_index`) and holds several class segments end to end; a
+  block-diagonal causal mask (`main_mask`) keeps each segment to itself.
 """
 
 from __future__ import annotations
@@ -55,16 +59,21 @@ class ResidualAttentionBlock(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, carry, prefix_valid):
+  def __call__(self, carry, context):
     """One layer.
 
     Args:
-      carry: (xp [T, P, D], xs [T, C, S, D]) float32 residual streams.
-      prefix_valid: bool [T, P], which prefix keys the main stream may see.
+      carry: (xp [Tp, P, D], xs [T, C, S, D]) float32 residual streams.
+      context: (prefix_valid, prefix_index, main_mask). prefix_valid: bool
+        [T, P], which prefix keys main group t may see. prefix_index: int32 [T],
+        the prefix slot each main group continues (None: slot t, Tp == T).
+        main_mask: bool [T, C, S, S], which main keys each main token may see
+        (None: causal, or everything when the block is not causal).
 
     Returns:
       ((xp, xs), None), the scan convention.
     """
+    prefix_valid, prefix_index, main_mask = context
     xp, xs = carry
     heads, width = self.heads, self.width
     head_dim = width // heads
@@ -95,12 +104,16 @@ class ResidualAttentionBlock(nn.Module):
     op = jnp.einsum("thqk,tkhd->tqhd", w_pp, vp)
 
     # Main stream: keys = [valid prefix keys of its template | its own tokens].
+    if prefix_index is not None:
+      kp, vp = kp[prefix_index], vp[prefix_index]
     s_sp = jnp.einsum("tcqhd,tkhd->tchqk", qs * scale, kp,
                       preferred_element_type=jnp.float32)
     s_sp = jnp.where(prefix_valid[:, None, None, None, :], s_sp, _NEG_INF)
     s_ss = jnp.einsum("tcqhd,tckhd->tchqk", qs * scale, ks,
                       preferred_element_type=jnp.float32)
-    if self.causal:
+    if main_mask is not None:
+      s_ss = jnp.where(main_mask[:, :, None], s_ss, _NEG_INF)
+    elif self.causal:
       s_ss = jnp.where(jnp.tril(jnp.ones((num_s, num_s), bool)), s_ss, _NEG_INF)
     w = jax.nn.softmax(jnp.concatenate([s_sp, s_ss], axis=-1), axis=-1)
     w = w.astype(self.dtype)
@@ -185,10 +198,43 @@ class TextTransformer(nn.Module):
     spos = jnp.minimum(prefix_len[:, None] + jnp.arange(num_s)[None], ctx - 1)
     xs = self.token_embedding(suffix_ids) + pos[spos][:, None]
     prefix_valid = jnp.arange(num_p)[None, :] < prefix_len[:, None]
-    (_, xs), _ = self.blocks((xp, xs), prefix_valid)
+    (_, xs), _ = self.blocks((xp, xs), (prefix_valid, None, None))
     pooled = jnp.take_along_axis(xs, eot_index[:, :, None, None], axis=2)[:, :, 0]
+    return self._project(pooled)
+
+  def encode_packed(self, prefix_ids, prefix_len, row_ids, row_prefix, row_segment,
+                    row_pos, eot_flat):
+    """Encodes class segments packed into rows, each row continuing one prefix.
+
+    Args:
+      prefix_ids: int32 [Tp, P], prefix tokens (from the start token on) per slot.
+      prefix_len: int32 [Tp], valid prefix tokens per slot.
+      row_ids: int32 [R, L], segments end to end (a segment: a class's tokens after
+        its template's prefix, EOT included), padding after the last one.
+      row_prefix: int32 [R], the prefix slot each row continues.
+      row_segment: int32 [R, L], segment id of each token within its row (equal ids
+        attend to each other causally; padding has its own id).
+      row_pos: int32 [R, L], absolute position of each token (prefix_len + offset).
+      eot_flat: int32 [M], flat index r * L + j of each segment's EOT token.
+
+    Returns:
+      float32 [M, embed_dim] projected, un-normalised features, equal to the plain
+      encode of each segment's full sentence.
+    """
+    num_p, width = prefix_ids.shape[1], row_ids.shape[1]
+    pos = self.positional_embedding
+    xp = self.token_embedding(prefix_ids) + pos[:num_p][None]
+    xs = (self.token_embedding(row_ids) + pos[row_pos])[:, None]
+    prefix_valid = (jnp.arange(num_p)[None, :] < prefix_len[:, None])[row_prefix]
+    causal = jnp.tril(jnp.ones((width, width), bool))
+    mask = (row_segment[:, :, None] == row_segment[:, None, :]) & causal
+    (_, xs), _ = self.blocks((xp, xs), (prefix_valid, row_prefix, mask[:, None]))
+    pooled = xs.reshape(-1, xs.shape[-1])[eot_flat]
+    return self._project(pooled)
+
+  def _project(self, pooled):
     pooled = self.ln_final(pooled)
-    return jnp.einsum("tcd,de->tce", pooled.astype(self.dtype),
+    return jnp.einsum("...d,de->...e", pooled.astype(self.dtype),
                       self.text_projection.astype(self.dtype),
                       preferred_element_type=jnp.float32)
 
@@ -216,7 +262,7 @@ class VisionTransformer(nn.Module):
     blocks = _transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.act,
                           False, self.dtype, "blocks")
     empty = jnp.zeros((n, 0, d), jnp.float32)
-    (_, xs), _ = blocks((empty, x[:, None]), jnp.zeros((n, 0), bool))
+    (_, xs), _ = blocks((empty, x[:, None]), (jnp.zeros((n, 0), bool), None, None))
     x = layer_norm("ln_post")(xs[:, 0, 0])
     proj = self.param("proj", nn.initializers.normal(scale), (cfg.width, self.embed_dim))
     return jnp.dot(x.astype(self.dtype), proj.astype(self.dtype),
@@ -340,6 +386,9 @@ class CLIPModel(nn.Module):
 
   def encode_text_prefixed(self, prefix_ids, prefix_len, suffix_ids, eot_index):
     return self.text.encode_prefixed(prefix_ids, prefix_len, suffix_ids, eot_index)
+
+  def encode_text_packed(self, *args):
+    return self.text.encode_packed(*args)
 
   def get_logit_scale(self):
     return self.logit_scale

@@ -1,0 +1,1 @@
+"""Command-line tools: generated image folders, the GPU check (`python -m lmbbo_jax.tools.X`)."""
