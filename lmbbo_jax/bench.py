@@ -507,46 +507,44 @@ def bench_images(args, clip) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- main
-_WHAT = flags.DEFINE_enum("what", "text", ["text", "images"], "What to measure.")
-_MODE = flags.DEFINE_enum(
-    "mode", "steady", ["steady", "cold"],
-    "steady: warm-up excluded, medians of repeats; cold (text only): from the first "
-    "template, compiles included, empty compilation cache (see the module doc).")
-_ARCH = flags.DEFINE_string("arch", "ViT-B/32", "A named CLIP architecture.")
-_WEIGHTS = flags.DEFINE_string("weights", "random",
-                               "'random' (random init of --arch) or a load_clip source.")
-_CLASSES = flags.DEFINE_integer("classes", 100, "Class names (100: Caltech101's, else "
-                                "the first N of ImageNet's).", lower_bound=1)
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-_TEMPLATES = flags.DEFINE_integer("templates", 0, "How many templates (0: the whole set; "
-                                  "cold mode: the generated stream's length, default 96).",
-                                  lower_bound=0)
-_TEMPLATE_SET = flags.DEFINE_enum(
-    "template_set", "mixed", ["mixed", "short"],
-    "mixed: short and long LLM-style; short: peer_bench's eight 6-word ones.")
-_LAYOUT = flags.DEFINE_enum(
-    "layout", "prefix", ["prefix", "trimmed"],
-    "prefix: the PromptScorer; trimmed: a plain JAX baseline (one CLIP.encode_text call "
-    "per template, trimmed to a length bucket).")
-_IMAGES_PER_CLASS = flags.DEFINE_integer("images_per_class", 16, "Random image features "
-                                         "per class.", lower_bound=1)
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (steady mode).", lower_bound=1)
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images per step (--what=images).")
-_BATCHES = flags.DEFINE_integer("batches", 4, "Batches per repeat (--what=images).")
-_ROWS_PER_CALL = flags.DEFINE_integer(
-    "rows_per_call", 0, "Token rows of the largest call (0: 32 on CPU, 1024 on accelerators).")
-_STREAM_FILE = flags.DEFINE_string(
-    "stream_file", None, "Cold mode: templates to score in order, one per line (lines "
-    "without {} are skipped); default: a generated LLM-like stream.")
-_STREAM_BATCH = flags.DEFINE_integer("stream_batch", 4, "Cold mode: templates per score "
-                                     "call.", lower_bound=1)
-_STREAM_SEED = flags.DEFINE_integer("stream_seed", 0, "Cold mode: seed of the generated "
-                                    "stream.")
-_JAX_CACHE_DIR = flags.DEFINE_string(
-    "jax_cache_dir", None, "Cold mode: persistent compilation cache to use (default: a new "
-    "empty temporary directory, so the figure is a first run's).")
-_PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "Write a jax.profiler trace here.")
-_JSON = flags.DEFINE_bool("json", False, "One JSON object per line.")
+def define_flags() -> None:
+  """The command line's flags (defined when run, so that importing this module defines none)."""
+  flags.DEFINE_enum("what", "text", ["text", "images"], "What to measure.")
+  flags.DEFINE_enum(
+      "mode", "steady", ["steady", "cold"],
+      "steady: warm-up excluded, medians of repeats; cold (text only): from the first "
+      "template, compiles included, empty compilation cache (see the module doc).")
+  flags.DEFINE_string("arch", "ViT-B/32", "A named CLIP architecture.")
+  flags.DEFINE_string("weights", "random",
+                      "'random' (random init of --arch) or a load_clip source.")
+  flags.DEFINE_integer("classes", 100, "Class names (100: Caltech101's, else the first N "
+                       "of ImageNet's).", lower_bound=1)
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+  flags.DEFINE_integer("templates", 0, "How many templates (0: the whole set; cold mode: "
+                       "the generated stream's length, default 96).", lower_bound=0)
+  flags.DEFINE_enum("template_set", "mixed", ["mixed", "short"],
+                    "mixed: short and long LLM-style; short: peer_bench's eight 6-word ones.")
+  flags.DEFINE_enum("layout", "prefix", ["prefix", "trimmed"],
+                    "prefix: the PromptScorer; trimmed: a plain JAX baseline (one "
+                    "CLIP.encode_text call per template, trimmed to a length bucket).")
+  flags.DEFINE_integer("images_per_class", 16, "Random image features per class.",
+                       lower_bound=1)
+  flags.DEFINE_integer("repeats", 3, "Timed repeats (steady mode).", lower_bound=1)
+  flags.DEFINE_integer("batch_size", 64, "Images per step (--what=images).")
+  flags.DEFINE_integer("batches", 4, "Batches per repeat (--what=images).")
+  flags.DEFINE_integer("rows_per_call", 0, "Token rows of the largest call (0: 32 on CPU, "
+                       "1024 on accelerators).")
+  flags.DEFINE_string("stream_file", None, "Cold mode: templates to score in order, one per "
+                      "line (lines without {} are skipped); default: a generated LLM-like "
+                      "stream.")
+  flags.DEFINE_integer("stream_batch", 4, "Cold mode: templates per score call.",
+                       lower_bound=1)
+  flags.DEFINE_integer("stream_seed", 0, "Cold mode: seed of the generated stream.")
+  flags.DEFINE_string("jax_cache_dir", None, "Cold mode: persistent compilation cache to use "
+                      "(default: a new empty temporary directory, so the figure is a first "
+                      "run's).")
+  flags.DEFINE_string("profile_dir", None, "Write a jax.profiler trace here.")
+  flags.DEFINE_bool("json", False, "One JSON object per line.")
 
 
 def _args() -> types.SimpleNamespace:
@@ -582,6 +580,7 @@ def main(argv) -> int:
 
 
 def run():
+  define_flags()
   app.run(main)
 
 

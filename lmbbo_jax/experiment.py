@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import os
 import pathlib
 import platform
@@ -29,6 +28,7 @@ from typing import Any, Sequence
 import orjson
 from absl import logging
 
+from lmbbo_jax import io as io_lib
 from lmbbo_jax import report
 from lmbbo_jax.llm import LLMConfig, LLMFatalError, build_client
 from lmbbo_jax.search import SearchConfig, make_proposer_factory, run_search
@@ -231,12 +231,6 @@ def _git_commit() -> str | None:
     return None
 
 
-def _write_json(path: pathlib.Path, obj) -> None:
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_bytes(orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
-  os.replace(tmp, path)
-
-
 def run_experiment(cfg: ExperimentConfig) -> dict:
   """Runs (or resumes) the experiment and writes every output; returns results.json's dict."""
   cfg.search.validate()
@@ -323,7 +317,6 @@ def _run(cfg: ExperimentConfig, kind: str, local) -> dict:
     runs.append(_SeedRun(seed, task, scorer, _baselines(cfg, scorer, task), n_images, encode_s))
 
   profile = (_profile(cfg.profile_dir) if cfg.profile_dir else contextlib.nullcontext())
-  busy_before = sum(r.scorer.stats().get("seconds_busy", 0.0) for r in runs)
   t_search = time.perf_counter()
   with profile:
     ledger, intervals, client_info = asyncio.run(_search_all(cfg, workdir, runs, corpora,
@@ -423,7 +416,7 @@ async def _search_all(cfg: ExperimentConfig, workdir: pathlib.Path, runs: list[_
     uninstall()
     intervals = []
     for r in runs:
-      front = getattr(r.scorer, "_front", None)
+      front = r.scorer.front
       if front is not None:
         intervals += front.intervals
         await front.aclose()
@@ -456,15 +449,6 @@ def _dry_run(cfg: ExperimentConfig) -> dict:
 
 # --------------------------------------------------------------------------------------
 # Results.
-
-def _percentile(xs: Sequence[float], q: float) -> float | None:
-  if not xs:
-    return None
-  xs = sorted(xs)
-  i = (len(xs) - 1) * q / 100
-  lo, hi = int(i), min(int(i) + 1, len(xs) - 1)
-  return xs[lo] + (xs[hi] - xs[lo]) * (i - lo)
-
 
 def _proposer_accounting(runs: list[_SeedRun]) -> dict:
   """Calls, valid new templates per call and per request, rejections, cut replies."""
@@ -600,9 +584,9 @@ def _results(cfg, clip, runs: list[_SeedRun], ledger, search_s: float, wall_s: f
 def _write_outputs(workdir: pathlib.Path, results: dict, runs: list[_SeedRun]) -> None:
   records, transcript = [], []
   for r in runs:
-    for row in report.read_jsonl(workdir / f"seed_{r.seed}" / "prompts.jsonl"):
+    for row in io_lib.read_jsonl(workdir / f"seed_{r.seed}" / "prompts.jsonl"):
       records.append(dict(row, seed=r.seed))
-    for row in report.read_jsonl(workdir / f"seed_{r.seed}" / "transcript.jsonl"):
+    for row in io_lib.read_jsonl(workdir / f"seed_{r.seed}" / "transcript.jsonl"):
       transcript.append(dict(row, seed=r.seed))
   with open(workdir / "prompts.jsonl", "wb") as f:
     for row in records:
@@ -623,10 +607,6 @@ def _write_outputs(workdir: pathlib.Path, results: dict, runs: list[_SeedRun]) -
                              f"{results['shots']}-shot)",
                        select_by=results["config"]["select_by"])
   (workdir / "summary.md").write_text(report.summary_markdown(results), encoding="utf-8")
-  _write_json(workdir / "results.json", results)
+  io_lib.write_json(workdir / "results.json", results)
 
 
-def results_digest(results: dict) -> str:
-  """A short stable hash of the evaluated outcome (for comparing runs)."""
-  keep = {k: results[k] for k in ("best", "initial_best", "baselines", "n_templates_evaluated")}
-  return hashlib.sha256(orjson.dumps(keep, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]

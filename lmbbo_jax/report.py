@@ -15,23 +15,9 @@ from typing import Iterable, Sequence
 
 import orjson
 
+from lmbbo_jax import io as io_lib
+
 SPLITS = ("train", "val", "test")
-
-
-def read_jsonl(path: str | pathlib.Path) -> list[dict]:
-  """Records of a JSONL file; a torn last line (killed writer) is skipped."""
-  out = []
-  path = pathlib.Path(path)
-  if not path.exists():
-    return out
-  for line in path.read_bytes().splitlines():
-    if not line.strip():
-      continue
-    try:
-      out.append(orjson.loads(line))
-    except orjson.JSONDecodeError:
-      continue
-  return out
 
 
 def write_prompts_csv(records: Iterable[dict], path: str | pathlib.Path) -> None:
@@ -250,7 +236,7 @@ def main(argv=None):
     print(f"no results.json in {workdir}; run the main job first", file=sys.stderr)
     return 1
   results = orjson.loads(results_path.read_bytes())
-  records = read_jsonl(workdir / "prompts.jsonl")
+  records = io_lib.read_jsonl(workdir / "prompts.jsonl")
   write_prompts_csv(records, workdir / "prompts.csv")
   plot_accuracy(records, workdir / "accuracy.png", title=results.get("dataset", ""),
                 select_by=(results.get("config") or {}).get("select_by", "train"))

@@ -36,7 +36,7 @@ class WordScorer:
   Args:
     delay_s: sleep per `score_async` call (to exercise concurrency).
     test_fn: test accuracy from train accuracy (default 1 - train).
-    context: offer `max_context_ok` (rejects templates over MAX_WORDS words).
+    context: offer `rejection_reason` (rejects templates over MAX_WORDS words).
   """
 
   def __init__(self, delay_s: float = 0.0, test_fn=None, context: bool = True):
@@ -45,12 +45,12 @@ class WordScorer:
     self.received: list[str] = []
     self.calls = 0
     if not context:
-      self.max_context_ok = None  # type: ignore[assignment]
+      self.rejection_reason = None  # type: ignore[assignment]
 
   def train_accuracy(self, template: str) -> float:
     return min(1.0, max(0.0, 0.40 + 0.05 * word_points(template)))
 
-  def max_context_ok(self, template: str) -> str | None:  # noqa: D401
+  def rejection_reason(self, template: str) -> str | None:  # noqa: D401
     if len(template.split()) > MAX_WORDS:
       return "longer than the 77-token text context"
     return None

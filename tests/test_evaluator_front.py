@@ -104,7 +104,7 @@ def test_errors_reach_every_caller_of_the_batch_and_the_front_survives():
   out, after = asyncio.run(main())
   assert all(isinstance(o, RuntimeError) for o in out)
   assert after[0].template == "fine {}"
-  assert front.max_context_ok("no slot") == "no slot" and front.max_context_ok("a {}") is None
+  assert front.rejection_reason("no slot") == "no slot" and front.rejection_reason("a {}") is None
 
 
 def test_score_async_equals_score_on_a_real_scorer():

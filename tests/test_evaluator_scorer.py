@@ -99,8 +99,8 @@ def test_rejections_say_why(clip, scorer):
   assert "too long" in reasons[5] and "context 77" in reasons[5]
   # Fits with the short names but not with the longest one: measured in tokens.
   edge = "a " * 72 + "{}"
-  assert scorer.max_context_ok("a photo of a {}.") is None
-  assert "too long" in scorer.max_context_ok(edge)
+  assert scorer.rejection_reason("a photo of a {}.") is None
+  assert "too long" in scorer.rejection_reason(edge)
   assert "too long" in scorer.score([edge])[0].rejected
   with pytest.raises(ScorerError):
     scorer.score("a photo of a {}.")

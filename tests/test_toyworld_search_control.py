@@ -1,5 +1,7 @@
 """The search-vs-control experiment: generic initial pools, domain words for the proposer."""
 
+import pytest
+
 from lmbbo_jax.toyworld import captions, evaluate, search_control
 
 # Words that name a rendering style other than photo.
@@ -40,7 +42,25 @@ def test_one_search_reports_pool_and_search_picks_on_the_toy_model():
   assert out["evaluated"] >= 4
   assert out["search_train"] >= out["pool_train"]  # Selection is by train accuracy.
   assert abs(out["gain"] - (out["search_test"] - out["pool_test"])) < 1e-9
-  rows = [dict(out, task="sketch_dark", seed=1, model=m) for m in ("trained", "control")]
-  (summary,) = search_control.summarize(rows)
-  assert summary["trained_gain"] == summary["control_gain"] == out["gain"]
-  assert "sketch_dark" in search_control.markdown([summary], rows)
+  assert "sketch_dark" in search_control.markdown(
+      search_control.summarize([dict(out, task="sketch_dark", seed=1, model="trained")]),
+      [dict(out, task="sketch_dark", seed=1, model="trained")])
+
+
+def test_summary_separates_the_trained_model_from_the_control():
+  def row(task, seed, model, pool, search):
+    return {"task": task, "seed": seed, "model": model, "pool_test": pool,
+            "search_test": search, "gain": search - pool, "pool_template": "p {}",
+            "search_template": "s {}"}
+  rows = [row("a", 1, "trained", 0.50, 0.60), row("a", 2, "trained", 0.50, 0.70),
+          row("a", 1, "control", 0.10, 0.10), row("a", 2, "control", 0.10, 0.12),
+          row("b", 1, "trained", 0.40, 0.40), row("b", 1, "control", 0.10, 0.20)]
+  a, b = search_control.summarize(rows)
+  assert a["task"] == "a" and b["task"] == "b"
+  assert a["trained_gain"] == pytest.approx(0.15) and a["control_gain"] == pytest.approx(0.01)
+  assert a["trained_gain_se"] == pytest.approx(0.05)  # stdev 0.0707 / sqrt(2)
+  assert a["trained_search_test"] == pytest.approx(0.65)
+  assert a["gain_beats_control"] and not b["gain_beats_control"]
+  assert b["trained_gain_se"] == 0.0  # one seed
+  md = search_control.markdown([a, b], rows)
+  assert "+15.0 (5.0)" in md and "+1.0 (1.0)" in md

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -26,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmbbo_jax import io as io_lib
 from lmbbo_jax.evaluator import sharding
 from lmbbo_jax.models.clip import CLIPModel
 
@@ -113,19 +113,6 @@ def cache_paths(cache_dir: str, key: dict) -> tuple[str, str]:
   return stem + ".npz", stem + ".json"
 
 
-def _atomic_write(path: str, write: Callable[[Any], None], mode: str) -> None:
-  directory = os.path.dirname(path) or "."
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-  try:
-    with os.fdopen(fd, mode) as f:
-      write(f)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
 def save_cache(cache_dir: str, key: dict, features: np.ndarray, labels: np.ndarray,
                index: np.ndarray) -> str:
   """Writes the arrays, then the manifest (so a crash never leaves a valid-looking pair)."""
@@ -133,10 +120,11 @@ def save_cache(cache_dir: str, key: dict, features: np.ndarray, labels: np.ndarr
   npz_path, manifest_path = cache_paths(cache_dir, key)
   arrays = {"features": np.asarray(features, np.float32), "labels": np.asarray(labels, np.int32),
             "index": np.asarray(index, np.int64)}
-  _atomic_write(npz_path, lambda f: np.savez(f, **arrays), "wb")
+  with io_lib.atomic_writer(npz_path) as f:
+    np.savez(f, **arrays)
   manifest = {"key": key, "shapes": {k: list(v.shape) for k, v in arrays.items()},
               "sha256": _arrays_digest(arrays), "file": os.path.basename(npz_path)}
-  _atomic_write(manifest_path, lambda f: json.dump(manifest, f, indent=1, sort_keys=True), "w")
+  io_lib.atomic_write(manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
   return npz_path
 
 

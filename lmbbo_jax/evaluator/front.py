@@ -76,7 +76,7 @@ class ScoringFront:
     await queue.put(_Request(templates, future))  # Blocks when the queue is full.
     return await future
 
-  def max_context_ok(self, template: str) -> str | None:
+  def rejection_reason(self, template: str) -> str | None:
     """None when `template` can be scored, else why not (format or too long)."""
     return self.scorer.rejection_reason(template)
 
@@ -153,14 +153,3 @@ class ScoringFront:
         request.future.cancel()
     self._pool.shutdown(wait=False)
 
-
-async def score_async(scorer: Any, templates: Sequence[str]) -> list:
-  """Module-level convenience: `await score_async(scorer, templates)`."""
-  if hasattr(scorer, "score_async"):
-    return await scorer.score_async(templates)
-  raise TypeError("scorer has no score_async; wrap it in ScoringFront")
-
-
-def max_context_ok(scorer: Any, template: str) -> str | None:
-  """None when `template` fits the text context with every class name, else the reason."""
-  return scorer.rejection_reason(template)

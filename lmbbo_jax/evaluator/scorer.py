@@ -413,14 +413,16 @@ class PromptScorer:
 
   async def score_async(self, templates: Sequence[str]) -> list[Score]:
     """`score` for asyncio callers, coalesced with concurrent calls (see front.py)."""
-    from lmbbo_jax.evaluator.front import ScoringFront  # Avoids an import cycle.
+    # front.py builds on this module, so it is imported where first needed.
+    from lmbbo_jax.evaluator.front import ScoringFront
     if self._front is None:
       self._front = ScoringFront(self)
     return await self._front.score_async(templates)
 
-  def max_context_ok(self, template: str) -> str | None:
-    """None when `template` fits the context with every class name, else the reason."""
-    return self.rejection_reason(template)
+  @property
+  def front(self):
+    """The async front of `score_async` (busy intervals, `aclose`), None until first used."""
+    return self._front
 
   @property
   def preferred_batch(self) -> int:

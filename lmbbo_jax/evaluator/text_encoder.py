@@ -57,6 +57,8 @@ ROW_FRACTIONS = (1 / 16, 1 / 4, 1)
 # Tokens per segment besides the class name, for sizing prefix and segment
 # slots (the rest of a typical template and the EOT).
 _SEGMENT_EXTRA_TOKENS = 4
+# Segment slots per call, over the segments the rows hold at the estimated length.
+_SEGMENT_SLACK = 1.5
 _NO_CLASS = np.iinfo(np.int32).max  # argmax tie-break sentinel: larger than any class
 
 
@@ -119,16 +121,19 @@ def call_shapes(num_classes: int, segment_tokens: float, width: int, rows_per_ca
 
   Prefix slots are sized for a quarter more than the templates a call of that
   many rows holds at `segment_tokens` per class, plus one (a call usually starts
-  and ends inside a template); segment slots for segments of two
-  tokens on average, and always for one full row of one-token segments, so any
-  single row fits any shape.
+  and ends inside a template); segment slots for `_SEGMENT_SLACK` times the
+  segments of `segment_tokens` that fill the rows (every segment slot costs an
+  image-matmul row, so they are not sized for the worst case: a call of shorter
+  segments ends when its slots are used), and always for one full row of
+  one-token segments, so any single row fits any shape.
   """
   rows_per_template = max(1.0, num_classes * segment_tokens / width)
   shapes = {}
   for frac in ROW_FRACTIONS:
     rows = sharding.round_up(max(1, round(rows_per_call * frac)), shards)
     slots = min(rows, math.ceil(1.25 * rows / rows_per_template) + 1)
-    segments = max(min(slots * num_classes, rows * width // 2), min(num_classes, width))
+    segments = max(min(slots * num_classes, math.ceil(_SEGMENT_SLACK * rows * width / segment_tokens)),
+                   min(num_classes, width))
     shapes[rows] = CallShape(rows, slots, sharding.round_up(segments, 8))
   return tuple(shapes[r] for r in sorted(shapes))
 
@@ -137,13 +142,19 @@ _exiting = threading.Event()
 _warming: "weakref.WeakSet[_Programs]" = weakref.WeakSet()
 
 
+def stop_background_compiles() -> None:
+  """Ends every encoder's ahead-of-time compiling after the compile in progress (programs
+  not built yet compile when first used)."""
+  for programs in list(_warming):
+    programs.stop()
+
+
 @atexit.register
 def _finish_compiles() -> None:
   # A daemon thread killed inside an XLA compile aborts the interpreter: let the
   # compile in progress finish, start no other.
   _exiting.set()
-  for programs in list(_warming):
-    programs.stop()
+  stop_background_compiles()
 
 
 class _Programs:

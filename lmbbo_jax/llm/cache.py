@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import time
 from typing import Any, Mapping, Sequence
 import urllib.parse
 
 import orjson
+
+from lmbbo_jax import io as io_lib
 
 MODES = ("off", "read", "readwrite")
 
@@ -97,20 +98,8 @@ class ResponseCache:
     """Stores `entry` (must hold "text") atomically; no-op unless readwrite."""
     if self.mode != "readwrite":
       return
-    path = self._path(key)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     data = orjson.dumps({**entry, "key": key, "stored_at": time.time()})
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    try:
-      with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.unlink(tmp)
-      raise
+    io_lib.atomic_write(self._path(key), data, fsync=True)
     self.writes += 1
 
   def stats(self) -> dict[str, int | str]:

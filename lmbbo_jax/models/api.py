@@ -93,10 +93,6 @@ class CLIP:
   def logit_scale(self) -> float:
     return float(np.exp(np.asarray(self.variables["params"]["logit_scale"])))
 
-  def with_dtype(self, dtype) -> "CLIP":
-    return CLIP(self.config, self.variables, self.tokenizer, dtype,
-                source=self.source, weights_hash=self.weights_hash)
-
   # -- tokenization -----------------------------------------------------------
   def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
     """Start + tokens + end for each text, unpadded; raises ContextOverflowError."""

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
+from lmbbo_jax import io as io_lib
 from lmbbo_jax.models import tokenizer as tokenizer_lib
 from lmbbo_jax.models.api import CLIP
 from lmbbo_jax.models.clip import abstract_variables
@@ -359,12 +360,9 @@ def _file_digest(path: str, cache_dir: str) -> str:
 
 
 def _write_atomic(path: str, data: bytes) -> None:
+  """Best effort: the model cache only saves time."""
   try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
+    io_lib.atomic_write(path, data)
   except OSError as e:
     logging.warning("could not write %s (%s); continuing without it", path, e)
 

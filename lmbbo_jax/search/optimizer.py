@@ -65,7 +65,7 @@ from lmbbo_jax.search.proposers import (CONVERSATIONS, FEEDBACK_MODES,
                                         REPLY_FORMATS, EditProposer,
                                         LLMProposer, ReplayProposer)
 from lmbbo_jax.search.runlog import RunLog
-from lmbbo_jax.search.state import (SELECT_BY, ChainState, EvalRecord, Proposer,
+from lmbbo_jax.search.state import (SELECT_BY, ChainState, EvalRecord, Proposal, Proposer,
                                     SearchError, Turn, best_of)
 
 
@@ -295,7 +295,7 @@ class _Search:
     self.per_chain: dict[int, dict[str, Any]] = {}
     self.config = config
     self.scorer = _SharedScorer(scorer)
-    self.context_check = getattr(scorer, "max_context_ok", None)
+    self.context_check = getattr(scorer, "rejection_reason", None)
     self.proposer_factory = proposer_factory
     self.runlog = runlog
     self.corpus = list(corpus)
@@ -493,7 +493,7 @@ async def run_search(config: SearchConfig, scorer: Any,
   Args:
     config: hyper-parameters.
     scorer: `async score_async(templates) -> list[Score]`, optionally
-      `max_context_ok(template) -> reason | None`.
+      `rejection_reason(template) -> reason | None`.
     proposer_factory: chain index -> its `Proposer`.
     runlog: the run's `RunLog` (opened with resume=True to resume).
     corpus: initial template corpus (default: the built-in generic pool).

@@ -295,7 +295,7 @@ def validate(candidates: Iterable[str], *, seen: set[str],
   Args:
     candidates: templates as extracted from a reply.
     seen: normalised templates the chain has already evaluated (not changed).
-    context_check: the scorer's `max_context_ok(template) -> reason | None`.
+    context_check: the scorer's `rejection_reason(template) -> reason | None`.
     max_new: keep at most this many valid templates (the rest are rejected
       with reason "more than m_new templates").
     max_chars: longest accepted template.

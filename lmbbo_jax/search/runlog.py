@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterable, Mapping
 from absl import logging
 import orjson
 
+from lmbbo_jax import io as io_lib
+
 PROMPTS = "prompts.jsonl"
 TRANSCRIPT = "transcript.jsonl"
 CONFIG = "search_config.json"
@@ -32,28 +34,6 @@ CONFIG = "search_config.json"
 
 class RunLogError(ValueError):
   """A workdir that cannot be used as asked."""
-
-
-def _read_jsonl(path: str) -> list[dict]:
-  """Complete JSON lines of `path`; the file is truncated after the last one."""
-  if not os.path.exists(path):
-    return []
-  with open(path, "rb") as f:
-    data = f.read()
-  end = data.rfind(b"\n") + 1  # bytes up to the last complete line
-  rows = []
-  for line in data[:end].splitlines():
-    if line.strip():
-      try:
-        rows.append(orjson.loads(line))
-      except orjson.JSONDecodeError:
-        logging.warning("Skipping a damaged line in %s.", path)
-  if end < len(data):
-    logging.warning("Dropping a torn last line of %s (interrupted write).",
-                    path)
-    with open(path, "r+b") as f:
-      f.truncate(end)
-  return rows
 
 
 class _Appender:
@@ -94,13 +74,13 @@ class RunLog:
     self.transcript_path = os.path.join(self.workdir, TRANSCRIPT)
     self.config_path = os.path.join(self.workdir, CONFIG)
     self.resume = resume
-    existing = _read_jsonl(self.prompts_path)
+    existing = io_lib.read_jsonl(self.prompts_path, repair=True)
     if existing and not resume:
       raise RunLogError(
           f"workdir {self.workdir!r} already holds {len(existing)} evaluated "
           "templates; pass --resume to continue that run or choose a new "
           "--workdir.")
-    transcript = _read_jsonl(self.transcript_path) if resume else []
+    transcript = io_lib.read_jsonl(self.transcript_path, repair=True) if resume else []
     if not resume:
       for path in (self.prompts_path, self.transcript_path):
         if os.path.exists(path):
@@ -143,12 +123,8 @@ class RunLog:
             f"({', '.join(f'{k}: {stored.get(k)!r} -> {config.get(k)!r}' for k in diff)}); "
             "resume with the original settings or start a new --workdir.")
       return
-    tmp = self.config_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(config, f, indent=2, sort_keys=True)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, self.config_path)
+    io_lib.atomic_write(self.config_path, json.dumps(config, indent=2, sort_keys=True),
+                        fsync=True)
 
   # --- evaluations ------------------------------------------------------------
   def lookup(self, chain: int, seq: int) -> dict | None:
@@ -200,14 +176,7 @@ def read_transcript(path: str | os.PathLike) -> list[dict]:
   if not os.path.exists(path):
     raise RunLogError(f"no transcript at {path!r}; pass the workdir or "
                       "transcript.jsonl of a finished run.")
-  rows = []
-  with open(path, "rb") as f:
-    for line in f.read().splitlines():
-      try:
-        rows.append(orjson.loads(line))
-      except orjson.JSONDecodeError:
-        pass  # blank, or torn by a kill during the write
-  return rows
+  return io_lib.read_jsonl(path)
 
 
 def install_signal_handlers(stop: Callable[[], None], loop=None

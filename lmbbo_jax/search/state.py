@@ -11,7 +11,6 @@ import math
 import random
 from typing import Any, Callable, Mapping, Protocol
 
-from lmbbo_jax import templates as tpl
 from lmbbo_jax.evaluator.types import Score
 
 SELECT_BY = ("train", "train_val")
@@ -180,7 +179,7 @@ class ChainState:
     turns: answered turns of the current conversation (cleared on reset).
     first_reference: selection value of the best positive shown in the first
       turn of the conversation (the baseline of the first feedback message).
-    context_check: the scorer's `max_context_ok`, if it has one.
+    context_check: the scorer's `rejection_reason`, if it has one.
     log_transcript: writes one transcript entry.
     label: names the run in log lines (e.g. "seed 1").
   """
@@ -211,9 +210,6 @@ class ChainState:
 
   def value(self, record: EvalRecord) -> float | None:
     return select_value(record.accuracy, self.config.select_by)
-
-  def is_new(self, template: str) -> bool:
-    return tpl.normalize(template) not in self.seen
 
 
 class Proposer(Protocol):

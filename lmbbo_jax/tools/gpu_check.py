@@ -21,7 +21,6 @@ code is 1 if any part failed.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -31,11 +30,17 @@ from typing import Any
 import numpy as np
 from absl import app, flags
 
-_OUT = flags.DEFINE_string("out", None, "Folder for the results (created).")
-_SMALL = flags.DEFINE_bool("small", False, "CPU-sized: tiny-vit at 10 and 100 classes.")
-_PARITY_TEMPLATES = flags.DEFINE_integer("parity_templates", 200, "Templates ranked by "
-                                         "both dtypes.", lower_bound=10)
-_TIMEOUT_S = flags.DEFINE_integer("bench_timeout_s", 300, "Limit of one bench run.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line's flags (defined when run, so that importing this module defines none)."""
+  flags.DEFINE_string("out", None, "Folder for the results (created).")
+  flags.DEFINE_bool("small", False, "CPU-sized: tiny-vit at 10 and 100 classes.")
+  flags.DEFINE_integer("parity_templates", 200, "Templates ranked by both dtypes.",
+                       lower_bound=10)
+  flags.DEFINE_integer("bench_timeout_s", 300, "Limit of one bench run.")
+
 
 FULL = {"archs": ("ViT-B/32", "ViT-L/14"), "classes": (100, 1000), "parity_arch": "ViT-B/32",
         "parity_classes": 100}
@@ -109,23 +114,23 @@ def bench_run(args: list[str], timeout_s: int) -> dict[str, Any]:
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not _OUT.value:
+  if not FLAGS.out:
     print("error: --out=DIR is required", file=sys.stderr)
     return 2
   import jax
-  out = pathlib.Path(_OUT.value)
+  out = pathlib.Path(FLAGS.out)
   out.mkdir(parents=True, exist_ok=True)
-  plan = SMALL if _SMALL.value else FULL
+  plan = SMALL if FLAGS.small else FULL
   started = time.perf_counter()
   summary: dict[str, Any] = {
-      "mode": "small" if _SMALL.value else "full", "backend": jax.default_backend(),
+      "mode": "small" if FLAGS.small else "full", "backend": jax.default_backend(),
       "devices": [d.device_kind for d in jax.devices()], "jax": jax.__version__,
       "failures": []}
   print(f"gpu_check: {summary['mode']} mode on {jax.default_backend()} "
         f"{summary['devices']}", flush=True)
   try:
     summary["parity"] = parity(plan["parity_arch"], plan["parity_classes"],
-                               _PARITY_TEMPLATES.value)
+                               FLAGS.parity_templates)
   except Exception as e:  # recorded, the check goes on
     summary["parity"] = {"error": f"{type(e).__name__}: {e}"}
     summary["failures"].append("parity")
@@ -143,7 +148,7 @@ def main(argv) -> int:
           runs.append(("trace", [*common, "--repeats=1",
                                  f"--profile_dir={out / 'trace'}"]))
         for kind, args in runs:
-          record = bench_run(args, _TIMEOUT_S.value)
+          record = bench_run(args, FLAGS.bench_timeout_s)
           record["kind"] = kind
           records.append(record)
           f.write(json.dumps(record) + "\n")
@@ -163,4 +168,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -18,12 +18,17 @@ import sys
 import numpy as np
 from absl import app, flags
 
-_CLASS_NAMES = flags.DEFINE_string("class_names", "caltech101",
-                                   "a shipped class list (lmbbo_jax.data.classnames)")
-_PER_CLASS = flags.DEFINE_integer("per_class", 8, "images per class")
-_SIZE = flags.DEFINE_integer("size", 64, "image side in pixels")
-_SEED = flags.DEFINE_integer("seed", 0, "seed of the generated pixels")
-_OUT = flags.DEFINE_string("out", None, "output folder (created; must be empty or absent)")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line's flags (defined when run, so that importing this module defines none)."""
+  flags.DEFINE_string("class_names", "caltech101",
+                      "a shipped class list (lmbbo_jax.data.classnames)")
+  flags.DEFINE_integer("per_class", 8, "images per class")
+  flags.DEFINE_integer("size", 64, "image side in pixels")
+  flags.DEFINE_integer("seed", 0, "seed of the generated pixels")
+  flags.DEFINE_string("out", None, "output folder (created; must be empty or absent)")
 
 
 def write_folder(out: pathlib.Path, names: list[str], per_class: int, size: int,
@@ -47,22 +52,23 @@ def write_folder(out: pathlib.Path, names: list[str], per_class: int, size: int,
 def main(argv):
   del argv
   from lmbbo_jax.data.classnames import class_names
-  if not _OUT.value:
+  if not FLAGS.out:
     print("error: --out=DIR is required", file=sys.stderr)
     return 2
-  out = pathlib.Path(_OUT.value)
+  out = pathlib.Path(FLAGS.out)
   if out.exists() and any(out.iterdir()):
     print(f"error: {out} is not empty; pass a new folder", file=sys.stderr)
     return 2
   try:
-    names = class_names(_CLASS_NAMES.value)
-    write_folder(out, names, _PER_CLASS.value, _SIZE.value, _SEED.value)
+    names = class_names(FLAGS.class_names)
+    write_folder(out, names, FLAGS.per_class, FLAGS.size, FLAGS.seed)
   except (KeyError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"{len(names)} classes x {_PER_CLASS.value} images in {out}")
+  print(f"{len(names)} classes x {FLAGS.per_class} images in {out}")
   return 0
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

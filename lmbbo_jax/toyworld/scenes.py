@@ -259,7 +259,7 @@ def _box_blur(img, radius):
 
 
 def _apply_styles(rng, img, style_idx):
-  n, s = img.shape[0], img.shape[1]
+  s = img.shape[1]
   pix = style_idx == 2
   if pix.any():
     b = 4

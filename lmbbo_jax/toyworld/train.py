@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lmbbo_jax import io as io_lib
 from lmbbo_jax.models.clip import CLIPModel, TextTransformer, VisionTransformer, init_variables
 from lmbbo_jax.models.configs import CLIP_MEAN, CLIP_STD, CLIPConfig, TextConfig, VisionConfig
 from lmbbo_jax.templates import fill
@@ -311,17 +312,11 @@ class Prefetcher:
 
 
 def _save(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(serialization.msgpack_serialize(serialization.to_state_dict(obj)))
-  os.replace(tmp, path)
+  io_lib.atomic_write(path, serialization.msgpack_serialize(serialization.to_state_dict(obj)))
 
 
 def _write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
+  io_lib.atomic_write(path, json.dumps(obj, indent=1))
 
 
 def _decay_mask(params):
