@@ -27,7 +27,7 @@ the warm-up pass (compiles) is excluded; medians are reported.
 Output: one JSON object per line with `--json` (else a readable line), with
 arch, classes, templates, dtype, devices, templates_per_s (median),
 ms_per_template, tokens_per_template (executed, padded), gflops_per_template
-(text tower, executed, FLOP model of shared/reference/performance.md),
+(text tower, executed, `TextConfig.flops`),
 achieved_gflops (text + image matmul over time), the per-repeat figures, and
 CPU contention measured from /proc/stat during the timed repeats: own_cores
 (this process) and other_cores (everything else), out of `cpus`.
@@ -77,7 +77,8 @@ TEMPLATES = [
     "a photo of my {}.",
     "a close-up photo of the {}.",
 ]
-# The eight 6-word templates of shared/tools/peer_bench.py (the PyTorch anchors).
+# Eight 6-word templates, the same as the PyTorch peer benchmark's (README, "Profiling
+# prompt throughput"), so that figures compare on the same work.
 SHORT_TEMPLATES = [
     "a low resolution photo of the {}.",
     "a bright photo of the small {}.",
@@ -320,10 +321,8 @@ def bench_trimmed(args, clip, names, feats, labels, templates) -> dict[str, Any]
     runs.append(len(templates) / cpu["wall_s"])
     cpus.append(cpu)
     _log(f"bench: repeat {r + 1}/{args.repeats}: {runs[-1]:.3f} templates/s")
-  cfg = clip.config.text
-  params = cfg.layers * (4 * cfg.width ** 2 + 2 * cfg.width * int(cfg.width * cfg.mlp_ratio))
-  # `tokens` holds each call's executed (bucketed) length.
-  flops = [len(names) * (2 * params * L + 4 * cfg.layers * cfg.width * L * L) for L in tokens]
+  # `tokens` holds each call's executed (bucketed) length; causal rows of L see L keys each.
+  flops = [len(names) * clip.config.text.flops(L, L * L) for L in tokens]
   gflop = sum(flops) / len(flops) / 1e9
   med = statistics.median(runs)
   return {

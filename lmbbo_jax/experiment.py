@@ -30,13 +30,14 @@ from absl import logging
 
 from lmbbo_jax import io as io_lib
 from lmbbo_jax import report
+from lmbbo_jax import templates as templates_lib
 from lmbbo_jax.llm import LLMConfig, LLMFatalError, build_client
 from lmbbo_jax.search import SearchConfig, make_proposer_factory, run_search
 from lmbbo_jax.search import estimate as estimate_search
 from lmbbo_jax.search.pool import builtin_corpus, load_caption_file, load_template_file
 from lmbbo_jax.search.runlog import RunLog, install_signal_handlers
 
-PHOTO = "a photo of a {}."
+PHOTO = templates_lib.PHOTO
 EMPTY = "{}"
 RESULTS_SCHEMA = 1
 # Fields every per-template entry of results.json carries.

@@ -19,6 +19,10 @@ _FIELD_RE = re.compile(r"\{[^{}]+\}")
 _WS_RE = re.compile(r"\s+")
 
 
+# CLIP's plain prompt: the baseline every method is compared with.
+PHOTO = "a photo of a {}."
+
+
 def fill(template: str, class_name: str) -> str:
   """Replaces every `{}` in `template` with `class_name` (no format parsing)."""
   return template.replace(SLOT, class_name)

@@ -27,6 +27,7 @@ import numpy as np
 
 from lmbbo_jax import io as io_lib
 from lmbbo_jax.evaluator import sharding
+from lmbbo_jax.models import loading
 from lmbbo_jax.models.clip import CLIPModel
 
 log = logging.getLogger(__name__)
@@ -64,14 +65,8 @@ class SplitFeatures:
 
 
 def weights_hash(clip: Any) -> str:
-  """The CLIP's weights hash, or a sha256 over its variables when it has none."""
-  if getattr(clip, "weights_hash", ""):
-    return clip.weights_hash
-  digest = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_flatten_with_path(clip.variables)[0]:
-    digest.update(jax.tree_util.keystr(path).encode())
-    digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-  return "sha256:" + digest.hexdigest()
+  """The CLIP's weights hash, or `models.loading.weights_hash` of its variables when it has none."""
+  return getattr(clip, "weights_hash", "") or loading.weights_hash(clip.variables)
 
 
 def cache_key(clip: Any, task: Any, split: str) -> dict:

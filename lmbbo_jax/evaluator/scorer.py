@@ -440,18 +440,16 @@ class PromptScorer:
     compile), compiles and compile_s_total (programs of the text encoder, which
     scorers may share, and their compile time in any thread, background
     included), token_rows (executed, with padding),
-    token_rows_real (without padding), gflops_text (executed, by the FLOP
-    model of performance.md), gflops_images (image-text matmuls), and the
+    token_rows_real (without padding), gflops_text (executed, by
+    `TextConfig.flops`), gflops_images (image-text matmuls), and the
     token cache's assembled/whole sentence counts.
     """
     s = dict(self._stats)
     s["compiles"] = self.text_encoder.programs.compiled  # Never reset: programs stay.
     s["compile_s_total"] = self.text_encoder.programs.compile_s
     s.update({f"sentences_{k}": v for k, v in self.tokens.stats.items()})
-    cfg = self.clip.config.text
-    params = cfg.layers * (4 * cfg.width ** 2 + 2 * cfg.width * int(cfg.width * cfg.mlp_ratio))
-    s["gflops_text"] = (2 * params * s.get("token_rows", 0)
-                        + 4 * cfg.layers * cfg.width * s.get("attention_keys", 0)) / 1e9
+    s["gflops_text"] = self.clip.config.text.flops(s.get("token_rows", 0),
+                                                   s.get("attention_keys", 0)) / 1e9
     s["gflops_images"] = (2 * len(self._labels) * self.clip.embed_dim * self.num_classes
                           * (s.get("templates", 0) + s.get("ensembles", 0))) / 1e9
     for key in ("templates", "rejected", "ensembles", "score_calls", "calls", "compiles",

@@ -25,6 +25,13 @@ class TextConfig:
   mlp_ratio: float = 4.0
   act: str = "quick_gelu"  # OpenAI weights use QuickGELU; "gelu" for others.
 
+  def flops(self, tokens: float, attention_keys: float) -> float:
+    """Forward FLOPs of the layers for `tokens` token positions whose queries see
+    `attention_keys` keys in all (dense matmuls 2 x weights per token; attention
+    scores and weighted values 4 x width per query-key pair per layer)."""
+    weights = self.layers * (4 * self.width ** 2 + 2 * self.width * int(self.width * self.mlp_ratio))
+    return 2 * weights * tokens + 4 * self.layers * self.width * attention_keys
+
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmbbo_jax.models.clip import CLIPModel
+from lmbbo_jax.templates import PHOTO as PHOTO_TEMPLATE
 from lmbbo_jax.templates import fill
 from lmbbo_jax.toyworld import scenes, tasks
 from lmbbo_jax.toyworld.checkpoint import ASSETS_DIR, load_toy_checkpoint
@@ -38,7 +39,7 @@ def _define_flags():
   flags.DEFINE_list("seeds", ["1", "2", "3"], "Few-shot seeds for the train-picked template.")
   flags.DEFINE_integer("shots", 16, "Train images per class for the train-picked template.")
 
-PHOTO = "a photo of a {}."
+PHOTO = PHOTO_TEMPLATE
 # Generic templates, every word inside the caption grammar's vocabulary.
 GENERIC_TEMPLATES: tuple[str, ...] = (
     PHOTO,

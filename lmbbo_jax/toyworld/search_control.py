@@ -37,11 +37,13 @@ import time
 
 from absl import app, flags, logging
 
+from lmbbo_jax.templates import PHOTO
+
 FLAGS = flags.FLAGS
 DEFAULT_TASKS = ("sketch_dark", "pixel_clutter", "blurry_noisy")
 # Initial pools: in-vocabulary templates that name no rendering style other than photo.
 STYLE_FREE_POOL: tuple[str, ...] = (
-    "a photo of a {}.",
+    PHOTO,
     "a picture of a {}.",
     "an image of a {}.",
     "a {}.",

@@ -47,6 +47,7 @@ import optax
 from lmbbo_jax import io as io_lib
 from lmbbo_jax.models.clip import CLIPModel, TextTransformer, VisionTransformer, init_variables
 from lmbbo_jax.models.configs import CLIP_MEAN, CLIP_STD, CLIPConfig, TextConfig, VisionConfig
+from lmbbo_jax.templates import PHOTO as PHOTO_TEMPLATE
 from lmbbo_jax.templates import fill
 from lmbbo_jax.toyworld import captions, scenes
 from lmbbo_jax.toyworld.tokenizer import CONTEXT_LENGTH, ToyTokenizer, train_tokenizer
@@ -123,7 +124,6 @@ _TOKENIZER, _TRAIN, _EMBED, _CAPTION, _INIT = 1, 2, 3, 4, 5
 EVAL_SEED = 987654  # Held-out sets do not depend on the training seed.
 HEAD_SCALE = 16.0
 ARCH_NAME = "toyclip"
-PHOTO_TEMPLATE = "a photo of a {}."
 HEADS = {"label": len(scenes.CLASS_NAMES), "colour": len(scenes.COLOURS),
          "size": len(scenes.SIZES), "count": len(scenes.COUNTS),
          "style": len(scenes.STYLES), "background": len(scenes.BACKGROUNDS)}
