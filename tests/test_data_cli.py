@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from lmbbo_jax import data
+from lmbbo_jax import data, extensions
 from lmbbo_jax.data import DatasetError, FewShotTask, Item
 
 import data_helpers
@@ -62,16 +62,18 @@ def _fake_toy_module(calls):
 
 def test_toy_dispatch(monkeypatch):
   calls = []
-  monkeypatch.setitem(sys.modules, "lmbbo_jax.toyworld.tasks", _fake_toy_module(calls))
+  # `toy:` reaches whatever the package's wiring registered for it.
+  monkeypatch.setitem(extensions._ENTRIES, ("dataset", "toy:"),
+                      _fake_toy_module(calls).build_toy_task)
   task = data.build_task("toy:shapes", 2, 7, max_test_per_class=3)
   assert calls == [("shapes", 2, 7)]
   assert task.name == "toy:shapes" and len(task.test) == 6
   assert task.splits().keys() == {"train", "test"}
 
 
-def test_toy_missing_module(monkeypatch):
-  monkeypatch.setitem(sys.modules, "lmbbo_jax.toyworld.tasks", None)
-  with pytest.raises(DatasetError, match="toyworld"):
+def test_toy_without_a_registered_source_is_one_line(monkeypatch):
+  monkeypatch.delitem(extensions._ENTRIES, ("dataset", "toy:"))
+  with pytest.raises(DatasetError, match="toy: datasets are not registered"):
     data.build_task("toy:shapes", 1, 1)
 
 

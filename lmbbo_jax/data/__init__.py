@@ -11,8 +11,8 @@ folders and the toy world; class names, OpenAI's templates and CLIP preprocessin
 
 from __future__ import annotations
 
-import importlib
 
+from lmbbo_jax import extensions
 from lmbbo_jax.data.classnames import class_names, hand_templates
 from lmbbo_jax.data.registry import DATASETS, DatasetInfo
 from lmbbo_jax.data.task import DatasetError, FewShotTask, ImageLoadError, Item
@@ -34,15 +34,11 @@ def _check_int(name: str, value: object, minimum: int | None = None) -> int:
 
 
 def _build_toy(task_name: str, shots: int, seed: int) -> FewShotTask:
-  try:
-    # import_module (not `from ... import`) so sys.modules stays the one source of truth.
-    toy_tasks = importlib.import_module("lmbbo_jax.toyworld.tasks")
-  except ModuleNotFoundError as e:
-    if e.name and e.name.startswith("lmbbo_jax.toyworld"):
-      raise DatasetError("toy: datasets need lmbbo_jax.toyworld.tasks, which is not "
-                         "available in this install; use another --dataset") from e
-    raise
-  return toy_tasks.build_toy_task(task_name, shots, seed)
+  build = extensions.lookup("dataset", "toy:")  # filled by the package's wiring
+  if build is None:
+    raise DatasetError("toy: datasets are not registered in this install; use another "
+                       "--dataset")
+  return build(task_name, shots, seed)
 
 
 def build_task(dataset: str, shots: int, seed: int, *, data_dir: str | None = None,

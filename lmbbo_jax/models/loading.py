@@ -37,6 +37,7 @@ import numpy as np
 from flax import serialization
 
 from lmbbo_jax import io as io_lib
+from lmbbo_jax import extensions
 from lmbbo_jax.models import tokenizer as tokenizer_lib
 from lmbbo_jax.models.api import CLIP
 from lmbbo_jax.models.clip import abstract_variables
@@ -76,8 +77,11 @@ def default_cache_dir() -> str:
 
 
 def toyclip_dir() -> str:
-  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      "toyworld", "assets")
+  """The toy CLIP's directory, as registered by the package's wiring (`lmbbo_jax/__init__.py`)."""
+  where = extensions.lookup("checkpoint", TOYCLIP)
+  if where is None:
+    raise CheckpointError(f"no {TOYCLIP!r} checkpoint is registered in this install")
+  return where()
 
 
 def load_clip(source: str, *, dtype: Any = jnp.float32, cache_dir: str | None = None,

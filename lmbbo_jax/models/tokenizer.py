@@ -27,6 +27,8 @@ from typing import Any, Sequence
 
 import tokenizers
 
+from lmbbo_jax import extensions
+
 SOT, EOT = "<|startoftext|>", "<|endoftext|>"
 # OpenAI's SimpleTokenizer keeps the first 49152 - 256 - 2 merges of the file.
 NUM_MERGES = 49152 - 256 - 2
@@ -231,19 +233,20 @@ def tokenizer_from_config(entry: dict | None, directory: str, *, context_length:
     pad_token_id: the model config's pad id (CLIP BPE only; default 0).
 
   Returns:
-    An object with the `Tokenizer` protocol (`ClipBPETokenizer` or `ToyTokenizer`).
+    An object with the `Tokenizer` protocol (`ClipBPETokenizer`, or a registered kind's).
   """
   entry = {"kind": "clip_bpe"} if entry is None else entry
   if not isinstance(entry, dict):
     raise TokenizerError(f"config 'tokenizer' must be an object, got {entry!r}")
   kind = entry.get("kind")
-  if kind == "toy":
-    from lmbbo_jax.toyworld.tokenizer import ToyTokenizer  # Lazy: models must not need toyworld.
-    return ToyTokenizer.from_file(_inside(directory, entry.get("file", "tokenizer.json"), "file"),
-                                  context_length=context_length)
+  loader = extensions.lookup("tokenizer", kind) if isinstance(kind, str) else None
+  if loader is not None:  # a registered kind, e.g. the toy world's
+    return loader(_inside(directory, entry.get("file", "tokenizer.json"), "file"),
+                  context_length=context_length)
   if kind != "clip_bpe":
+    known = ", ".join(repr(k) for k in ["clip_bpe", *extensions.names("tokenizer")])
     raise TokenizerError(f"unknown tokenizer kind {kind!r} in {directory!r}/config.json "
-                         "(use 'clip_bpe' or 'toy')")
+                         f"(use {known})")
   kw = {"context_length": context_length}
   if pad_token_id is not None:
     kw["pad_token_id"] = pad_token_id

@@ -16,6 +16,11 @@ from lmbbo_jax.models.configs import CLIPConfig
 from lmbbo_jax.toyworld.tokenizer import ToyTokenizer
 
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+
+
+def assets_dir() -> str:
+  """Where the shipped toy CLIP lies (registered as the "toyclip" checkpoint)."""
+  return ASSETS_DIR
 FILES = ("config.json", "params.msgpack", "tokenizer.json", "train_log.json")
 
 
