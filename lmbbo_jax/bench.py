@@ -148,6 +148,13 @@ def _median_cpu(cpus: list[dict[str, float]]) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- setup
+def random_image_features(classes: int, per_class: int, dim: int):
+  """Seeded random image features [classes * per_class, dim] and their labels (the
+  scorer's work does not depend on what the images show)."""
+  feats = np.random.default_rng(0).normal(size=(classes * per_class, dim)).astype(np.float32)
+  return feats, np.repeat(np.arange(classes), per_class).astype(np.int32)
+
+
 def class_names_for(n: int) -> list[str]:
   from lmbbo_jax.data.classnames import class_names
   if n == 100:
@@ -214,10 +221,8 @@ def bench_text(args, clip) -> dict[str, Any]:
   import jax
   from lmbbo_jax.evaluator.scorer import PromptScorer
   names = class_names_for(args.classes)
-  rng = np.random.default_rng(0)
-  n_img = args.classes * args.images_per_class
-  feats = rng.normal(size=(n_img, clip.embed_dim)).astype(np.float32)
-  labels = np.repeat(np.arange(args.classes), args.images_per_class).astype(np.int32)
+  feats, labels = random_image_features(args.classes, args.images_per_class, clip.embed_dim)
+  n_img = len(labels)
   base = TEMPLATES if args.template_set == "mixed" else SHORT_TEMPLATES
   num = args.templates or len(base)
   templates = [base[i % len(base)] for i in range(num)]
@@ -395,10 +400,8 @@ def bench_cold(args, clip, cache_dir: str) -> dict[str, Any]:
   import jax
   from lmbbo_jax.evaluator.scorer import PromptScorer
   names = class_names_for(args.classes)
-  rng = np.random.default_rng(0)
-  n_img = args.classes * args.images_per_class
-  feats = rng.normal(size=(n_img, clip.embed_dim)).astype(np.float32)
-  labels = np.repeat(np.arange(args.classes), args.images_per_class).astype(np.int32)
+  feats, labels = random_image_features(args.classes, args.images_per_class, clip.embed_dim)
+  n_img = len(labels)
   stream = _stream(args)
   batches = [stream[i:i + args.stream_batch] for i in range(0, len(stream), args.stream_batch)]
   cache_files = len(os.listdir(cache_dir))
@@ -506,8 +509,12 @@ def bench_images(args, clip) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- main
+_DEFINED: list[str] = []
+
+
 def define_flags() -> None:
   """The command line's flags (defined when run, so that importing this module defines none)."""
+  before = set(flags.FLAGS)
   flags.DEFINE_enum("what", "text", ["text", "images"], "What to measure.")
   flags.DEFINE_enum(
       "mode", "steady", ["steady", "cold"],
@@ -544,14 +551,12 @@ def define_flags() -> None:
                       "run's).")
   flags.DEFINE_string("profile_dir", None, "Write a jax.profiler trace here.")
   flags.DEFINE_bool("json", False, "One JSON object per line.")
+  _DEFINED[:] = sorted(set(flags.FLAGS) - before)
 
 
 def _args() -> types.SimpleNamespace:
-  """The flags as one namespace (the bench functions take it)."""
-  names = ("what", "mode", "arch", "weights", "classes", "dtype", "templates", "template_set",
-           "layout", "images_per_class", "repeats", "batch_size", "batches", "rows_per_call",
-           "stream_file", "stream_batch", "stream_seed", "jax_cache_dir", "profile_dir", "json")
-  return types.SimpleNamespace(**{n: flags.FLAGS[n].value for n in names})
+  """The flags `define_flags` made, as one namespace (the bench functions take it)."""
+  return types.SimpleNamespace(**{n: flags.FLAGS[n].value for n in _DEFINED})
 
 
 def main(argv) -> int:

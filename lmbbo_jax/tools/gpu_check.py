@@ -62,15 +62,12 @@ def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
 def parity(arch: str, classes: int, n_templates: int) -> dict[str, Any]:
   """Ranks the same templates with fp32 and bf16 text towers (same weights, images)."""
   import jax.numpy as jnp
-  from lmbbo_jax.bench import class_names_for, llm_like_stream
+  from lmbbo_jax.bench import class_names_for, llm_like_stream, random_image_features
   from lmbbo_jax.evaluator.scorer import PromptScorer
   from lmbbo_jax.models.loading import load_clip
   clip = load_clip(f"random:{arch}", dtype=jnp.float32)
   names = class_names_for(classes)
-  rng = np.random.default_rng(0)
-  per_class = 8
-  feats = rng.normal(size=(classes * per_class, clip.embed_dim)).astype(np.float32)
-  labels = np.repeat(np.arange(classes), per_class).astype(np.int32)
+  feats, labels = random_image_features(classes, 8, clip.embed_dim)
   templates = llm_like_stream(n_templates, seed=1)
   out: dict[str, Any] = {"arch": arch, "classes": classes, "templates": n_templates}
   scores = {}
