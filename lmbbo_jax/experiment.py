@@ -36,6 +36,7 @@ from lmbbo_jax.search import SearchConfig, make_proposer_factory, run_search
 from lmbbo_jax.search import estimate as estimate_search
 from lmbbo_jax.search.pool import builtin_corpus, load_caption_file, load_template_file
 from lmbbo_jax.search.runlog import RunLog, install_signal_handlers
+from lmbbo_jax.search.state import rank_key, selection_key
 
 PHOTO = templates_lib.PHOTO
 EMPTY = "{}"
@@ -162,13 +163,6 @@ def _entry(score, **extra) -> dict:
   return out
 
 
-def _select_key(score, select_by: str):
-  acc, lp = score.accuracy, score.logprob or {}
-  if select_by == "train_val":
-    return (acc.get("train", 0) + acc.get("val", 0), lp.get("train", 0) + lp.get("val", 0))
-  return (acc.get("train", 0), lp.get("train", 0))
-
-
 def _baselines(cfg: ExperimentConfig, scorer, task) -> dict[str, dict]:
   """Hand-made baselines scored in the same run (pool_best comes from the search)."""
   from lmbbo_jax.data import hand_templates
@@ -187,7 +181,8 @@ def _baselines(cfg: ExperimentConfig, scorer, task) -> dict[str, dict]:
     if hand:
       scores = [s for s in scorer.score(hand) if s.ok]
       if "hand_best" in cfg.baselines and scores:
-        best = max(scores, key=lambda s: _select_key(s, cfg.search.select_by))
+        best = min(scores, key=lambda s: selection_key(
+            s.accuracy, s.logprob, cfg.search.select_by, cfg.search.tie_break))
         out["hand_best"] = _entry(best, n_templates=len(hand))
       if "hand_ensemble" in cfg.baselines:
         ens = scorer.score_ensemble([hand])[0]
@@ -483,12 +478,12 @@ def _results(cfg, clip, runs: list[_SeedRun], ledger, search_s: float, wall_s: f
       if isinstance(v, (int, float)):
         counts_total[k] = counts_total.get(k, 0) + v
 
-  # The overall best: the seed-level best chosen by the selection split (never test).
-  def key(item):
-    entry = item[1]["best"]
-    return (entry.get("train_acc") or 0) + (
-        (entry.get("val_acc") or 0) if cfg.search.select_by == "train_val" else 0)
-  best_seed, best_ps = max(per_seed.items(), key=key)
+  # The overall best: the seeds' bests ranked by the selection rule (never test).
+  ranked = [r for r in runs if r.result.best_record is not None] or runs[:1]
+  best_run = min(ranked, key=lambda r: (
+      rank_key(r.result.best_record, cfg.search.select_by, cfg.search.tie_break)
+      if r.result.best_record is not None else ()))
+  best_seed, best_ps = str(best_run.seed), per_seed[str(best_run.seed)]
 
   def agg(getter) -> dict:
     vals = {}
@@ -585,8 +580,8 @@ def _results(cfg, clip, runs: list[_SeedRun], ledger, search_s: float, wall_s: f
 def _write_outputs(workdir: pathlib.Path, results: dict, runs: list[_SeedRun]) -> None:
   records, transcript = [], []
   for r in runs:
-    for row in io_lib.read_jsonl(workdir / f"seed_{r.seed}" / "prompts.jsonl"):
-      records.append(dict(row, seed=r.seed))
+    records += [dict(rec.to_row(), seed=r.seed)
+                for rec in sorted(r.result.records, key=lambda rec: rec.eval_index)]
     for row in io_lib.read_jsonl(workdir / f"seed_{r.seed}" / "transcript.jsonl"):
       transcript.append(dict(row, seed=r.seed))
   with open(workdir / "prompts.jsonl", "wb") as f:
@@ -603,10 +598,11 @@ def _write_outputs(workdir: pathlib.Path, results: dict, runs: list[_SeedRun]) -
       "".join(r["template"].replace("\n", " ") + "\n" for r in ok), encoding="utf-8")
   (workdir / "class_names.txt").write_text(
       "".join(c + "\n" for c in runs[0].task.class_names) if runs else "", encoding="utf-8")
+  cfg_search = results["config"]["search"]
   report.plot_accuracy(ok, workdir / "accuracy.png",
                        title=f"{results['dataset']} ({results['model']['name']}, "
                              f"{results['shots']}-shot)",
-                       select_by=results["config"]["select_by"])
+                       select_by=cfg_search["select_by"], tie_break=cfg_search["tie_break"])
   (workdir / "summary.md").write_text(report.summary_markdown(results), encoding="utf-8")
   io_lib.write_json(workdir / "results.json", results)
 

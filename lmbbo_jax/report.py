@@ -16,6 +16,7 @@ from typing import Iterable, Sequence
 import orjson
 
 from lmbbo_jax import io as io_lib
+from lmbbo_jax.search.state import EvalRecord, rank_key
 
 SPLITS = ("train", "val", "test")
 
@@ -36,31 +37,20 @@ def write_prompts_csv(records: Iterable[dict], path: str | pathlib.Path) -> None
       writer.writerow(row)
 
 
-def _best_so_far(records: Sequence[dict], select_by: str):
-  """Per record (in order), the template chosen so far by the selection rule."""
+def _best_so_far(records: Sequence[dict], select_by: str, tie_break: str = "logprob"):
+  """Per record (in order), the template chosen so far by the search's selection rule."""
   best, best_key, out = None, None, []
   for r in records:
-    key = _selection_key(r, select_by)
-    if best is None or key > best_key:
+    key = rank_key(EvalRecord.from_row(r), select_by, tie_break)
+    if best is None or key < best_key:
       best, best_key = r, key
     out.append(best)
   return out
 
 
-def _selection_key(r: dict, select_by: str):
-  acc = r.get("accuracy") or {}
-  lp = r.get("logprob") or {}
-  if select_by == "train_val":
-    a = (acc.get("train", 0.0) + acc.get("val", 0.0))
-    l = (lp.get("train", -math.inf) + lp.get("val", -math.inf))
-  else:
-    a, l = acc.get("train", 0.0), lp.get("train", -math.inf)
-  # Ties: the earliest in the search's deterministic order (step, chain, seq).
-  return (a, l, -r.get("step", 0), -r.get("chain", 0), -r.get("seq", 0))
-
-
 def plot_accuracy(records: Sequence[dict], path: str | pathlib.Path, *,
-                  title: str = "", select_by: str = "train") -> None:
+                  title: str = "", select_by: str = "train",
+                  tie_break: str = "logprob") -> None:
   """accuracy.png: train and test accuracy of each new template and the best-so-far.
 
   x = proposer (LLM) calls made by that chain so far (its `step`: 0 is the
@@ -85,7 +75,7 @@ def plot_accuracy(records: Sequence[dict], path: str | pathlib.Path, *,
       continue
     colour = cmap(chain % 10)
     style = styles[seeds.index(seed) % len(styles)]
-    best = _best_so_far(rs, select_by)
+    best = _best_so_far(rs, select_by, tie_break)
     # Best-so-far after each step (the last record of each step).
     steps, best_at = [], []
     for r, b in zip(rs, best):
@@ -162,7 +152,9 @@ def summary_markdown(results: dict) -> str:
     lines.append("")
   best = results.get("best") or {}
   if best:
-    lines.append(f"Best template (seed {best.get('seed')}, chosen by train accuracy): "
+    select_by = (results.get("config") or {}).get("select_by", "train")
+    split = "train+val" if select_by == "train_val" else "train"
+    lines.append(f"Best template (seed {best.get('seed')}, chosen by {split} accuracy): "
                  f"`{best.get('template', '')}` — train {_fmt(best.get('train_acc'))}, "
                  f"val {_fmt(best.get('val_acc'))}, test {_fmt(best.get('test_acc'))}.")
   llm = results.get("llm") or {}
@@ -238,8 +230,10 @@ def main(argv=None):
   results = orjson.loads(results_path.read_bytes())
   records = io_lib.read_jsonl(workdir / "prompts.jsonl")
   write_prompts_csv(records, workdir / "prompts.csv")
-  plot_accuracy(records, workdir / "accuracy.png", title=results.get("dataset", ""),
-                select_by=(results.get("config") or {}).get("select_by", "train"))
+  config = results.get("config") or {}
+  plot_accuracy([r for r in records if not r.get("rejected")], workdir / "accuracy.png",
+                title=results.get("dataset", ""), select_by=config.get("select_by", "train"),
+                tie_break=(config.get("search") or {}).get("tie_break", "logprob"))
   (workdir / "summary.md").write_text(summary_markdown(results), encoding="utf-8")
   print(f"wrote prompts.csv, accuracy.png, summary.md in {workdir}")
   return 0

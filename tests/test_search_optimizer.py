@@ -186,6 +186,37 @@ def test_tie_break_logprob_then_earliest(tmp_path):
   assert result.best_record.step == 0 and result.best_record.chain == 0
 
 
+class LogprobRewriter(WordScorer):
+  """WordScorer with the log-probabilities replaced (None: withheld, as a black box)."""
+
+  def __init__(self, rewrite):
+    super().__init__()
+    self.rewrite = rewrite
+
+  async def score_async(self, templates):
+    import dataclasses
+    return [dataclasses.replace(s, logprob=self.rewrite(s.logprob)) if s.ok else s
+            for s in await super().score_async(templates)]
+
+
+def test_tie_break_none_is_blind_to_logits(tmp_path):
+  withheld = lambda lp: {}
+  reversed_ = lambda lp: {k: -v for k, v in lp.items()}
+  runs = {(tie, name): edit_search(tmp_path, f"{tie}-{name}", LogprobRewriter(fn),
+                                   tie_break=tie)
+          for tie in ("none", "logprob")
+          for name, fn in (("given", lambda lp: lp), ("withheld", withheld),
+                           ("reversed", reversed_))}
+  strict = [runs["none", n] for n in ("given", "withheld", "reversed")]
+  for other in strict[1:]:  # Logits withheld or rewritten: nothing changes.
+    assert evaluated_set(other) == evaluated_set(strict[0])
+    assert other.best_record.order() == strict[0].best_record.order()
+  # The same searches with the log-probability tie-break do read them.
+  assert evaluated_set(runs["logprob", "given"]) != evaluated_set(runs["logprob", "reversed"])
+  with pytest.raises(SearchError, match="tie_break"):
+    SearchConfig(tie_break="logits").validate()
+
+
 def test_select_by_train_val(tmp_path):
   class ValScorer:
     async def score_async(self, templates):

@@ -10,8 +10,10 @@ scorer's async front (their evaluations are batched together by it) and a
 memo, so a template two chains both propose is scored once.
 
 Selection: by train accuracy (`select_by="train"`) or train+val
-(`"train_val"`); ties are broken by the same split's mean log-probability,
-then by the earliest evaluation in the deterministic order (step, chain, seq).
+(`"train_val"`); equal accuracies rank by the same split's mean
+log-probability (`tie_break="logprob"`) or not at all (`"none"`), then by the
+earliest evaluation in the deterministic order (step, chain, seq): the one
+rule, `state.selection_key`, used by the experiment and the report too.
 Test accuracy is carried along for reporting and never read by the search.
 
 Determinism and resume: a chain's trajectory depends only on (config, seed,
@@ -65,8 +67,8 @@ from lmbbo_jax.search.proposers import (CONVERSATIONS, FEEDBACK_MODES,
                                         REPLY_FORMATS, EditProposer,
                                         LLMProposer, ReplayProposer)
 from lmbbo_jax.search.runlog import RunLog
-from lmbbo_jax.search.state import (SELECT_BY, ChainState, EvalRecord, Proposal, Proposer,
-                                    SearchError, Turn, best_of)
+from lmbbo_jax.search.state import (SELECT_BY, TIE_BREAKS, ChainState, EvalRecord, Proposal,
+                                    Proposer, SearchError, Turn, best_of)
 
 
 @dataclasses.dataclass
@@ -86,6 +88,8 @@ class SearchConfig:
     conversation: "single_turn" (official code) or "multi_turn" (paper Fig. 1:
       numeric feedback after each turn).
     select_by: "train" or "train_val"; test accuracy is never used.
+    tie_break: how equal accuracies rank ("logprob" or "none": accuracy
+      only, the strict black box; `state.selection_key`).
     init_pool_size: initial templates sampled per chain.
     seed: seeds every chain's RNG (with the chain index) and the LLM cache keys.
     max_failed_attempts: proposer attempts per iteration that may yield no
@@ -118,6 +122,7 @@ class SearchConfig:
   feedback: str = "pos_neg"
   conversation: str = "single_turn"
   select_by: str = "train"
+  tie_break: str = "logprob"
   init_pool_size: int = 80
   seed: int = 0
   max_failed_attempts: int = 5
@@ -155,6 +160,9 @@ class SearchConfig:
     if self.select_by not in SELECT_BY:
       raise SearchError(f"select_by={self.select_by!r}: use one of "
                         f"{', '.join(SELECT_BY)}.")
+    if self.tie_break not in TIE_BREAKS:
+      raise SearchError(f"tie_break={self.tie_break!r}: use one of "
+                        f"{', '.join(TIE_BREAKS)}.")
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -538,11 +546,12 @@ async def run_search(config: SearchConfig, scorer: Any,
     for w in watchers:
       w.cancel()
   records = sorted(search.records, key=lambda r: r.order())
-  best = best_of(records, config.select_by)
-  initial_best = best_of([r for r in records if r.step == 0], config.select_by)
+  rule = (config.select_by, config.tie_break)
+  best = best_of(records, *rule)
+  initial_best = best_of([r for r in records if r.step == 0], *rule)
   per_chain = {}
   for c in range(config.n_restart):
-    b = best_of([r for r in records if r.chain == c], config.select_by)
+    b = best_of([r for r in records if r.chain == c], *rule)
     if b is not None:
       per_chain[c] = b
   counts = dict(search.counts)

@@ -14,6 +14,10 @@ from typing import Any, Callable, Mapping, Protocol
 from lmbbo_jax.evaluator.types import Score
 
 SELECT_BY = ("train", "train_val")
+# How equal selection accuracies are ordered: "logprob", by the mean log-probability
+# of the true class on the same split (reads the logits); "none", by accuracy alone
+# (strict black box, as the paper's premise), then the earliest evaluation.
+TIE_BREAKS = ("logprob", "none")
 
 
 class SearchError(ValueError):
@@ -101,17 +105,32 @@ class EvalRecord:
                time=float(row.get("time", 0.0)), replayed=True)
 
 
-def rank_key(record: EvalRecord, select_by: str) -> tuple:
-  """Sort key, best first: accuracy, then log-probability, then earliest."""
-  acc = select_value(record.accuracy, select_by)
-  lp = select_value(record.logprob, select_by) if record.logprob else None
+def selection_key(accuracy: Mapping[str, float], logprob: Mapping[str, float] | None,
+                  select_by: str, tie_break: str = "logprob") -> tuple[float, float]:
+  """The one selection rule, as a sort key (smaller is better).
+
+  Accuracy on the selection split (`select_value`) first; equal accuracies by
+  log-probability under `tie_break="logprob"`, or not at all under "none".
+  Callers append their own deterministic order (`rank_key`: earliest first).
+  """
+  if tie_break not in TIE_BREAKS:
+    raise SearchError(f"tie_break={tie_break!r} is not one of {TIE_BREAKS}.")
+  acc = select_value(accuracy, select_by)
+  lp = (select_value(logprob, select_by)
+        if tie_break == "logprob" and logprob else None)
   return (-acc if acc is not None else math.inf,
-          -lp if lp is not None else math.inf, *record.order())
+          -lp if lp is not None else math.inf)
 
 
-def best_of(records, select_by: str) -> EvalRecord | None:
+def rank_key(record: EvalRecord, select_by: str, tie_break: str = "logprob") -> tuple:
+  """Sort key of a record, best first: `selection_key`, then the earliest evaluation."""
+  return (*selection_key(record.accuracy, record.logprob, select_by, tie_break),
+          *record.order())
+
+
+def best_of(records, select_by: str, tie_break: str = "logprob") -> EvalRecord | None:
   ok = [r for r in records if r.ok]
-  return min(ok, key=lambda r: rank_key(r, select_by)) if ok else None
+  return min(ok, key=lambda r: rank_key(r, select_by, tie_break)) if ok else None
 
 
 @dataclasses.dataclass
@@ -206,7 +225,8 @@ class ChainState:
 
   def ranked(self) -> list[EvalRecord]:
     """The chain's pool, best first (deterministic)."""
-    return sorted(self.pool, key=lambda r: rank_key(r, self.config.select_by))
+    return sorted(self.pool, key=lambda r: rank_key(r, self.config.select_by,
+                                                  self.config.tie_break))
 
   def value(self, record: EvalRecord) -> float | None:
     return select_value(record.accuracy, self.config.select_by)
