@@ -19,6 +19,13 @@ from lmbbo_jax import io as io_lib
 from lmbbo_jax.search.state import EvalRecord, rank_key
 
 SPLITS = ("train", "val", "test")
+# How a baseline's row reads in summary.md.
+METHOD_LABELS = {
+    "empty": "empty ({})", "photo": "a photo of a {}.",
+    "hand_best": "hand-engineered, picked by the selection split",
+    "hand_oracle": "hand-engineered, picked by test accuracy (oracle, as the paper's row)",
+    "hand_ensemble": "hand-engineered ensemble", "pool_best": "initial pool's best",
+}
 
 
 def write_prompts_csv(records: Iterable[dict], path: str | pathlib.Path) -> None:
@@ -130,9 +137,9 @@ def summary_markdown(results: dict) -> str:
   for seed in seeds:
     ps = per_seed.get(str(seed), {})
     for name, entry in (ps.get("baselines") or {}).items():
-      methods.setdefault(name, {})[seed] = entry
+      methods.setdefault(METHOD_LABELS.get(name, name), {})[seed] = entry
     if ps.get("initial_best") and "pool_best" not in (ps.get("baselines") or {}):
-      methods.setdefault("pool_best", {})[seed] = ps["initial_best"]
+      methods.setdefault(METHOD_LABELS["pool_best"], {})[seed] = ps["initial_best"]
     if ps.get("best"):
       methods.setdefault(f"optimized ({results.get('config', {}).get('proposer_kind', 'ours')}"
                          f", by {results.get('config', {}).get('select_by', 'train')})",

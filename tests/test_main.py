@@ -69,9 +69,71 @@ def test_every_flagfile_parses_into_a_valid_config(flagfile):
   if pathlib.Path(flagfile).stem not in ("demo", "demo_edit", "smoke"):
     assert cfg.shots == 1 and cfg.seeds == (1, 2, 3) and cfg.model == "RN50"
     assert cfg.search.select_by == "train" and cfg.search.feedback == "pos_neg"
+    # The strict black-box protocol: accuracy only, no scores in Fig. 1's first turn.
+    assert cfg.search.tie_break == "none" and not cfg.search.show_scores
+    assert cfg.search.conversation == "multi_turn"
     name = cfg.dataset.split(":", 1)[-1]
     assert name in DATASETS, f"{flagfile}: dataset {cfg.dataset} is not a paper dataset"
     assert "Paper" in text
+
+
+def _parse(argv):
+  from lmbbo_jax import flags as lmbbo_flags
+  fv = flags.FLAGS
+  try:
+    fv.unparse_flags()
+    fv(["prog", "--dataset=toy:mix", "--workdir=w", *argv])
+    return lmbbo_flags.experiment_config()
+  finally:
+    fv.unparse_flags()
+
+
+def test_flag_defaults_are_the_config_defaults_and_presets_yield_to_explicit_flags():
+  import dataclasses
+  from lmbbo_jax.experiment import ExperimentConfig
+  from lmbbo_jax.llm import LLMConfig
+  from lmbbo_jax.search import PRESETS, SearchConfig
+  cfg = _parse([])
+  assert cfg.search == SearchConfig()  # One source: the dataclass defaults.
+  assert cfg.llm == LLMConfig()
+  bare = ExperimentConfig(dataset="toy:mix", workdir="w")
+  for field in dataclasses.fields(ExperimentConfig):
+    if field.name not in ("search", "llm"):
+      assert getattr(cfg, field.name) == getattr(bare, field.name), field.name
+  fig1 = _parse(["--preset=paper_fig1"]).search
+  assert fig1 == SearchConfig(**PRESETS["paper_fig1"])
+  mixed = _parse(["--preset=paper_fig1", "--n_iter=3", "--tie_break=logprob"]).search
+  assert mixed == dataclasses.replace(fig1, n_iter=3, tie_break="logprob")
+  # A flag given at its default value still wins over the preset.
+  assert _parse(["--preset=paper_fig1", "--conversation=single_turn"]).search.conversation == (
+      "single_turn")
+  assert _parse(["--preset=iclr"]).search.k_pos == 15
+
+
+def test_hand_engineered_rows_are_picked_by_train_and_by_test_apart(monkeypatch):
+  from lmbbo_jax import experiment
+  from lmbbo_jax.evaluator.types import Score
+  import lmbbo_jax.data as data_lib
+
+  accs = {"a {}": (0.9, 0.2), "b {}": (0.5, 0.8), "c {}": (0.7, 0.5)}  # train, test
+
+  class Scorer:
+    def score(self, templates):
+      return [Score(template=t, accuracy={"train": accs[t][0], "test": accs[t][1]},
+                    logprob={"train": -1.0}) for t in templates]
+
+    def score_ensemble(self, groups):
+      return [Score(template="ens", accuracy={"train": 0.6, "test": 0.6})]
+
+  monkeypatch.setattr(data_lib, "hand_templates", lambda dataset: list(accs))
+  cfg = experiment.ExperimentConfig(dataset="x", workdir="w",
+                                    baselines=("hand_best", "hand_oracle"))
+  out = experiment._baselines(cfg, Scorer(), None)
+  assert out["hand_best"]["template"] == "a {}" and "oracle" not in out["hand_best"]
+  assert out["hand_oracle"]["template"] == "b {}" and out["hand_oracle"]["oracle"] == "test"
+  from lmbbo_jax import report
+  md = report.summary_markdown({"seeds": [1], "per_seed": {"1": {"baselines": out}}})
+  assert "picked by test accuracy (oracle" in md and "picked by the selection split" in md
 
 
 @pytest.fixture(scope="module")

@@ -133,10 +133,10 @@ class LLMConfig:
   model: str = "gpt-4o-mini"
   api_key_env: str = "OPENAI_API_KEY"
   temperature: float = 1.0
-  max_tokens: int | None = 300
+  max_tokens: int | None = 400
   max_concurrency: int = 8
-  timeout_s: float = 60.0
-  deadline_s: float = 300.0
+  timeout_s: float = 120.0
+  deadline_s: float = 600.0
   max_retries: int = 6
   send_seed: bool = True
   cache: str = "readwrite"
@@ -311,11 +311,14 @@ class LLMClient:
   """
 
   def __init__(self, base_url: str, model: str, *,
-               api_key_env: str = "OPENAI_API_KEY", temperature: float = 1.0,
-               max_tokens: int | None = None, max_concurrency: int = 8,
-               timeout_s: float = 60.0, deadline_s: float = 300.0,
-               max_retries: int = 6, initial_backoff_s: float = 0.5,
-               max_backoff_s: float = 8.0, send_seed: bool = True,
+               api_key_env: str = LLMConfig.api_key_env,
+               temperature: float = LLMConfig.temperature,
+               max_tokens: int | None = None,
+               max_concurrency: int = LLMConfig.max_concurrency,
+               timeout_s: float = LLMConfig.timeout_s,
+               deadline_s: float = LLMConfig.deadline_s,
+               max_retries: int = LLMConfig.max_retries, initial_backoff_s: float = 0.5,
+               max_backoff_s: float = 8.0, send_seed: bool = LLMConfig.send_seed,
                extra_params: Mapping[str, Any] | None = None,
                ledger: Ledger | None = None,
                cache: ResponseCache | None = None,
