@@ -8,7 +8,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "lmbbo_jax"
 LOWER_ROOMS = ("models", "data", "evaluator", "search", "llm")
 # Modules above every lower room: the toy world, the studies, the wiring, the tools.
-HIGHER = ("lmbbo_jax.toyworld", "lmbbo_jax.experiment", "lmbbo_jax.main", "lmbbo_jax.flags",
+HIGHER = ("lmbbo_jax.toyworld", "lmbbo_jax.studies", "lmbbo_jax.experiment", "lmbbo_jax.main", "lmbbo_jax.flags",
           "lmbbo_jax.report", "lmbbo_jax.bench", "lmbbo_jax.tools")
 
 
@@ -66,3 +66,16 @@ def test_the_toy_world_is_reached_through_the_registries():
   assert extensions.lookup("checkpoint", "toyclip")() == checkpoint.ASSETS_DIR
   assert extensions.lookup("dataset", "toy:") is tasks.build_toy_task
   assert extensions.lookup("dataset", "nope:") is None
+
+
+def test_the_toy_world_knows_neither_the_search_nor_the_studies():
+  """The toy world is data and a model: the studies use it, never the other way."""
+  above = ("lmbbo_jax.search", "lmbbo_jax.llm", "lmbbo_jax.studies", "lmbbo_jax.experiment",
+           "lmbbo_jax.report", "lmbbo_jax.flags", "lmbbo_jax.main")
+  bad = {}
+  for path in sorted((PACKAGE / "toyworld").rglob("*.py")):
+    hits = sorted(m for m in imported_modules(path)
+                  if any(m == h or m.startswith(h + ".") for h in above))
+    if hits:
+      bad[path.name] = hits
+  assert not bad, bad

@@ -7,6 +7,7 @@ from PIL import Image
 
 from lmbbo_jax.data import build_task
 from lmbbo_jax.data import preprocess as pp
+from lmbbo_jax.models.configs import CLIP_MEAN, CLIP_STD
 
 import data_helpers
 
@@ -37,7 +38,7 @@ def test_matches_clip_reference(hw, size):
   yy, xx = np.mgrid[0:hw[0], 0:hw[1]]
   base = (np.sin(xx / 5.0)[..., None] * 90 + 128 + rng.normal(0, 40, (*hw, 3)))
   image = np.clip(base, 0, 255).astype(np.uint8)
-  out = pp.preprocess(image, size)
+  out = pp.preprocess(image, size, CLIP_MEAN, CLIP_STD)
   ref = _reference(image, size)
   assert out.dtype == np.float32 and out.shape == (size, size, 3)
   np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
@@ -67,6 +68,7 @@ def test_batches_fixed_size_ordered_and_skip_bad(task_with_corrupt_image):
   task, bad_refs = task_with_corrupt_image
   seen_skips, progress = [], []
   it = pp.iter_batches(task, "test", size=16, batch_size=4, num_threads=3, prefetch=1,
+                       mean=CLIP_MEAN, std=CLIP_STD,
                        progress=lambda d, t: progress.append((d, t)),
                        on_skip=lambda ref, why: seen_skips.append(ref))
   batches = list(it)
@@ -84,7 +86,7 @@ def test_batches_fixed_size_ordered_and_skip_bad(task_with_corrupt_image):
   first = task.test[1]
   row = flat_refs.index(first.ref)
   np.testing.assert_array_equal(batches[row // 4].pixels[row % 4],
-                                pp.preprocess(task.load_image(first), 16))
+                                pp.preprocess(task.load_image(first), 16, CLIP_MEAN, CLIP_STD))
   assert batches[row // 4].labels[row % 4] == first.label
   assert progress[-1] == (10, 10) and len(progress) == 3
   # A second pass starts over with a fresh skip list.
@@ -93,12 +95,14 @@ def test_batches_fixed_size_ordered_and_skip_bad(task_with_corrupt_image):
 
 def test_next_and_early_close(task_with_corrupt_image):
   task, _ = task_with_corrupt_image
-  it = pp.iter_batches(task, "test", size=8, batch_size=3, num_threads=2, prefetch=2)
+  it = pp.iter_batches(task, "test", size=8, batch_size=3, num_threads=2, prefetch=2,
+                       mean=CLIP_MEAN, std=CLIP_STD)
   first = next(it)
   assert first.refs[1] == task.test[1].ref
   it.close()
   assert next(it).refs[1] == task.test[1].ref  # a closed iterator starts over
-  assert sum(b.mask.sum() for b in pp.iter_batches(task, "train", size=8, batch_size=8)) == 2
+  assert sum(b.mask.sum() for b in pp.iter_batches(task, "train", size=8, batch_size=8,
+                                                     mean=CLIP_MEAN, std=CLIP_STD)) == 2
 
 
 def test_load_image_error_names_ref(task_with_corrupt_image):

@@ -81,7 +81,7 @@ def test_tfds_task_batches():
   with tfds.testing.mock_data(num_examples=5):
     task = build_task("dtd", 1, 1)
     batches = list(preprocess.iter_batches(task, "test", size=16, batch_size=4,
-                                           num_threads=2))
+                                           mean=(0.5,) * 3, std=(0.25,) * 3, num_threads=2))
     assert len(batches) == 2 and batches[1].mask.tolist() == [True, False, False, False]
 
 

@@ -20,10 +20,6 @@ from PIL import Image
 
 from lmbbo_jax.data.task import FewShotTask, ImageLoadError, Item
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
 def resized_size(width: int, height: int, size: int) -> tuple[int, int]:
   """(width, height) after torchvision's `Resize(size)` (shorter side -> size)."""
   if width <= height:
@@ -38,9 +34,13 @@ def center_crop_box(width: int, height: int, size: int) -> tuple[int, int, int, 
   return left, top, left + size, top + size
 
 
-def preprocess(image_uint8: np.ndarray, size: int, mean: Sequence[float] = CLIP_MEAN,
-               std: Sequence[float] = CLIP_STD) -> np.ndarray:
-  """CLIP preprocessing of one RGB uint8 [H, W, 3] image to float32 [size, size, 3]."""
+def preprocess(image_uint8: np.ndarray, size: int, mean: Sequence[float],
+               std: Sequence[float]) -> np.ndarray:
+  """CLIP preprocessing of one RGB uint8 [H, W, 3] image to float32 [size, size, 3].
+
+  `mean` and `std` are the model's (`CLIPConfig.image_mean` / `image_std`): the
+  model owns its normalisation, the data room only applies it.
+  """
   image = Image.fromarray(np.ascontiguousarray(image_uint8, dtype=np.uint8))
   new_size = resized_size(image.width, image.height, size)
   if new_size != image.size:
@@ -69,7 +69,7 @@ class BatchIterator:
   """
 
   def __init__(self, task: FewShotTask, split: str, *, size: int, batch_size: int,
-               mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
+               mean: Sequence[float], std: Sequence[float],
                num_threads: int = 4, prefetch: int = 2,
                progress: Callable[[int, int], None] | None = None,
                on_skip: Callable[[str, str], None] | None = None):
@@ -160,7 +160,7 @@ class BatchIterator:
 
 
 def iter_batches(task: FewShotTask, split: str, *, size: int, batch_size: int,
-                 mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
+                 mean: Sequence[float], std: Sequence[float],
                  num_threads: int = 4, prefetch: int = 2,
                  progress: Callable[[int, int], None] | None = None,
                  on_skip: Callable[[str, str], None] | None = None) -> BatchIterator:

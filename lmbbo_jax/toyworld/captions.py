@@ -137,3 +137,33 @@ def vocabulary() -> set[str]:
   for p in phrases:
     words.update(p.replace(",", " ").replace(".", " ").split())
   return words
+
+
+# Generic templates, every word inside the caption grammar's vocabulary.
+GENERIC_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "an image of a {}.",
+    "a {}.",
+    "a clean photo of a {}.",
+    "a sharp photo of a {}.",
+    "a sketch of a {}.",
+    "a drawing of a {}.",
+    "a line drawing of a {}.",
+    "an outline of a {}.",
+    "a doodle of a {}.",
+    "a pixelated image of a {}.",
+    "a pixelated photo of a {}.",
+    "pixel art of a {}.",
+    "a low resolution image of a {}.",
+    "a blurry photo of a {}.",
+    "a blurred image of a {}.",
+    "an out of focus photo of a {}.",
+    "a noisy photo of a {}.",
+    "a grainy photo of a {}.",
+    "a {} on a dark background.",
+    "a {} on a white background.",
+    "a {} on a striped background.",
+    "a small {}.",
+    "a large {}.",
+)

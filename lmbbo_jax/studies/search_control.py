@@ -1,6 +1,6 @@
 r"""Does the search find prompts that generalise? The edit search vs its untrained control.
 
-  python -m lmbbo_jax.toyworld.search_control --out=/tmp/toy_search
+  python -m lmbbo_jax.studies.search_control --out=lmbbo_jax/studies/results
 
 For each toy task and few-shot seed, the project's own pipeline (features once,
 `PromptScorer`, `run_search` with the offline `EditProposer`, selection by train
@@ -11,7 +11,7 @@ from `PHOTO_POOL` (`--pool=photo`, the default: CLIP-style "a photo of ..."
 templates) or `STYLE_FREE_POOL` (`--pool=style_free`: photo, picture, image and
 plain wordings), neither naming a rendering style other than photo, and the
 proposer's vocabulary is every word of the generic template list
-(`evaluate.GENERIC_TEMPLATES`), style words included: it plays the part of an
+(`toyworld.captions.GENERIC_TEMPLATES`), style words included: it plays the part of an
 LLM that knows the domain's words but not which of them fit this task. The two
 models:
 
@@ -28,16 +28,17 @@ fits a few training images. Writes search_control_<pool>.json and .md.
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 import os
-import statistics
 import tempfile
 import time
 
 from absl import app, flags, logging
 
+from lmbbo_jax import io as io_lib
+from lmbbo_jax.studies.template_table import mean_se
 from lmbbo_jax.templates import PHOTO
+from lmbbo_jax.toyworld.captions import GENERIC_TEMPLATES
+from lmbbo_jax.toyworld.checkpoint import ASSETS_DIR
 
 FLAGS = flags.FLAGS
 DEFAULT_TASKS = ("sketch_dark", "pixel_clutter", "blurry_noisy")
@@ -66,7 +67,7 @@ STYLE_FREE_POOL: tuple[str, ...] = (
 # ensemble), no other style word. In this world "photo" ties the text to the
 # photo group's reading, which misreads the confounded classes of other styles.
 # The file is also the initial pool of the LLM demo (experiments/demo.flags).
-PHOTO_POOL_FILE = os.path.join(os.path.dirname(__file__), "assets", "photo_pool.txt")
+PHOTO_POOL_FILE = os.path.join(ASSETS_DIR, "photo_pool.txt")
 with open(PHOTO_POOL_FILE, encoding="utf-8") as _f:
   PHOTO_POOL: tuple[str, ...] = tuple(line.strip() for line in _f if line.strip())
 POOLS = {"photo": PHOTO_POOL, "style_free": STYLE_FREE_POOL}
@@ -74,7 +75,6 @@ POOLS = {"photo": PHOTO_POOL, "style_free": STYLE_FREE_POOL}
 
 def proposer_vocabulary() -> list[str]:
   """Every word of the generic template list (the edit proposer's extra words)."""
-  from lmbbo_jax.toyworld.evaluate import GENERIC_TEMPLATES
   words = set()
   for t in GENERIC_TEMPLATES:
     words.update(t.replace("{}", " ").replace(".", " ").split())
@@ -95,15 +95,6 @@ def _define_flags():
   flags.DEFINE_integer("m_new", 4, "Templates per call.")
   flags.DEFINE_integer("init_pool_size", 12, "Initial templates per chain.")
   flags.DEFINE_integer("control_seed", 1234, "Seed of the control's random weights.")
-
-
-def _mean_se(xs):
-  xs = [x for x in xs if x is not None]
-  if not xs:
-    return float("nan"), float("nan")
-  m = statistics.fmean(xs)
-  se = statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else 0.0
-  return m, se
 
 
 def run_one(clip, task, *, corpus, vocabulary, n_restart, n_iter, m_new, init_pool_size,
@@ -166,7 +157,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     for label in ("trained", "control"):
       rs = [r for r in rows if r["task"] == name and r["model"] == label]
       for key in ("pool_test", "search_test", "gain"):
-        m, se = _mean_se([r[key] for r in rs])
+        values = [r[key] for r in rs if r[key] is not None]
+        m, se = mean_se(values) if values else (float("nan"), float("nan"))
         entry[f"{label}_{key}"], entry[f"{label}_{key}_se"] = m, se
     entry["gain_beats_control"] = entry["trained_gain"] > entry["control_gain"]
     out.append(entry)
@@ -205,13 +197,12 @@ def main(argv):
   if FLAGS.out:
     os.makedirs(FLAGS.out, exist_ok=True)
     stem = os.path.join(FLAGS.out, f"search_control_{FLAGS.pool}")
-    with open(stem + ".json", "w") as f:
-      json.dump({"summary": summary, "rows": rows,
-                 "settings": {k: getattr(FLAGS, k) for k in (
-                     "model", "pool", "tasks", "seeds", "shots", "n_restart", "n_iter",
-                     "m_new", "init_pool_size", "control_seed")}}, f, indent=2)
-    with open(stem + ".md", "w") as f:
-      f.write(text)
+    io_lib.write_json(stem + ".json", {
+        "summary": summary, "rows": rows,
+        "settings": {k: getattr(FLAGS, k) for k in (
+            "model", "pool", "tasks", "seeds", "shots", "n_restart", "n_iter",
+            "m_new", "init_pool_size", "control_seed")}})
+    io_lib.atomic_write(stem + ".md", text)
 
 
 if __name__ == "__main__":
