@@ -180,3 +180,26 @@ def test_packing_fills_rows_first_fit_without_overflow():
   for (r, col), n in zip(place, lengths):
     used[r, col:col + n] += 1
   assert used.max() == 1 and used.sum() == lengths.sum()
+
+
+def test_device_resident_features_score_as_host_ones(clip, data, scorer):
+  import jax
+  from lmbbo_jax.evaluator import sharding
+  mesh = scorer.mesh
+  on_device = {}
+  for k, (images, labels) in data.items():
+    n = sharding.round_up(len(labels), sharding.num_shards(mesh))
+    padded = np.zeros((n, images.shape[1]), np.float32)
+    padded[:len(labels)] = 3.0 * images  # Not normalised: the scorer normalises.
+    y = np.full((n,), -1, np.int32)
+    y[:len(labels)] = labels
+    on_device[k] = (sharding.put_sharded(padded, mesh), y)
+  assert all(isinstance(f, jax.Array) for f, _ in on_device.values())
+  dev = PromptScorer(clip, {k: v[0] for k, v in on_device.items()},
+                     {k: v[1] for k, v in on_device.items()}, CLASS_NAMES,
+                     text_encoder=scorer.text_encoder)
+  for a, b in zip(dev.score(SCORED), scorer.score(SCORED)):
+    assert a.accuracy == b.accuracy
+    for split in a.logprob:
+      assert a.logprob[split] == pytest.approx(b.logprob[split], abs=1e-5)
+  dev.close()

@@ -149,28 +149,44 @@ class PromptScorer:
 
   # -- images ------------------------------------------------------------------------
   def _load_images(self, features_by_split, labels_by_split) -> None:
-    feats, labels, self.splits = [], [], {}
+    """All splits' features as one normalised array sharded over the mesh.
+
+    Device-resident features (`encode_task`'s) are joined, padded and
+    normalised on the devices, with no trip through the host.
+    """
+    parts, labels, self.splits = [], [], {}
     start = 0
     for split in features_by_split:
-      f = np.asarray(features_by_split[split], np.float32)
+      f = features_by_split[split]
+      if not isinstance(f, jax.Array):
+        f = np.asarray(f, np.float32)
       y = np.asarray(labels_by_split[split], np.int32).reshape(-1)
       if f.ndim != 2 or f.shape[0] != y.shape[0] or f.shape[1] != self.clip.embed_dim:
         raise ScorerError(f"split {split!r}: features {f.shape} and labels {y.shape} must be "
                           f"[N, {self.clip.embed_dim}] and [N]")
       if y.size and (y.max() >= self.num_classes or y.min() < -1):
         raise ScorerError(f"split {split!r}: labels must be in -1..{self.num_classes - 1}")
-      feats.append(f)
+      parts.append(f)
       labels.append(y)
       self.splits[split] = (start, start + len(y))
       start += len(y)
     n = sharding.round_up(max(start, 1), sharding.num_shards(self.mesh))
-    f = np.zeros((n, self.clip.embed_dim), np.float32)
     y = np.full((n,), -1, np.int32)
     if start:
-      f[:start] = np.concatenate(feats)
       y[:start] = np.concatenate(labels)
+
+    def assemble(*xs):
+      x = (jnp.concatenate([a.astype(jnp.float32) for a in xs]) if xs
+           else jnp.zeros((0, self.clip.embed_dim), jnp.float32))
+      return l2_normalize(jnp.pad(x, ((0, n - start), (0, 0))))
+
+    on_mesh = sharding.sharded_along(self.mesh, 2)
+    mesh_devices = set(self.mesh.devices.flat)
+    # Arrays on other devices than the mesh's go through the host once.
+    parts = [f if isinstance(f, np.ndarray) or f.sharding.device_set <= mesh_devices
+             else np.asarray(f, np.float32) for f in parts]
+    self._images = jax.jit(assemble, out_shardings=on_mesh)(*parts)
     self._labels = y
-    self._images = jax.jit(l2_normalize)(sharding.put_sharded(f, self.mesh))
     self._labels_dev = sharding.put_sharded(y, self.mesh)
     self.num_images = start
 
