@@ -145,24 +145,15 @@ class SearchConfig:
     for name in ("k_pos", "k_neg"):
       if getattr(self, name) < 0:
         raise SearchError(f"{name} must be >= 0 (got {getattr(self, name)}).")
-    if self.feedback not in FEEDBACK_MODES:
-      raise SearchError(f"feedback={self.feedback!r}: use one of "
-                        f"{', '.join(FEEDBACK_MODES)}.")
-    if self.conversation not in CONVERSATIONS:
-      raise SearchError(f"conversation={self.conversation!r}: use one of "
-                        f"{', '.join(CONVERSATIONS)}.")
     if self.m_ask and self.m_ask < self.m_new:
       raise SearchError(f"m_ask={self.m_ask} must be 0 or at least m_new="
                         f"{self.m_new} (it asks for extra candidates).")
-    if self.reply_format not in REPLY_FORMATS:
-      raise SearchError(f"reply_format={self.reply_format!r}: use one of "
-                        f"{', '.join(REPLY_FORMATS)}.")
-    if self.select_by not in SELECT_BY:
-      raise SearchError(f"select_by={self.select_by!r}: use one of "
-                        f"{', '.join(SELECT_BY)}.")
-    if self.tie_break not in TIE_BREAKS:
-      raise SearchError(f"tie_break={self.tie_break!r}: use one of "
-                        f"{', '.join(TIE_BREAKS)}.")
+    for name, choices in (("feedback", FEEDBACK_MODES), ("conversation", CONVERSATIONS),
+                          ("reply_format", REPLY_FORMATS), ("select_by", SELECT_BY),
+                          ("tie_break", TIE_BREAKS)):
+      if getattr(self, name) not in choices:
+        raise SearchError(f"{name}={getattr(self, name)!r}: use one of "
+                          f"{', '.join(choices)}.")
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

@@ -55,18 +55,23 @@ def _clean(lines: Iterable[str]) -> list[str]:
   return out
 
 
-def load_template_file(path: str | os.PathLike) -> list[str]:
-  """Templates from a text file, one per line; invalid lines are skipped."""
+def _read_corpus(path: str | os.PathLike, kind: str, parse, empty_hint: str) -> list[str]:
+  """`parse(open file)` with the one-line errors of a missing or fruitless file."""
   try:
-    with open(path, encoding="utf-8") as f:
-      corpus = _clean(f)
+    with open(path, encoding="utf-8", errors="replace") as f:
+      corpus = parse(f)
   except OSError as e:
-    raise PoolError(f"cannot read template file {os.fspath(path)!r}: "
+    raise PoolError(f"cannot read {kind} file {os.fspath(path)!r}: "
                     f"{e.strerror}; pass an existing file.") from None
   if not corpus:
-    raise PoolError(f"template file {os.fspath(path)!r} has no valid template "
-                    "(each needs a {} slot and no other braces).")
+    raise PoolError(f"{kind} file {os.fspath(path)!r} {empty_hint}")
   return corpus
+
+
+def load_template_file(path: str | os.PathLike) -> list[str]:
+  """Templates from a text file, one per line; invalid lines are skipped."""
+  return _read_corpus(path, "template", _clean,
+                      "has no valid template (each needs a {} slot and no other braces).")
 
 
 def builtin_corpus() -> list[str]:
@@ -121,17 +126,10 @@ def load_caption_file(path: str | os.PathLike,
                       class_words: Sequence[str] = DEFAULT_CLASS_WORDS, *,
                       max_templates: int | None = None) -> list[str]:
   """Templates from a caption file (one caption per line, streamed)."""
-  try:
-    with open(path, encoding="utf-8", errors="replace") as f:
-      corpus = templates_from_captions(f, class_words,
-                                       max_templates=max_templates)
-  except OSError as e:
-    raise PoolError(f"cannot read caption file {os.fspath(path)!r}: "
-                    f"{e.strerror}; pass an existing file.") from None
-  if not corpus:
-    raise PoolError(f"caption file {os.fspath(path)!r} gave no template: no "
-                    "caption contains one of the class words.")
-  return corpus
+  return _read_corpus(
+      path, "caption",
+      lambda f: templates_from_captions(f, class_words, max_templates=max_templates),
+      "gave no template: no caption contains one of the class words.")
 
 
 def sample_initial_pool(corpus: Sequence[str], size: int,
