@@ -12,7 +12,7 @@ performance now improves to X%. ..." / "Unfortunately, the performance of this
 prompt drops to Y%. ...") and the requirements of the official code's
 `method_1` (reply only templates, under 15 words, similar structure, one per
 line starting with "- "). The exact wording of the paper is paraphrased
-(reference notes §1.2), not copied.
+(from the paper's Fig. 1), not copied.
 """
 
 from __future__ import annotations

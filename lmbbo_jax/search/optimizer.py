@@ -1,6 +1,6 @@
 """The paper's conversational hill-climbing, as concurrent, resumable chains.
 
-Structure (reference notes §1): `n_restart` chains run concurrently under
+Structure (the paper's Fig. 1 and the official code): `n_restart` chains run concurrently under
 asyncio (one per restart). A chain samples its own initial pool from the
 corpus with an RNG seeded from (seed, chain), scores it, then runs `n_reset`
 conversations of `n_iter` iterations. Each iteration asks the proposer for

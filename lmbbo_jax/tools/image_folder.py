@@ -6,7 +6,7 @@
 Leaves `OUT/<class name>/<i>.png` (a seeded colour field per class plus noise, so the
 folder is the same on every machine) and `OUT/classes.txt` (one class name per line),
 the input of `python -m lmbbo_jax.main --dataset=folder:OUT` and of
-`../shared/tools/peer_stream.py --classes OUT/classes.txt`. It measures speed, not
+a PyTorch peer run on the same classes (README, "Profiling prompt throughput"). It measures speed, not
 accuracy: the images carry no meaning for a real CLIP.
 """
 
