@@ -227,9 +227,8 @@ class LocalLLMServer:
     if self.log_path:  # where a person (or a test) finds the server of a run
       info = os.path.join(os.path.dirname(os.path.abspath(self.log_path)),
                           "llm_server.json")
-      with open(info, "w", encoding="utf-8") as f:
-        json.dump({"pid": self.proc.pid, "base_url": self.base_url,
-                   "gguf": self.gguf.name}, f)
+      io_lib.write_json(info, {"pid": self.proc.pid, "base_url": self.base_url,
+                               "gguf": self.gguf.name})
     return self.base_url
 
   def _check_generates(self) -> None:
