@@ -170,11 +170,16 @@ class TextTransformer(nn.Module):
 
   def __call__(self, ids: jax.Array, eot_index: jax.Array) -> jax.Array:
     """Plain encode: ids int32 [N, L] (L <= context), eot_index int32 [N] -> [N, E]."""
-    n = ids.shape[0]
-    out = self.encode_prefixed(
-        jnp.zeros((n, 0), jnp.int32), jnp.zeros((n,), jnp.int32),
-        ids[:, None, :], eot_index[:, None])
-    return out[:, 0]
+    return self.encode_embedded(self.token_embedding(ids), eot_index)
+
+  def encode_embedded(self, embedded: jax.Array, eot_index: jax.Array) -> jax.Array:
+    """The plain encode from token embeddings [N, L, width] (learned prompts: CoOp)."""
+    n, length = embedded.shape[:2]
+    xp = jnp.zeros((n, 0, embedded.shape[-1]), jnp.float32)
+    xs = (embedded + self.positional_embedding[:length][None])[:, None]
+    (_, xs), _ = self.blocks((xp, xs), (jnp.zeros((n, 0), bool), None, None))
+    pooled = jnp.take_along_axis(xs[:, 0], eot_index[:, None, None], axis=1)[:, 0]
+    return self._project(pooled)
 
   def encode_prefixed(self, prefix_ids, prefix_len, suffix_ids, eot_index):
     """Encodes T templates x C classes, sharing each template's prefix.
@@ -383,6 +388,9 @@ class CLIPModel(nn.Module):
 
   def encode_text(self, ids, eot_index):
     return self.text(ids, eot_index)
+
+  def encode_text_embedded(self, embedded, eot_index):
+    return self.text.encode_embedded(embedded, eot_index)
 
   def encode_text_prefixed(self, prefix_ids, prefix_len, suffix_ids, eot_index):
     return self.text.encode_prefixed(prefix_ids, prefix_len, suffix_ids, eot_index)
