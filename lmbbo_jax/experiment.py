@@ -34,6 +34,7 @@ from lmbbo_jax import templates as templates_lib
 from lmbbo_jax.llm import LLMConfig, LLMFatalError, build_client
 from lmbbo_jax.search import SearchConfig, make_proposer_factory, run_search
 from lmbbo_jax.search import estimate as estimate_search
+from lmbbo_jax.search.proposers import LLM_PROPOSERS
 from lmbbo_jax.search.pool import builtin_corpus, load_caption_file, load_template_file
 from lmbbo_jax.search.runlog import RunLog, install_signal_handlers
 from lmbbo_jax.search.state import rank_key, selection_key
@@ -238,12 +239,12 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
   """Runs (or resumes) the experiment and writes every output; returns results.json's dict."""
   cfg.search.validate()
   kind = cfg.proposer_kind
-  if kind == "llm" and not (cfg.llm.base_url or cfg.llm.local):
-    raise ExperimentError("--proposer=llm needs an LLM: --llm=local (embedded llama.cpp "
+  if kind in LLM_PROPOSERS and not (cfg.llm.base_url or cfg.llm.local):
+    raise ExperimentError(f"--proposer={kind} needs an LLM: --llm=local (embedded llama.cpp "
                           "server) or --llm_base_url (e.g. https://api.openai.com/v1 or a "
                           "vLLM/Ollama server); or use --proposer=edit offline")
   local = None
-  if kind == "llm" and cfg.llm.local and not cfg.dry_run:
+  if kind in LLM_PROPOSERS and cfg.llm.local and not cfg.dry_run:
     local = _local_server(cfg)  # fails in seconds, before any heavy work
   if kind == "replay" and not cfg.replay_transcript:
     raise ExperimentError("--proposer=replay needs --replay_transcript=<run>/transcript.jsonl")
@@ -374,7 +375,7 @@ async def _search_all(cfg: ExperimentConfig, workdir: pathlib.Path, runs: list[_
                       corpora: dict[int, list[str]], local=None):
   """All seeds' searches concurrently (LLM latency overlaps; each seed has its own scorer)."""
   kind = cfg.proposer_kind
-  client = _llm_client(cfg, workdir, local) if kind == "llm" else None
+  client = _llm_client(cfg, workdir, local) if kind in LLM_PROPOSERS else None
   ledger = client.ledger if client is not None else None
   stop = asyncio.Event()
   uninstall = install_signal_handlers(stop.set)
@@ -542,7 +543,7 @@ def _results(cfg, clip, runs: list[_SeedRun], ledger, search_s: float, wall_s: f
   }
   llm_section = {
       "proposer": cfg.proposer_kind,
-      "model": cfg.llm.model if cfg.proposer_kind == "llm" else None,
+      "model": cfg.llm.model if cfg.proposer_kind in LLM_PROPOSERS else None,
       "calls": llm.get("calls", counts_total.get("llm_calls", 0)) if llm else
                counts_total.get("proposals", 0),
       "cached_calls": llm.get("cached_calls", 0),

@@ -18,7 +18,8 @@ from lmbbo_jax.experiment import ExperimentConfig
 from lmbbo_jax.llm import LLMConfig
 from lmbbo_jax.llm.client import STRUCTURED_MODES
 from lmbbo_jax.search import PRESETS, SearchConfig
-from lmbbo_jax.search.proposers import CONVERSATIONS, FEEDBACK_MODES, REPLY_FORMATS
+from lmbbo_jax.search.proposers import (CONVERSATIONS, FEEDBACK_MODES, LLM_PROPOSERS,
+                                        REPLY_FORMATS)
 from lmbbo_jax.search.state import SELECT_BY as _SELECT_BY_CHOICES
 from lmbbo_jax.search.state import TIE_BREAKS
 
@@ -71,10 +72,11 @@ PRESET = flags.DEFINE_enum(
     "paper_fig1 (multi-turn with numeric feedback, no scores in the first turn, accuracy "
     "only), iclr (best and worst 15); flags given explicitly win over the preset.")
 PROPOSER = flags.DEFINE_enum(
-    "proposer", _RUN.proposer, ["auto", "llm", "edit", "replay"],
-    "Who proposes templates: llm (--llm=local or --llm_base_url), edit (offline GrIPS-style "
-    "edits), replay (re-run --replay_transcript); auto = llm when an LLM is configured, else "
-    "edit.")
+    "proposer", _RUN.proposer, ["auto", *LLM_PROPOSERS, "edit", "replay"],
+    "Who proposes templates: llm (the paper's method; --llm=local or --llm_base_url), ape "
+    "(APE: the best of LLM-written templates, no feedback), iterative_ape (APE, then "
+    "variations of the top templates, no scores), edit (offline GrIPS-style edits), replay "
+    "(re-run --replay_transcript); auto = llm when an LLM is configured, else edit.")
 N_RESTART = flags.DEFINE_integer("n_restart", _SEARCH.n_restart, "Independent chains from fresh initial pools (run concurrently).")
 N_RESET = flags.DEFINE_integer("n_reset", _SEARCH.n_reset, "Conversation resets per chain (pool kept, chat cleared).")
 N_ITER = flags.DEFINE_integer("n_iter", _SEARCH.n_iter, "Proposer calls per conversation.")

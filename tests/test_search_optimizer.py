@@ -389,3 +389,25 @@ def test_a_chain_that_gives_up_says_why_and_per_chain_counts_add_up(server, tmp_
   assert chain["llm_calls"] == 4 and chain["skipped_iterations"] == 2
   assert chain["valid_new"] == 0 and chain["valid_new_fraction"] == 0.0
   assert chain["templates_requested"] == 4 * cfg.m_new
+
+
+@pytest.mark.parametrize("kind", ["llm", "ape", "iterative_ape"])
+def test_black_box_baselines_spend_the_same_call_budget(server, tmp_path, kind):
+  config = small_config(n_reset=2, n_iter=2)
+  ledger = Ledger("gpt-4o-mini")
+  client = LLMClient(server.base_url, "gpt-4o-mini", ledger=ledger,
+                     api_key_env="LMBBO_TEST_KEY", initial_backoff_s=0.01,
+                     max_backoff_s=0.05)
+
+  async def go():
+    try:
+      with RunLog(tmp_path / kind, fsync=False) as log:
+        return await run_search(config, WordScorer(),
+                                make_proposer_factory(kind, config, client=client), log,
+                                ledger=ledger)
+    finally:
+      await client.aclose()
+  result = asyncio.run(go())
+  assert ledger.calls == config.n_restart * config.n_reset * config.n_iter
+  assert {r.proposer for r in result.records if r.step > 0} == {kind}
+  assert result.best.accuracy["train"] >= result.initial_best.accuracy["train"]

@@ -255,3 +255,51 @@ def test_replay_proposer_replays_accepted_templates():
   assert out.templates == ["a {} replayed"] and out.call_id == "abc"
   state.iteration = 5
   assert asyncio.run(prop.propose(state)).templates == []
+
+
+def test_ape_asks_fresh_with_unranked_examples_and_no_scores():
+  from lmbbo_jax.search.proposers import APEProposer
+  cfg = SearchConfig(k_pos=3, k_neg=3, show_scores=True, conversation="multi_turn",
+                     n_reset=1, n_iter=4)
+  prop = APEProposer(None, cfg)
+  state = make_state(cfg)
+  state.pool.append(record("a {} new", 0.99, 8, step=1))  # Proposed later: never an example.
+  msgs = prop.build_messages(state)
+  assert len(msgs) == 1 and msgs[0]["role"] == "user"
+  text = msgs[0]["content"]
+  shown = [t for t, _ in POOL if f'"{t}"' in text]
+  assert len(shown) == 3 and "a {} new" not in text
+  assert "%" not in text and "don't work well" not in text  # No score, no negatives.
+  # Seeded per iteration: the same state gives the same examples, another iteration others.
+  assert prop.build_messages(state) == msgs
+  state.turns = [Turn(messages=msgs, reply="- a {} x", records=[])]
+  state.iteration = 1
+  assert prop.build_messages(state)[0]["content"] != text
+  assert len(prop.build_messages(state)) == 1  # Never a conversation.
+
+
+def test_iterative_ape_resamples_the_top_templates_in_the_second_half():
+  from lmbbo_jax.search.proposers import IterativeAPEProposer
+  cfg = SearchConfig(k_pos=2, k_neg=2, n_reset=2, n_iter=3)
+  prop = IterativeAPEProposer(None, cfg)
+  state = make_state(cfg)
+  halves = []
+  for reset in range(2):
+    for it in range(3):
+      state.reset, state.iteration = reset, it
+      halves.append(prop.resampling(state))
+  assert halves == [False, False, False, True, True, True]
+  state.reset, state.iteration = 1, 0
+  text = prop.build_messages(state)[0]["content"]
+  assert "Generate one variation" in text and "semantic meaning" in text
+  assert '"a {} delta"' in text and '"a {} beta"' in text  # The top 2 by train accuracy.
+  assert "epsilon" not in text and "%" not in text  # No negatives, no scores.
+
+
+def test_ape_proposers_parse_and_validate_like_the_llm_proposer():
+  from lmbbo_jax.search.proposers import APEProposer
+  cfg = SearchConfig(m_new=2)
+  client = ScriptedClient(["- a {} alpha\n- a clear {}\n- the {} here"])
+  out = asyncio.run(APEProposer(client, cfg).propose(make_state(cfg)))
+  assert out.templates == ["a clear {}", "the {} here"]  # The duplicate is rejected.
+  assert out.llm_calls == 1 and client.calls[0][2] == "r0-i0-a0"

@@ -79,6 +79,10 @@ class MetaPrompts:
   retry_unreadable: str = ""
   # Short, model-facing words for each rejection kind (`parsing.reason_kind`).
   rejection_words: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  # APE baselines (`proposers.APEProposer`): generation from unranked examples
+  # (<<examples>>), and iterative APE's resampling of the current top templates.
+  ape_generate: str = ""
+  ape_resample: str = ""
 
 
 DEFAULT_META_PROMPTS = MetaPrompts(
@@ -166,6 +170,17 @@ DEFAULT_META_PROMPTS = MetaPrompts(
         "too_long": "too long",
         "other": "not a usable template",
     },
+    ape_generate=(
+        "I need prompt templates for CLIP image classification. A template is "
+        "a short text with {} where the class name goes. Here are some "
+        "templates written for this task:\n<<examples>>\n\n"
+        "Write <<n_new>> new <<templates_word>> for this task.\n\n<<requirements>>"),
+    # APE's resampling prompt ("Generate a variation of the following instruction
+    # while keeping the semantic meaning"), for templates.
+    ape_resample=(
+        "Generate <<n_new>> <<variations_word>> of the following prompt templates "
+        "while keeping their semantic meaning. A template is a short text with {} "
+        "where the class name goes.\n<<examples>>\n\n<<requirements>>"),
 )
 
 

@@ -63,7 +63,7 @@ from lmbbo_jax.llm.errors import LLMBudgetExceeded
 from lmbbo_jax.search import meta_prompts as mp
 from lmbbo_jax.search import parsing
 from lmbbo_jax.search import pool as pool_lib
-from lmbbo_jax.search.proposers import (CONVERSATIONS, FEEDBACK_MODES,
+from lmbbo_jax.search.proposers import (CONVERSATIONS, FEEDBACK_MODES, LLM_PROPOSERS,
                                         REPLY_FORMATS, EditProposer,
                                         LLMProposer, ReplayProposer)
 from lmbbo_jax.search.runlog import RunLog
@@ -614,14 +614,15 @@ def make_proposer_factory(kind: str, config: SearchConfig, *,
                           replay_seed: int | None = None,
                           meta_prompts: mp.MetaPrompts = mp.DEFAULT_META_PROMPTS
                           ) -> Callable[[int], Proposer]:
-  """chain -> proposer for kind "llm" (needs `client`), "edit" or "replay".
+  """chain -> proposer for kind "llm", "ape", "iterative_ape" (these need `client`),
+  "edit" or "replay".
 
   `replay_seed` picks one few-shot seed's entries of a merged transcript.
   """
-  if kind == "llm":
+  if kind in LLM_PROPOSERS:
     if client is None:
-      raise SearchError("the LLM proposer needs --llm_base_url.")
-    proposer = LLMProposer(client, config, meta_prompts)
+      raise SearchError(f"the {kind} proposer needs an LLM (--llm=local or --llm_base_url).")
+    proposer = LLM_PROPOSERS[kind](client, config, meta_prompts)
     return lambda chain: proposer  # stateless: all state is in ChainState
   if kind == "edit":
     return lambda chain: EditProposer(config)
@@ -630,7 +631,7 @@ def make_proposer_factory(kind: str, config: SearchConfig, *,
       raise SearchError("the replay proposer needs a transcript.jsonl path.")
     replay = ReplayProposer(transcript, seed=replay_seed)
     return lambda chain: replay
-  raise SearchError(f"proposer {kind!r}: use llm, edit or replay.")
+  raise SearchError(f"proposer {kind!r}: use {', '.join([*LLM_PROPOSERS, 'edit', 'replay'])}.")
 
 
 def estimate_tokens(text: str) -> int:

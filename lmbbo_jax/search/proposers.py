@@ -5,6 +5,10 @@
   single-turn (a fresh message every iteration, as the official code) or
   multi-turn (the conversation grows with numeric feedback, as the paper's
   Figure 1; a reset starts a new conversation from the current pool).
+* `APEProposer` / `IterativeAPEProposer`: the black-box baselines of APE (Zhou
+  et al., ICLR 2023): the best of an LLM-written pool (fresh requests, unranked
+  examples, no scores), and its iterative form that asks for semantic
+  variations of the current top templates (no scores, no negatives).
 * `EditProposer`: GrIPS-style edits (delete, swap, insert, replace of words or
   short phrases) and crossover of top templates, seeded by the chain's RNG;
   no network. The default without an LLM and the "is the LLM needed?" ablation.
@@ -14,6 +18,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 from typing import Any, Sequence
 
@@ -302,6 +307,64 @@ class LLMProposer:
                    {"role": "user", "content": self.retry_message(
                        check.rejections)}]
     return out
+
+
+class APEProposer(LLMProposer):
+  """APE as a proposer: every call a fresh request, its pool's best is the pick.
+
+  The request shows `k_pos` templates drawn at random (seeded per chain, reset
+  and iteration) from the chain's initial pool as unranked examples of the
+  task's templates, with no score and no negative, and asks for `m_ask` new
+  ones; the selection rule picks the best of everything scored, as APE picks
+  the best of its candidates. The conversation setting does not apply.
+  """
+
+  name = "ape"
+
+  def _examples(self, state: ChainState) -> list[EvalRecord]:
+    initial = [r for r in state.pool if r.step == 0]
+    rng = random.Random(f"ape-{state.config.seed}-{state.chain}-{state.reset}-"
+                        f"{state.iteration}")
+    return rng.sample(initial, min(max(1, self.config.k_pos), len(initial)))
+
+  def generation_message(self, state: ChainState) -> str:
+    return mp.render(self.mp.ape_generate, {
+        **_count_values(self.n_ask), "requirements": self.requirements(),
+        "examples": "\n".join(mp.render(self.mp.item, {"template": r.template})
+                              for r in self._examples(state))})
+
+  def build_messages(self, state: ChainState) -> list[dict]:
+    return self._fresh(self.generation_message(state))
+
+  def _fresh(self, text: str) -> list[dict]:
+    messages = [{"role": "system", "content": self.mp.system}] if self.mp.system else []
+    return [*messages, {"role": "user", "content": text}]
+
+
+class IterativeAPEProposer(APEProposer):
+  """Iterative APE: generate as APE for the first half of a chain's calls, then
+  ask for semantic variations of the chain's current top `k_pos` templates
+  (ranked by the selection rule, shown without scores; no negatives)."""
+
+  name = "iterative_ape"
+
+  def resampling(self, state: ChainState) -> bool:
+    calls = self.config.n_reset * self.config.n_iter
+    return state.reset * self.config.n_iter + state.iteration >= (calls + 1) // 2
+
+  def build_messages(self, state: ChainState) -> list[dict]:
+    if not self.resampling(state):
+      return super().build_messages(state)
+    top = state.ranked()[:max(1, self.config.k_pos)]
+    values = _count_values(self.n_ask)
+    values["variations_word"] = "variation" if self.n_ask == 1 else "variations"
+    return self._fresh(mp.render(self.mp.ape_resample, {
+        **values, "requirements": self.requirements(),
+        "examples": "\n".join(mp.render(self.mp.item, {"template": r.template})
+                              for r in top)}))
+
+
+LLM_PROPOSERS = {"llm": LLMProposer, "ape": APEProposer, "iterative_ape": IterativeAPEProposer}
 
 
 # --- edit-based search (GrIPS-style) ------------------------------------------
