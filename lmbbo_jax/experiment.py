@@ -30,6 +30,7 @@ from absl import logging
 
 from lmbbo_jax import io as io_lib
 from lmbbo_jax import report
+from lmbbo_jax.coop import CoOpConfig
 from lmbbo_jax import templates as templates_lib
 from lmbbo_jax.llm import LLMConfig, LLMFatalError, build_client
 from lmbbo_jax.search import SearchConfig, make_proposer_factory, run_search
@@ -42,6 +43,9 @@ from lmbbo_jax.search.state import rank_key, selection_key
 PHOTO = templates_lib.PHOTO
 EMPTY = "{}"
 RESULTS_SCHEMA = 1
+# What a run does: the black-box search (with --proposer), or CoOp's white-box
+# prompt learning on the same cached features (lmbbo_jax/coop.py).
+METHODS = ("search", "coop")
 # Baselines a run can score beside the search (`--baselines`).
 # hand_best is picked by the selection split; hand_oracle by test accuracy, as the
 # paper's hand-engineered row was (an oracle: reported, never used by the search).
@@ -68,6 +72,8 @@ class ExperimentConfig:
   model_cache_dir: str | None = None
   image_batch_size: int = 64
   feature_cache_dir: str | None = None
+  method: str = "search"
+  coop: CoOpConfig = dataclasses.field(default_factory=CoOpConfig)
   proposer: str = "auto"
   search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
   search_seed: int = 0
@@ -83,6 +89,8 @@ class ExperimentConfig:
 
   @property
   def proposer_kind(self) -> str:
+    if self.method == "coop":
+      return "coop"
     if self.proposer != "auto":
       return self.proposer
     return "llm" if (self.llm.base_url or self.llm.local) else "edit"
@@ -210,6 +218,7 @@ class _SeedRun:
   baselines: dict
   images_encoded: int
   encode_s: float
+  scorer_inputs: tuple = ()
   result: Any = None
 
 
@@ -238,6 +247,8 @@ def _git_commit() -> str | None:
 def run_experiment(cfg: ExperimentConfig) -> dict:
   """Runs (or resumes) the experiment and writes every output; returns results.json's dict."""
   cfg.search.validate()
+  if cfg.method not in METHODS:
+    raise ExperimentError(f"--method={cfg.method!r}: use one of {', '.join(METHODS)}")
   kind = cfg.proposer_kind
   if kind in LLM_PROPOSERS and not (cfg.llm.base_url or cfg.llm.local):
     raise ExperimentError(f"--proposer={kind} needs an LLM: --llm=local (embedded llama.cpp "
@@ -255,6 +266,54 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     if local is not None:
       stack.callback(local.stop)  # also on Ctrl-C and on any error
     return _run(cfg, kind, local)
+
+
+# The paper's comparison (Table 1 and its ablations): each named method is the run's
+# config with these changes, run into <workdir>/<name> on the same tasks, model,
+# cached image features and call budget (`run_comparison`).
+COMPARISON: dict[str, dict[str, Any]] = {
+    "llm_no_feedback": {"proposer": "llm", "search": {"feedback": "none"}},
+    "ape": {"proposer": "ape"},
+    "iterative_ape": {"proposer": "iterative_ape"},
+    "ours_p": {"proposer": "llm", "search": {"feedback": "pos"}},
+    "ours_n": {"proposer": "llm", "search": {"feedback": "neg"}},
+    "ours_pn": {"proposer": "llm", "search": {"feedback": "pos_neg"}},
+    "coop": {"method": "coop"},
+}
+
+
+def comparison_config(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
+  """The config of method `name` of the comparison (see `COMPARISON`)."""
+  if name not in COMPARISON:
+    raise ExperimentError(f"--methods: unknown method {name!r}; use some of "
+                          f"{','.join(COMPARISON)}")
+  change = dict(COMPARISON[name])
+  search = dataclasses.replace(cfg.search, **change.pop("search", {}))
+  workdir = pathlib.Path(cfg.workdir)
+  return dataclasses.replace(
+      cfg, workdir=str(workdir / name), search=search,
+      feature_cache_dir=cfg.feature_cache_dir or str(workdir / "feature_cache"), **change)
+
+
+def run_comparison(cfg: ExperimentConfig, names: Sequence[str]) -> dict[str, dict]:
+  """Runs each named method into <workdir>/<name>, then the comparison table and plot.
+
+  With --resume a method whose run finished is read back, not run again.
+  """
+  configs = {name: comparison_config(cfg, name) for name in names}
+  out = {}
+  for name, sub in configs.items():
+    done = pathlib.Path(sub.workdir) / "results.json"
+    if cfg.resume and done.exists():
+      logging.info("comparison: %s finished earlier; reading %s", name, done)
+      out[name] = orjson.loads(done.read_bytes())
+      continue
+    logging.info("comparison: running %s into %s", name, sub.workdir)
+    out[name] = run_experiment(sub)
+  if not cfg.dry_run:
+    report.write_comparison([pathlib.Path(c.workdir) for c in configs.values()],
+                            pathlib.Path(cfg.workdir))
+  return out
 
 
 def _local_server(cfg: ExperimentConfig):
@@ -318,13 +377,18 @@ def _run(cfg: ExperimentConfig, kind: str, local) -> dict:
                           text_encoder=encoders[tuple(task.class_names)])
     logging.info("seed %d: %s images encoded in %.1fs (%s)", seed, n_images, encode_s,
                  {s: f.num_valid for s, f in feats.items()})
-    runs.append(_SeedRun(seed, task, scorer, _baselines(cfg, scorer, task), n_images, encode_s))
+    runs.append(_SeedRun(seed, task, scorer, _baselines(cfg, scorer, task), n_images, encode_s,
+                         scorer_inputs=(fb, lb)))
 
   profile = (_profile(cfg.profile_dir) if cfg.profile_dir else contextlib.nullcontext())
   t_search = time.perf_counter()
   with profile:
-    ledger, intervals, client_info = asyncio.run(_search_all(cfg, workdir, runs, corpora,
-                                                             local))
+    if cfg.method == "coop":
+      ledger, intervals, client_info = None, [], {}
+      _train_coop(cfg, workdir, clip, runs)
+    else:
+      ledger, intervals, client_info = asyncio.run(_search_all(cfg, workdir, runs, corpora,
+                                                               local))
   search_s = time.perf_counter() - t_search
   search_busy = _union_length(intervals)
   results = _results(cfg, clip, runs, ledger, search_s, time.time() - started, search_busy,
@@ -335,6 +399,50 @@ def _run(cfg: ExperimentConfig, kind: str, local) -> dict:
                tp["scoring_busy_s"], tp["compiles"], tp["compile_s_total"], tp["compile_s"])
   _write_outputs(workdir, results, runs)
   return results
+
+
+def _train_coop(cfg: ExperimentConfig, workdir: pathlib.Path, clip, runs: list[_SeedRun]):
+  """CoOp per seed on the seed's cached features; its result takes the search's place."""
+  import numpy as np
+  from tqdm.auto import tqdm
+
+  from lmbbo_jax import coop
+  from lmbbo_jax.search.optimizer import SearchResult
+  from lmbbo_jax.search.state import EvalRecord
+  for run in runs:
+    bar = tqdm(total=cfg.coop.epochs or coop.epochs_for_shots(cfg.shots),
+               desc=f"CoOp seed {run.seed}", unit="epoch", disable=not cfg.progress)
+
+    def progress(epoch, epochs, loss, bar=bar):
+      bar.update(1)
+      bar.set_postfix_str(f"loss {loss:.3f}")
+
+    t0 = time.perf_counter()
+    try:
+      out = coop.train(clip, run.task.class_names, run.scorer_inputs[0], run.scorer_inputs[1],
+                       shots=cfg.shots, seed=cfg.search_seed * 1000 + run.seed,
+                       config=cfg.coop, progress=progress)
+    except coop.CoOpError as e:
+      raise ExperimentError(f"CoOp: {e}") from None
+    finally:
+      bar.close()
+    seed_dir = workdir / f"seed_{run.seed}"
+    seed_dir.mkdir(parents=True, exist_ok=True)
+    with io_lib.atomic_writer(seed_dir / "coop_ctx.npy", "wb") as f:
+      np.save(f, out.ctx)
+    record = EvalRecord(template=out.label, accuracy=out.accuracy, logprob={}, rejected=None,
+                        chain=0, reset=None, iteration=None, step=0, seq=0, proposer="coop")
+    run.result = SearchResult(
+        best=record.score, best_record=record, initial_best=None, initial_best_record=None,
+        best_per_chain={0: record}, records=[], stop_reason="completed",
+        elapsed_s=time.perf_counter() - t0,
+        counts={"coop": {"epochs": out.epochs, "steps": out.steps,
+                         "loss_curve": [round(x, 5) for x in out.loss_curve],
+                         "config": dataclasses.asdict(cfg.coop),
+                         "context": "seed_%d/coop_ctx.npy" % run.seed}})
+    logging.info("CoOp seed %d: loss %.3f -> %.3f in %d epochs; accuracy %s", run.seed,
+                 out.loss_curve[0], out.loss_curve[-1], out.epochs,
+                 {k: round(v, 4) for k, v in out.accuracy.items()})
 
 
 def _union_length(intervals) -> float:
@@ -607,9 +715,12 @@ def _write_outputs(workdir: pathlib.Path, results: dict, runs: list[_SeedRun]) -
   (workdir / "class_names.txt").write_text(
       "".join(c + "\n" for c in runs[0].task.class_names) if runs else "", encoding="utf-8")
   cfg_search = results["config"]["search"]
-  report.plot_accuracy(ok, workdir / "accuracy.png",
-                       title=f"{results['dataset']} ({results['model']['name']}, "
-                             f"{results['shots']}-shot)",
+  title = f"{results['dataset']} ({results['model']['name']}, {results['shots']}-shot)"
+  curves = {r.seed: r.result.counts["coop"]["loss_curve"] for r in runs
+            if "coop" in r.result.counts}
+  if curves:
+    report.plot_loss_curves(curves, workdir / "coop_loss.png", title=f"CoOp, {title}")
+  report.plot_accuracy(ok, workdir / "accuracy.png", title=title,
                        select_by=cfg_search["select_by"], tie_break=cfg_search["tie_break"])
   (workdir / "summary.md").write_text(report.summary_markdown(results), encoding="utf-8")
   io_lib.write_json(workdir / "results.json", results)

@@ -11,9 +11,13 @@ checked by tests against this module.
 
 from __future__ import annotations
 
+import dataclasses
+
 from absl import flags
 
 from lmbbo_jax.experiment import BASELINES as _KNOWN_BASELINES
+from lmbbo_jax.experiment import COMPARISON as _COMPARISON
+from lmbbo_jax.experiment import METHODS as _METHODS
 from lmbbo_jax.experiment import ExperimentConfig
 from lmbbo_jax.llm import LLMConfig
 from lmbbo_jax.llm.client import STRUCTURED_MODES
@@ -66,6 +70,22 @@ SELECT_BY = flags.DEFINE_enum(
     "Split whose accuracy chooses the best template (test is only reported).")
 
 # --- search -------------------------------------------------------------------
+METHOD = flags.DEFINE_enum(
+    "method", _RUN.method, list(_METHODS),
+    "search: the black-box search with --proposer; coop: CoOp's learned context (white box, "
+    "trained on the same cached image features; --coop_*).")
+COOP_N_CTX = flags.DEFINE_integer("coop_n_ctx", _RUN.coop.n_ctx, "CoOp: learned context tokens.")
+COOP_EPOCHS = flags.DEFINE_integer(
+    "coop_epochs", _RUN.coop.epochs,
+    "CoOp: training epochs; 0 = CoOp's for the shots (1: 50, 2-4: 100, 8-16: 200).")
+COOP_LR = flags.DEFINE_float("coop_lr", _RUN.coop.lr, "CoOp: peak SGD learning rate (cosine).")
+COOP_BATCH_SIZE = flags.DEFINE_integer("coop_batch_size", _RUN.coop.batch_size,
+                                       "CoOp: images per step.")
+COMPARE = flags.DEFINE_list(
+    "methods", [],
+    "Run the paper's comparison instead of one run: each named method (" + ",".join(
+        _COMPARISON) + ") into <workdir>/<name> with this run's other settings, then "
+    "comparison.md, comparison.csv and efficiency.png in --workdir.")
 PRESET = flags.DEFINE_enum(
     "preset", None, list(PRESETS),
     "Named search settings over the defaults (the official code's): official_code, "
@@ -193,16 +213,19 @@ flags.register_validator("shots", lambda v: v in (1, 2, 4, 8, 16) or v > 0,
                          message="--shots must be a positive integer (paper: 1; CoOp: 1, 2, 4, 8, 16)")
 flags.register_validator("seeds", lambda v: bool(v) and all(s.strip().lstrip("-").isdigit() for s in v),
                          message="--seeds must be a comma-separated list of integers, e.g. 1,2,3")
+flags.register_validator("methods", lambda v: all(m in _COMPARISON for m in v),
+                         message=f"--methods must be a subset of {','.join(_COMPARISON)}")
 flags.register_validator("baselines", lambda v: all(b in _KNOWN_BASELINES for b in v),
                          message=f"--baselines must be a subset of {','.join(_KNOWN_BASELINES)}")
 for _name in ("n_restart", "n_reset", "n_iter", "m_new", "init_pool_size", "image_batch_size",
+              "coop_n_ctx", "coop_batch_size",
               "llm_max_concurrency", "llm_n_ctx", "max_template_words"):
   flags.register_validator(_name, lambda v: v is not None and v >= 1,
                            message=f"--{_name} must be >= 1")
 for _name in ("llm_rpm", "llm_tpm"):
   flags.register_validator(_name, lambda v: v is None or v >= 1,
                            message=f"--{_name} must be >= 1 (or unset for no limit)")
-for _name in ("k_pos", "k_neg", "llm_max_retries", "m_ask"):
+for _name in ("k_pos", "k_neg", "llm_max_retries", "m_ask", "coop_epochs"):
   flags.register_validator(_name, lambda v: v is not None and v >= 0,
                            message=f"--{_name} must be >= 0")
 
@@ -274,7 +297,10 @@ def experiment_config() -> ExperimentConfig:
       seeds=tuple(int(s) for s in SEEDS.value), data_dir=DATA_DIR.value,
       max_test_per_class=MAX_TEST_PER_CLASS.value, model=MODEL.value, dtype=DTYPE.value,
       model_cache_dir=MODEL_CACHE_DIR.value, image_batch_size=IMAGE_BATCH_SIZE.value,
-      feature_cache_dir=FEATURE_CACHE_DIR.value, proposer=PROPOSER.value, search=search,
+      feature_cache_dir=FEATURE_CACHE_DIR.value, method=METHOD.value,
+      coop=dataclasses.replace(_RUN.coop, n_ctx=COOP_N_CTX.value, epochs=COOP_EPOCHS.value,
+                               lr=COOP_LR.value, batch_size=COOP_BATCH_SIZE.value),
+      proposer=PROPOSER.value, search=search,
       search_seed=SEARCH_SEED.value, init_pool=INIT_POOL.value,
       replay_transcript=REPLAY_TRANSCRIPT.value, llm=llm, baselines=tuple(BASELINES.value),
       resume=RESUME.value, overwrite=OVERWRITE.value, dry_run=DRY_RUN.value,

@@ -27,7 +27,7 @@ def main(argv):
     import jax  # Must be initialised before any other JAX call.
     jax.distributed.initialize(lmbbo_flags.COORDINATOR_ADDRESS.value,
                                lmbbo_flags.NUM_PROCESSES.value, lmbbo_flags.PROCESS_ID.value)
-  from lmbbo_jax.experiment import ExperimentError, run_experiment
+  from lmbbo_jax.experiment import ExperimentError, run_comparison, run_experiment
   from lmbbo_jax.search import RunLogError, SearchError
   try:
     config = lmbbo_flags.experiment_config()
@@ -43,11 +43,24 @@ def main(argv):
     logging.info("JAX %s: %d device(s) %s, process %d of %d", jax.__version__,
                  jax.device_count(), [d.device_kind for d in jax.local_devices()],
                  jax.process_index(), jax.process_count())
+  methods = lmbbo_flags.COMPARE.value
   try:
-    results = run_experiment(config)
+    if methods:
+      by_method = run_comparison(config, methods)
+    else:
+      results = run_experiment(config)
   except (ExperimentError, SearchError, RunLogError) as e:  # One line, never a traceback.
     print(f"error: {e}", file=sys.stderr)
     return 1
+  if methods:
+    if config.dry_run:
+      import json
+      print(json.dumps({m: r.get("dry_run") for m, r in by_method.items()}, indent=2))
+      return 0
+    print(open(os.path.join(config.workdir, "comparison.md"), encoding="utf-8").read())
+    print(f"outputs in {config.workdir}: comparison.md, comparison.csv, efficiency.png, and "
+          f"one run folder per method ({', '.join(methods)})")
+    return 0
   if config.dry_run:
     import json
     print(json.dumps(results["dry_run"], indent=2))

@@ -1,4 +1,5 @@
-"""Run outputs a person reads: prompts.csv, accuracy.png and summary.md.
+"""Run outputs a person reads: prompts.csv, accuracy.png and summary.md; and the
+paper's comparison over several runs (`--table`: comparison.md/.csv, efficiency.png).
 
 Everything here is computed from the machine-readable results (results.json and
 the per-seed prompts.jsonl records), so a plot can be redrawn from a finished
@@ -118,6 +119,25 @@ def plot_accuracy(records: Sequence[dict], path: str | pathlib.Path, *,
   plt.close(fig)
 
 
+def plot_loss_curves(curves: dict, path: str | pathlib.Path, *, title: str = "") -> None:
+  """A training loss curve per seed (CoOp's mean loss per epoch)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for seed, curve in sorted(curves.items()):
+    ax.plot(range(1, len(curve) + 1), curve, label=f"seed {seed}")
+  ax.set_xlabel("epoch")
+  ax.set_ylabel("mean training loss")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  if title:
+    ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def _fmt(x) -> str:
   return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
@@ -223,11 +243,207 @@ def _proposer_section(results: dict) -> list[str]:
   return out
 
 
+# --------------------------------------------------------------------------------------
+# The paper's comparison over several runs: Table 1's layout and an efficiency plot.
+
+# Rows in the paper's order: (label, where the per-seed entries come from): a
+# baseline every run scores, or the best of the run of a named method.
+TABLE_ROWS = (
+    ("a photo of a {}.", "baseline", "photo"),
+    ("hand-engineered, picked by train accuracy", "baseline", "hand_best"),
+    ("hand-engineered, picked by test accuracy (oracle, as the paper's row)", "baseline",
+     "hand_oracle"),
+    ("initial pool's best", "baseline", "pool_best"),
+    ("LLM-written, no feedback", "method", "llm_no_feedback"),
+    ("APE", "method", "ape"),
+    ("iterative APE", "method", "iterative_ape"),
+    ("ours, positive feedback (P)", "method", "ours_p"),
+    ("ours, negative feedback (N)", "method", "ours_n"),
+    ("ours, P+N (the paper's method)", "method", "ours_pn"),
+    ("CoOp (white box, learned context)", "method", "coop"),
+)
+_FEEDBACK_METHODS = {"none": "llm_no_feedback", "pos": "ours_p", "neg": "ours_n",
+                     "pos_neg": "ours_pn"}
+
+
+def method_name(results: dict) -> str:
+  """The comparison's name of a run (`experiment.COMPARISON`), read from its config."""
+  config = results.get("config") or {}
+  kind = config.get("proposer_kind", "")
+  if kind == "llm":
+    return _FEEDBACK_METHODS.get((config.get("search") or {}).get("feedback"), "llm")
+  return kind
+
+
+def _run_dirs(paths: Sequence[str | pathlib.Path]) -> list[pathlib.Path]:
+  """Run folders: each path that holds results.json, or its subfolders that do."""
+  out = []
+  for p in map(pathlib.Path, paths):
+    if (p / "results.json").exists():
+      out.append(p)
+    else:
+      out += sorted(d for d in p.iterdir() if (d / "results.json").exists()) if p.is_dir() else []
+  return out
+
+
+def _per_seed_test(results: dict, kind: str, name: str) -> dict[int, float]:
+  out = {}
+  for seed, ps in (results.get("per_seed") or {}).items():
+    entry = (ps.get("baselines") or {}).get(name) if kind == "baseline" else ps.get("best")
+    if entry and entry.get("test_acc") is not None:
+      out[int(seed)] = entry["test_acc"]
+  return out
+
+
+def comparison_rows(paths: Sequence[str | pathlib.Path]) -> tuple[list[str], list[dict]]:
+  """(datasets, one row per (dataset, table row) with per-seed test accuracies)."""
+  runs: dict[str, dict[str, dict]] = {}
+  for d in _run_dirs(paths):
+    results = orjson.loads((d / "results.json").read_bytes())
+    runs.setdefault(results.get("dataset", "?"), {})[method_name(results)] = results
+  rows = []
+  for dataset, by_method in runs.items():
+    for label, kind, name in TABLE_ROWS:
+      sources = list(by_method.values()) if kind == "baseline" else [by_method.get(name)]
+      per_seed = next((v for v in (_per_seed_test(r, kind, name) for r in sources if r) if v),
+                      {})
+      if not per_seed:
+        continue
+      vals = [per_seed[s] for s in sorted(per_seed)]
+      mean, std = mean_std(vals)
+      rows.append({"dataset": dataset, "method": name, "label": label,
+                   "seeds": sorted(per_seed), "test_acc": vals, "mean": mean, "std": std,
+                   "se": std / math.sqrt(len(vals)) if len(vals) > 1 else float("nan")})
+  return list(runs), rows
+
+
+def comparison_markdown(datasets: Sequence[str], rows: Sequence[dict]) -> str:
+  """Table 1's layout: method x dataset, test accuracy mean ± std over seeds (%)."""
+  labels = list(dict.fromkeys(r["label"] for r in rows))
+  cell = {(r["label"], r["dataset"]): r for r in rows}
+  lines = ["| method | " + " | ".join(datasets) + (" | average |" if len(datasets) > 1 else " |"),
+           "|---|" + "---|" * (len(datasets) + (len(datasets) > 1))]
+  for label in labels:
+    cells, means = [], []
+    for d in datasets:
+      r = cell.get((label, d))
+      cells.append("-" if r is None else f"{_fmt(r['mean'])} ± {_fmt(r['std'])}")
+      if r is not None:
+        means.append(r["mean"])
+    avg = ([_fmt(statistics.fmean(means)) if len(means) == len(datasets) else "-"]
+           if len(datasets) > 1 else [])
+    lines.append(f"| {label} | " + " | ".join(cells + avg) + " |")
+  seeds = sorted({s for r in rows for s in r["seeds"]})
+  lines += ["", f"Test accuracy (%), mean ± std over few-shot seeds {seeds}; every method "
+                "on the same tasks, model and cached image features; the LLM methods with "
+                "the same call budget."]
+  return "\n".join(lines) + "\n"
+
+
+def plot_efficiency(paths: Sequence[str | pathlib.Path], path: str | pathlib.Path) -> None:
+  """Test accuracy of the best-so-far template (chosen by the selection rule) against the
+  LLM calls that gave a scored template, mean over seeds; one line per method, one panel
+  per dataset. CoOp (no LLM) is a horizontal line at its mean test accuracy."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  by_dataset: dict[str, list] = {}
+  for d in _run_dirs(paths):
+    results = orjson.loads((d / "results.json").read_bytes())
+    by_dataset.setdefault(results.get("dataset", "?"), []).append((d, results))
+  fig, axes = plt.subplots(1, max(1, len(by_dataset)), figsize=(6 * max(1, len(by_dataset)), 4.5),
+                           squeeze=False)
+  labels = {name: label for label, _, name in TABLE_ROWS}
+  for ax, (dataset, runs) in zip(axes[0], by_dataset.items()):
+    for d, results in runs:
+      name = method_name(results)
+      if name == "coop":
+        vals = list(_per_seed_test(results, "method", "coop").values())
+        if vals:
+          ax.axhline(100 * statistics.fmean(vals), ls="--", color="k", lw=1,
+                     label=labels["coop"])
+        continue
+      curves = _efficiency_curves(d, results)
+      if not curves:
+        continue
+      n = max(len(c) for c in curves)
+      mean = [100 * statistics.fmean(c[min(i, len(c) - 1)] for c in curves) for i in range(n)]
+      ax.step(range(n), mean, where="post", lw=1.6, label=labels.get(name, name))
+    ax.set_title(f"{dataset}: test accuracy of the best so far", fontsize=9)
+    ax.set_xlabel("LLM calls that gave a scored template (0 = initial pool)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _efficiency_curves(workdir: pathlib.Path, results: dict) -> list[list[float]]:
+  """Per seed: test accuracy of the best so far after 0, 1, 2, ... calls."""
+  config = results.get("config") or {}
+  select_by = config.get("select_by", "train")
+  tie_break = (config.get("search") or {}).get("tie_break", "logprob")
+  records = [r for r in io_lib.read_jsonl(workdir / "prompts.jsonl") if not r.get("rejected")]
+  curves = []
+  for seed in sorted({r.get("seed") for r in records}, key=str):
+    # The initial pool first, then the proposals in the order they were scored.
+    rs = sorted((r for r in records if r.get("seed") == seed),
+                key=lambda r: (r.get("step", 0) > 0, r.get("eval_index", 0)))
+    best, best_key, calls, curve = None, None, set(), []
+    for r in rs:
+      call = r.get("call_id") if r.get("step", 0) > 0 else None
+      if call is not None and call not in calls:
+        if best is not None:  # The best after the calls before this one.
+          curve.append(best["accuracy"].get("test", math.nan))
+        calls.add(call)
+      key = rank_key(EvalRecord.from_row(r), select_by, tie_break)
+      if best is None or key < best_key:
+        best, best_key = r, key
+    if best is not None:
+      curves.append(curve + [best["accuracy"].get("test", math.nan)])
+  return curves
+
+
+def write_comparison(paths: Sequence[str | pathlib.Path], out: str | pathlib.Path) -> None:
+  """comparison.md, comparison.csv and efficiency.png in `out`."""
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  datasets, rows = comparison_rows(paths)
+  io_lib.atomic_write(out / "comparison.md", comparison_markdown(datasets, rows))
+  with io_lib.atomic_writer(out / "comparison.csv", "w") as f:
+    writer = csv.writer(f)
+    writer.writerow(["dataset", "method", "label", "seeds", "test_acc", "mean", "std", "se"])
+    for r in rows:
+      writer.writerow([r["dataset"], r["method"], r["label"],
+                       " ".join(map(str, r["seeds"])), " ".join(f"{v:.4f}" for v in r["test_acc"]),
+                       f"{r['mean']:.4f}", f"{r['std']:.4f}", f"{r['se']:.4f}"])
+  plot_efficiency(paths, out / "efficiency.png")
+
+
 def main(argv=None):
   import sys
   args = sys.argv[1:] if argv is None else argv
+  if args[:1] == ["--table"]:
+    dirs, out = args[1:], None
+    if "--out" in dirs:
+      i = dirs.index("--out")
+      dirs, out = dirs[:i], (dirs[i + 1:] or [None])[0]
+    if not dirs or not out:
+      print("usage: python -m lmbbo_jax.report --table RUN_OR_COMPARISON_DIR... --out DIR",
+            file=sys.stderr)
+      return 2
+    if not _run_dirs(dirs):
+      print(f"no results.json in {' '.join(dirs)} or their subfolders; run the main job first",
+            file=sys.stderr)
+      return 1
+    write_comparison(dirs, out)
+    print((pathlib.Path(out) / "comparison.md").read_text(encoding="utf-8"))
+    print(f"wrote comparison.md, comparison.csv, efficiency.png in {out}")
+    return 0
   if len(args) != 1:
-    print("usage: python -m lmbbo_jax.report WORKDIR", file=sys.stderr)
+    print("usage: python -m lmbbo_jax.report WORKDIR  |  python -m lmbbo_jax.report "
+          "--table DIR... --out DIR", file=sys.stderr)
     return 2
   workdir = pathlib.Path(args[0])
   results_path = workdir / "results.json"

@@ -288,3 +288,47 @@ def test_resume_with_a_changed_search_config_is_one_line(smoke_run):
   lines = _error_lines(proc.stderr)
   assert len(lines) == 1 and "n_iter" in lines[0], proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
+
+
+def test_the_comparison_runs_every_method_on_the_same_tasks_and_writes_the_table(tmp_path):
+  import fake_llm_server as fake
+  workdir = tmp_path / "cmp"
+  methods = ["llm_no_feedback", "ape", "iterative_ape", "ours_pn", "coop"]
+  with fake.FakeLLMServer(n_templates=2) as server:
+    proc = _main(["--flagfile=experiments/smoke.flags", f"--workdir={workdir}",
+                  "--noprogress", "--seeds=1,2", "--n_restart=1", "--n_reset=2",
+                  "--n_iter=1", "--coop_epochs=3", f"--llm_base_url={server.base_url}",
+                  "--llm_model=gpt-4o-mini", "--llm_api_key_env=LMBBO_TEST_KEY",
+                  f"--methods={','.join(methods)}"], tmp_path, LMBBO_TEST_KEY="k")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for name in methods:
+    results = json.loads((workdir / name / "results.json").read_text())
+    assert sorted(results["per_seed"]) == ["1", "2"]
+    assert results["config"]["proposer_kind"] == ("coop" if name == "coop" else
+                                                  "llm" if name.startswith(("llm", "ours"))
+                                                  else name)
+    if name != "coop":  # The same call budget for every LLM method.
+      assert results["llm"]["calls"] == 2 * 1 * 2 * 1, name
+  coop = json.loads((workdir / "coop" / "results.json").read_text())
+  assert len(coop["per_seed"]["1"]["counts"]["coop"]["loss_curve"]) == 3
+  assert (workdir / "coop" / "coop_loss.png").stat().st_size > 0
+  assert (workdir / "coop" / "seed_1" / "coop_ctx.npy").exists()
+  # The images were encoded once, for all methods.
+  assert len(list((workdir / "feature_cache").glob("*.npz"))) >= 1
+  table = (workdir / "comparison.md").read_text()
+  for label in ("a photo of a {}.", "initial pool's best", "LLM-written, no feedback", "APE",
+                "iterative APE", "ours, P+N", "CoOp"):
+    assert label in table, label
+  rows = (workdir / "comparison.csv").read_text().splitlines()
+  assert rows[0].startswith("dataset,method,label,seeds")
+  ape = next(r for r in rows if ",ape," in r)
+  tests = json.loads((workdir / "ape" / "results.json").read_text())["per_seed"]
+  assert f"{tests['1']['best']['test_acc']:.4f} {tests['2']['best']['test_acc']:.4f}" in ape
+  assert (workdir / "efficiency.png").stat().st_size > 0
+  assert "comparison.md" in proc.stdout
+  # The report redraws it from the folders.
+  out = subprocess.run([sys.executable, "-m", "lmbbo_jax.report", "--table", str(workdir),
+                        "--out", str(tmp_path / "again")], cwd=REPO, env=_env(tmp_path),
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert (tmp_path / "again" / "comparison.md").read_text() == table
