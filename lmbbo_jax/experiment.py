@@ -81,6 +81,7 @@ class ExperimentConfig:
   replay_transcript: str | None = None
   llm: LLMConfig = dataclasses.field(default_factory=LLMConfig)
   baselines: tuple[str, ...] = BASELINES
+  transfer_to: tuple[str, ...] = ()
   resume: bool = False
   overwrite: bool = False
   dry_run: bool = False
@@ -100,6 +101,7 @@ class ExperimentConfig:
     d["proposer_kind"] = self.proposer_kind
     d["seeds"] = list(self.seeds)
     d["baselines"] = list(self.baselines)
+    d["transfer_to"] = list(self.transfer_to)
     d["select_by"] = self.search.select_by
     return d
 
@@ -398,6 +400,9 @@ def _run(cfg: ExperimentConfig, kind: str, local) -> dict:
                "it while scoring, the rest in the background)", tp["templates_scored"],
                tp["scoring_busy_s"], tp["compiles"], tp["compile_s_total"], tp["compile_s"])
   _write_outputs(workdir, results, runs)
+  if cfg.transfer_to:  # After the run's own outputs are safe.
+    results["transfer"] = _transfer(cfg, runs, results, cache_dir)
+    _write_outputs(workdir, results, runs)
   return results
 
 
@@ -443,6 +448,58 @@ def _train_coop(cfg: ExperimentConfig, workdir: pathlib.Path, clip, runs: list[_
     logging.info("CoOp seed %d: loss %.3f -> %.3f in %d epochs; accuracy %s", run.seed,
                  out.loss_curve[0], out.loss_curve[-1], out.epochs,
                  {k: round(v, 4) for k, v in out.accuracy.items()})
+
+
+def _transfer(cfg: ExperimentConfig, runs: list[_SeedRun], results: dict,
+              cache_dir: str) -> dict:
+  """Each seed's chosen templates and baselines scored on other backbones, as chosen.
+
+  Nothing is re-selected: the template the search picked on the run's model (and each
+  baseline's template) is scored on every `--transfer_to` model. CoOp's learned
+  context lives in its own backbone's embedding space and does not transfer.
+  """
+  import jax.numpy as jnp
+  from lmbbo_jax.data import hand_templates
+  from lmbbo_jax.evaluator import features as features_lib
+  from lmbbo_jax.evaluator.scorer import PromptScorer
+  from lmbbo_jax.models import CheckpointError, load_clip
+  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.dtype]
+  out = {}
+  for source in cfg.transfer_to:
+    try:
+      clip = load_clip(source, dtype=dtype, cache_dir=cfg.model_cache_dir)
+    except CheckpointError as e:
+      raise ExperimentError(f"--transfer_to={source}: {e} (the run's own results are "
+                            "written; rerun with --resume to add the transfer)") from None
+    per_seed = {}
+    for run in runs:
+      feats = features_lib.encode_task(clip, run.task, batch_size=cfg.image_batch_size,
+                                       cache_dir=cache_dir, progress=cfg.progress)
+      fb, lb = features_lib.scorer_inputs(feats)
+      scorer = PromptScorer(clip, fb, lb, run.task.class_names)
+      ps = results["per_seed"][str(run.seed)]
+      chosen = {"best": ps["best"], "initial_best": ps["initial_best"],
+                **{f"baseline:{k}": v for k, v in ps["baselines"].items()
+                   if k != "hand_ensemble"}}
+      chosen = {k: v["template"] for k, v in chosen.items()
+                if v and v.get("template") and templates_lib.invalid_reason(v["template"]) is None}
+      entries = dict(zip(chosen, map(_entry, scorer.score(list(chosen.values())))))
+      if "hand_ensemble" in ps["baselines"]:
+        hand = hand_templates(cfg.dataset)
+        entries["baseline:hand_ensemble"] = _entry(
+            scorer.score_ensemble([hand])[0], template=f"ensemble of {len(hand)} templates")
+      scorer.close()
+      per_seed[str(run.seed)] = entries
+    names = sorted({k for e in per_seed.values() for k in e})
+    out[source] = {
+        "model": {"name": clip.name, "source": clip.source, "weights_hash": clip.weights_hash},
+        "per_seed": per_seed,
+        "aggregate": {k: _aggregate([e.get(k) or {} for e in per_seed.values()])
+                      for k in names}}
+    logging.info("transfer to %s: %s", source, {
+        k: round(v.get("test_acc", {}).get("mean", float("nan")), 4)
+        for k, v in out[source]["aggregate"].items()})
+  return out
 
 
 def _union_length(intervals) -> float:
@@ -569,6 +626,18 @@ def _proposer_accounting(runs: list[_SeedRun]) -> dict:
                            for c in (r.result.counts.get("per_chain") or {}).values()])
 
 
+def _aggregate(entries: Sequence[dict]) -> dict:
+  """Mean and std over seeds of each split's accuracy in `entries`."""
+  vals = {}
+  for split in ("train_acc", "val_acc", "test_acc"):
+    xs = [e.get(split) for e in entries if e]
+    xs = [x for x in xs if x is not None]
+    if xs:
+      vals[split] = {"mean": statistics.fmean(xs),
+                     "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
+  return vals
+
+
 def _results(cfg, clip, runs: list[_SeedRun], ledger, search_s: float, wall_s: float,
              search_busy_s: float, client_info: dict | None = None) -> dict:
   per_seed, n_eval = {}, 0
@@ -602,14 +671,7 @@ def _results(cfg, clip, runs: list[_SeedRun], ledger, search_s: float, wall_s: f
   best_seed, best_ps = str(best_run.seed), per_seed[str(best_run.seed)]
 
   def agg(getter) -> dict:
-    vals = {}
-    for split in ("train_acc", "val_acc", "test_acc"):
-      xs = [getter(ps).get(split) for ps in per_seed.values() if getter(ps)]
-      xs = [x for x in xs if x is not None]
-      if xs:
-        vals[split] = {"mean": statistics.fmean(xs),
-                       "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
-    return vals
+    return _aggregate([getter(ps) for ps in per_seed.values()])
 
   aggregate = {"best": agg(lambda ps: ps["best"]),
                "initial_best": agg(lambda ps: ps["initial_best"])}

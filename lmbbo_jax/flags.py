@@ -196,6 +196,10 @@ BASELINES = flags.DEFINE_list(
     "baselines", list(_RUN.baselines),
     "Baselines scored in the same run: empty ({}), photo (a photo of a {}.), hand_best and "
     "hand_ensemble (CLIP's hand-engineered templates), pool_best (initial pool's best).")
+TRANSFER_TO = flags.DEFINE_list(
+    "transfer_to", list(_RUN.transfer_to),
+    "Other CLIPs (as --model takes them, e.g. RN101,ViT-B/32) on which each seed's chosen "
+    "template and the baselines are scored as chosen, without re-selecting.")
 PROFILE_DIR = flags.DEFINE_string("profile_dir", None, "Write a jax.profiler trace of scoring here.")
 PROGRESS = flags.DEFINE_bool("progress", _RUN.progress, "Show progress bars.")
 JAX_CACHE_DIR = flags.DEFINE_string(
@@ -303,5 +307,6 @@ def experiment_config() -> ExperimentConfig:
       proposer=PROPOSER.value, search=search,
       search_seed=SEARCH_SEED.value, init_pool=INIT_POOL.value,
       replay_transcript=REPLAY_TRANSCRIPT.value, llm=llm, baselines=tuple(BASELINES.value),
+      transfer_to=tuple(TRANSFER_TO.value),
       resume=RESUME.value, overwrite=OVERWRITE.value, dry_run=DRY_RUN.value,
       profile_dir=PROFILE_DIR.value, progress=PROGRESS.value)

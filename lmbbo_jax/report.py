@@ -26,6 +26,7 @@ METHOD_LABELS = {
     "hand_best": "hand-engineered, picked by the selection split",
     "hand_oracle": "hand-engineered, picked by test accuracy (oracle, as the paper's row)",
     "hand_ensemble": "hand-engineered ensemble", "pool_best": "initial pool's best",
+    "initial_best": "initial pool's best",
 }
 
 
@@ -192,7 +193,29 @@ def summary_markdown(results: dict) -> str:
                f"cost ${llm.get('cost_usd', 0.0):.4f}; "
                f"{tp.get('templates_per_s', 0.0):.2f} templates/s scored.")
   lines += _proposer_section(results)
+  lines += _transfer_section(results)
   return "\n".join(lines) + "\n"
+
+
+def _transfer_section(results: dict) -> list[str]:
+  """Test accuracy of the chosen templates on other backbones (not re-selected)."""
+  transfer = results.get("transfer") or {}
+  if not transfer:
+    return []
+  names = list(dict.fromkeys(k for t in transfer.values() for k in t.get("aggregate", {})))
+  out = ["", "## Transfer: the chosen templates on other backbones, as chosen (test accuracy "
+             "%, mean ± std over seeds)", "",
+         "| template | " + " | ".join(transfer) + " |", "|---|" + "---|" * len(transfer)]
+  for name in names:
+    label = METHOD_LABELS.get(name.removeprefix("baseline:"), name)
+    if name == "best":
+      label = "optimized (this run's pick)"
+    cells = []
+    for t in transfer.values():
+      test = (t.get("aggregate", {}).get(name) or {}).get("test_acc") or {}
+      cells.append(f"{_fmt(test.get('mean'))} ± {_fmt(test.get('std'))}" if test else "-")
+    out.append(f"| {label} | " + " | ".join(cells) + " |")
+  return out
 
 
 def _proposer_section(results: dict) -> list[str]:

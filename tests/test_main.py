@@ -332,3 +332,46 @@ def test_the_comparison_runs_every_method_on_the_same_tasks_and_writes_the_table
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
   assert (tmp_path / "again" / "comparison.md").read_text() == table
+
+
+def test_transfer_scores_the_chosen_templates_on_other_backbones_without_reselecting(tmp_path):
+  workdir = tmp_path / "t"
+  proc = _main(["--flagfile=experiments/smoke.flags", f"--workdir={workdir}", "--noprogress",
+                "--model=random:tiny-vit", "--transfer_to=random:tiny-rn,toyclip"], tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((workdir / "results.json").read_text())
+  assert list(results["transfer"]) == ["random:tiny-rn", "toyclip"]
+  for source, t in results["transfer"].items():
+    for seed, entries in t["per_seed"].items():
+      ps = results["per_seed"][seed]
+      # The same templates as chosen on the run's model, scored on another one.
+      assert entries["best"]["template"] == ps["best"]["template"]
+      assert entries["initial_best"]["template"] == ps["initial_best"]["template"]
+      assert entries["baseline:photo"]["template"] == "a photo of a {}."
+      assert 0.0 <= entries["best"]["test_acc"] <= 1.0
+  toy, own = results["transfer"]["toyclip"]["per_seed"]["1"], results["per_seed"]["1"]
+  assert toy["baseline:photo"]["test_acc"] != own["baselines"]["photo"]["test_acc"]
+  assert toy["baseline:photo"]["test_acc"] > 0.3  # The trained toy CLIP reads its own world.
+  assert "Transfer" in (workdir / "summary.md").read_text()
+
+
+def test_replay_of_a_three_seed_run_gives_each_seed_its_own_templates(tmp_path):
+  import fake_llm_server as fake
+  args = ["--flagfile=experiments/smoke.flags", "--noprogress", "--seeds=1,2,3",
+          "--n_restart=1", "--n_iter=2", "--proposer=llm", "--llm_model=gpt-4o-mini",
+          "--llm_api_key_env=LMBBO_TEST_KEY"]
+  with fake.FakeLLMServer(n_templates=2) as server:
+    proc = _main(args + [f"--workdir={tmp_path / 'rec'}", f"--llm_base_url={server.base_url}"],
+                 tmp_path, LMBBO_TEST_KEY="k")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = _main(args + [f"--workdir={tmp_path / 'rep'}", "--proposer=replay",
+                       f"--replay_transcript={tmp_path / 'rec' / 'transcript.jsonl'}"], tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  def proposed(run):
+    rows = [json.loads(l) for l in (tmp_path / run / "prompts.jsonl").read_text().splitlines()]
+    return {s: sorted(r["template"] for r in rows if r["seed"] == s and r["step"] > 0)
+            for s in (1, 2, 3)}
+  recorded, replayed = proposed("rec"), proposed("rep")
+  assert replayed == recorded and all(recorded.values())
+  assert len({tuple(v) for v in recorded.values()}) == 3  # The seeds proposed different ones.
