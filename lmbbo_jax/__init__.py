@@ -9,3 +9,4 @@ from lmbbo_jax import extensions as _extensions  # noqa: E402
 _extensions.register("tokenizer", "toy", "lmbbo_jax.toyworld.tokenizer:ToyTokenizer.from_file")
 _extensions.register("checkpoint", "toyclip", "lmbbo_jax.toyworld.checkpoint:assets_dir")
 _extensions.register("dataset", "toy:", "lmbbo_jax.toyworld.tasks:build_toy_task")
+_extensions.register("hand_templates", "toy:", "lmbbo_jax.toyworld.captions:GENERIC_TEMPLATES")

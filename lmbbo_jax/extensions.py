@@ -7,7 +7,8 @@ Entries are registered by `lmbbo_jax/__init__.py` (the wiring) as
 
 Kinds: "tokenizer" (config.json tokenizer kind -> `from_file(path, context_length=)`),
 "checkpoint" (a model name -> a function returning its directory), "dataset"
-(a `--dataset` prefix -> `build(name, shots, seed) -> FewShotTask`).
+(a `--dataset` prefix -> `build(name, shots, seed) -> FewShotTask`), "hand_templates"
+(a `--dataset` prefix -> the hand-engineered templates of its baselines).
 """
 
 from __future__ import annotations

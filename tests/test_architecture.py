@@ -66,6 +66,9 @@ def test_the_toy_world_is_reached_through_the_registries():
   assert extensions.lookup("checkpoint", "toyclip")() == checkpoint.ASSETS_DIR
   assert extensions.lookup("dataset", "toy:") is tasks.build_toy_task
   assert extensions.lookup("dataset", "nope:") is None
+  from lmbbo_jax.data import hand_templates
+  from lmbbo_jax.toyworld.captions import GENERIC_TEMPLATES
+  assert hand_templates("toy:pixel_clutter") == list(GENERIC_TEMPLATES)
 
 
 def test_the_toy_world_knows_neither_the_search_nor_the_studies():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 
+from lmbbo_jax import extensions
 from lmbbo_jax import templates as templates_lib
 from lmbbo_jax.data import registry
 from lmbbo_jax.data.resources import third_party_path
@@ -48,7 +49,14 @@ def class_names(dataset: str) -> list[str]:
 
 
 def hand_templates(dataset: str) -> list[str]:
-  """OpenAI's hand-engineered CLIP templates for a benchmark, with `{}` slots."""
+  """OpenAI's hand-engineered CLIP templates for a benchmark, with `{}` slots.
+
+  A dataset prefix registered under the extension kind "hand_templates" (the toy
+  world's `toy:`) gives its own list.
+  """
+  for prefix in extensions.names("hand_templates"):
+    if dataset.startswith(prefix):
+      return list(extensions.lookup("hand_templates", prefix))
   key = _key(dataset)
   found = _load(TEMPLATES_FILE).get(key)
   if found is None:
