@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lmbbo_jax.evaluator import sharding
 from lmbbo_jax.models.clip import CLIPModel
 
 # The label of CoOp's learned prompt in tables (it is no written template).
@@ -143,7 +144,7 @@ class CoOpResult:
 def _split(features: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
   """Valid rows of a split on the host, normalised (padding and unreadable images dropped)."""
   y = np.asarray(labels, np.int32).reshape(-1)
-  x = np.asarray(features, np.float32)[y >= 0]
+  x = sharding.to_host(features).astype(np.float32)[y >= 0]
   x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
   return x, y[y >= 0]
 

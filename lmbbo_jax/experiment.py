@@ -31,6 +31,7 @@ from absl import logging
 from lmbbo_jax import io as io_lib
 from lmbbo_jax import report
 from lmbbo_jax.coop import CoOpConfig
+from lmbbo_jax.evaluator import multihost
 from lmbbo_jax import templates as templates_lib
 from lmbbo_jax.llm import LLMConfig, LLMFatalError, build_client
 from lmbbo_jax.search import SearchConfig, make_proposer_factory, run_search
@@ -257,7 +258,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
                           "server) or --llm_base_url (e.g. https://api.openai.com/v1 or a "
                           "vLLM/Ollama server); or use --proposer=edit offline")
   local = None
-  if kind in LLM_PROPOSERS and cfg.llm.local and not cfg.dry_run:
+  if kind in LLM_PROPOSERS and cfg.llm.local and not cfg.dry_run and multihost.is_leader():
     local = _local_server(cfg)  # fails in seconds, before any heavy work
   if kind == "replay" and not cfg.replay_transcript:
     raise ExperimentError("--proposer=replay needs --replay_transcript=<run>/transcript.jsonl")
@@ -306,13 +307,14 @@ def run_comparison(cfg: ExperimentConfig, names: Sequence[str]) -> dict[str, dic
   out = {}
   for name, sub in configs.items():
     done = pathlib.Path(sub.workdir) / "results.json"
-    if cfg.resume and done.exists():
+    if cfg.resume and multihost.broadcast(done.exists()):
       logging.info("comparison: %s finished earlier; reading %s", name, done)
-      out[name] = orjson.loads(done.read_bytes())
+      out[name] = multihost.broadcast(orjson.loads(done.read_bytes())
+                                      if multihost.is_leader() else None)
       continue
     logging.info("comparison: running %s into %s", name, sub.workdir)
     out[name] = run_experiment(sub)
-  if not cfg.dry_run:
+  if not cfg.dry_run and multihost.is_leader():
     report.write_comparison([pathlib.Path(c.workdir) for c in configs.values()],
                             pathlib.Path(cfg.workdir))
   return out
@@ -335,13 +337,20 @@ def _run(cfg: ExperimentConfig, kind: str, local) -> dict:
   clip, model_err = _load_model(cfg)
   if data_err or model_err:
     raise ExperimentError("; ".join(e for e in (data_err, model_err) if e))
-  # A bad --init_pool fails here, before any image is encoded.
+  # A bad --init_pool or workdir fails here, before any image is encoded. With several
+  # processes, process 0 holds the pool and the workdir and says so to the others.
   from lmbbo_jax.search.pool import PoolError
-  try:
-    corpora = {s: _corpus(cfg, t.class_names) for s, t in tasks.items()}
-  except PoolError as e:
-    raise ExperimentError(str(e)) from e
-  workdir = _prepare_workdir(cfg)
+  corpora, workdir, error = {}, pathlib.Path(cfg.workdir), None
+  if multihost.is_leader():
+    try:
+      corpora = {s: _corpus(cfg, t.class_names) for s, t in tasks.items()}
+      workdir = _prepare_workdir(cfg)
+    except (PoolError, ExperimentError) as e:
+      error = str(e)
+  error = multihost.broadcast(error)
+  if error:
+    raise ExperimentError(error)
+  several = multihost.process_count() > 1
   started = time.time()
   if local is not None:
     from lmbbo_jax.llm.local_server import LocalLLMError
@@ -385,25 +394,54 @@ def _run(cfg: ExperimentConfig, kind: str, local) -> dict:
   profile = (_profile(cfg.profile_dir) if cfg.profile_dir else contextlib.nullcontext())
   t_search = time.perf_counter()
   with profile:
-    if cfg.method == "coop":
+    if cfg.method == "coop":  # Every process trains the same context (the same calls).
       ledger, intervals, client_info = None, [], {}
       _train_coop(cfg, workdir, clip, runs)
-    else:
-      ledger, intervals, client_info = asyncio.run(_search_all(cfg, workdir, runs, corpora,
-                                                               local))
+    elif multihost.is_leader():
+      ledger, intervals, client_info = _lead_search(cfg, workdir, runs, corpora, local,
+                                                    several)
+    else:  # Runs process 0's scoring calls until its search ends.
+      try:
+        multihost.serve({i: r.scorer for i, r in enumerate(runs)})
+      except multihost.LeaderStopped as e:
+        raise ExperimentError(str(e)) from None
   search_s = time.perf_counter() - t_search
-  search_busy = _union_length(intervals)
-  results = _results(cfg, clip, runs, ledger, search_s, time.time() - started, search_busy,
-                     client_info)
-  tp = results["throughput"]
-  logging.info("scoring: %d templates in %.1f s, %d programs compiled in %.1f s (%.1f s of "
-               "it while scoring, the rest in the background)", tp["templates_scored"],
-               tp["scoring_busy_s"], tp["compiles"], tp["compile_s_total"], tp["compile_s"])
-  _write_outputs(workdir, results, runs)
-  if cfg.transfer_to:  # After the run's own outputs are safe.
-    results["transfer"] = _transfer(cfg, runs, results, cache_dir)
+  results = None
+  if multihost.is_leader():
+    results = _results(cfg, clip, runs, ledger, search_s, time.time() - started,
+                       _union_length(intervals), client_info)
+    tp = results["throughput"]
+    logging.info("scoring: %d templates in %.1f s, %d programs compiled in %.1f s (%.1f s of "
+                 "it while scoring, the rest in the background)", tp["templates_scored"],
+                 tp["scoring_busy_s"], tp["compiles"], tp["compile_s_total"], tp["compile_s"])
     _write_outputs(workdir, results, runs)
-  return results
+  if cfg.transfer_to:  # After the run's own outputs are safe.
+    results = multihost.broadcast(results)
+    transfer = _transfer(cfg, runs, results, cache_dir)
+    if multihost.is_leader():
+      results["transfer"] = transfer
+      _write_outputs(workdir, results, runs)
+  return results if multihost.is_leader() else {}
+
+
+def _lead_search(cfg, workdir, runs, corpora, local, several: bool):
+  """Process 0's search; with several processes each scoring call is announced first,
+  and the others are told when it ends (with its error, if it failed)."""
+  if several:
+    for i, r in enumerate(runs):
+      r.scorer.lockstep = multihost.Lockstep(i).call
+  try:
+    out = asyncio.run(_search_all(cfg, workdir, runs, corpora, local))
+  except BaseException as e:
+    if several:
+      multihost.stop(error=f"{type(e).__name__}: {e}".splitlines()[0])
+    raise
+  finally:
+    for r in runs:
+      r.scorer.lockstep = None
+  if several:
+    multihost.stop()
+  return out
 
 
 def _train_coop(cfg: ExperimentConfig, workdir: pathlib.Path, clip, runs: list[_SeedRun]):
@@ -431,10 +469,11 @@ def _train_coop(cfg: ExperimentConfig, workdir: pathlib.Path, clip, runs: list[_
       raise ExperimentError(f"CoOp: {e}") from None
     finally:
       bar.close()
-    seed_dir = workdir / f"seed_{run.seed}"
-    seed_dir.mkdir(parents=True, exist_ok=True)
-    with io_lib.atomic_writer(seed_dir / "coop_ctx.npy", "wb") as f:
-      np.save(f, out.ctx)
+    if multihost.is_leader():
+      seed_dir = workdir / f"seed_{run.seed}"
+      seed_dir.mkdir(parents=True, exist_ok=True)
+      with io_lib.atomic_writer(seed_dir / "coop_ctx.npy", "wb") as f:
+        np.save(f, out.ctx)
     record = EvalRecord(template=out.label, accuracy=out.accuracy, logprob={}, rejected=None,
                         chain=0, reset=None, iteration=None, step=0, seq=0, proposer="coop")
     run.result = SearchResult(

@@ -208,10 +208,19 @@ JAX_CACHE_DIR = flags.DEFINE_string(
 
 # --- multi-process --------------------------------------------------------------
 DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() (multi-host TPU/GPU).")
-COORDINATOR_ADDRESS = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
-NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
-PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+    "distributed", False,
+    "Run as one process of several (jax.distributed): one mesh over every process's devices, "
+    "each encodes its share of the images, process 0 runs the search, the LLM calls and the "
+    "outputs. Start the same command on every host (README: 'Several hosts').")
+COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (unset: read from the cluster).")
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                     "Processes in the job (unset: read from the cluster).")
+PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                  "This process's index (unset: read from the cluster).")
+HEARTBEAT_S = flags.DEFINE_integer(
+    "distributed_heartbeat_s", 100,
+    "A process that sends no heartbeat for this long is taken for dead and the others stop.")
 
 flags.register_validator("shots", lambda v: v in (1, 2, 4, 8, 16) or v > 0,
                          message="--shots must be a positive integer (paper: 1; CoOp: 1, 2, 4, 8, 16)")

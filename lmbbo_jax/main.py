@@ -25,8 +25,14 @@ def main(argv):
       std_logging.DEBUG if logging.get_verbosity() >= 1 else std_logging.WARNING)
   if lmbbo_flags.DISTRIBUTED.value:
     import jax  # Must be initialised before any other JAX call.
+    # CPU devices of several processes talk through gloo (GPUs and TPUs have their own).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Unset flags: jax.distributed reads the cluster (TPU pod, SLURM, Kubernetes, ...).
     jax.distributed.initialize(lmbbo_flags.COORDINATOR_ADDRESS.value,
-                               lmbbo_flags.NUM_PROCESSES.value, lmbbo_flags.PROCESS_ID.value)
+                               lmbbo_flags.NUM_PROCESSES.value, lmbbo_flags.PROCESS_ID.value,
+                               heartbeat_timeout_seconds=lmbbo_flags.HEARTBEAT_S.value)
+    if jax.process_index() > 0:  # Process 0 reports; the others only warn.
+      logging.set_verbosity(logging.WARNING)
   from lmbbo_jax.experiment import ExperimentError, run_comparison, run_experiment
   from lmbbo_jax.search import RunLogError, SearchError
   try:
@@ -34,6 +40,11 @@ def main(argv):
   except flags.Error as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
+  from lmbbo_jax.evaluator import multihost
+  leader = multihost.is_leader() if lmbbo_flags.DISTRIBUTED.value else True
+  if not leader:
+    import dataclasses
+    config = dataclasses.replace(config, progress=False)
   if not config.dry_run:
     import jax
     if lmbbo_flags.JAX_CACHE_DIR.value and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
@@ -44,14 +55,17 @@ def main(argv):
                  jax.device_count(), [d.device_kind for d in jax.local_devices()],
                  jax.process_index(), jax.process_count())
   methods = lmbbo_flags.COMPARE.value
+  prefix = "" if leader else f"process {multihost.process_index()}: "
   try:
     if methods:
       by_method = run_comparison(config, methods)
     else:
       results = run_experiment(config)
   except (ExperimentError, SearchError, RunLogError) as e:  # One line, never a traceback.
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {prefix}{e}", file=sys.stderr)
     return 1
+  if not leader:  # Process 0 writes and prints the results.
+    return 0
   if methods:
     if config.dry_run:
       import json

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmbbo_jax import io as io_lib
-from lmbbo_jax.evaluator import sharding
+from lmbbo_jax.evaluator import multihost, sharding
 from lmbbo_jax.models import loading
 from lmbbo_jax.models.clip import CLIPModel
 
@@ -179,26 +179,61 @@ def image_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> int:
 
 
 def encode_batches(clip: Any, batches: Iterable[Any], *, mesh: jax.sharding.Mesh,
-                   variables: Any = None) -> tuple[jax.Array, np.ndarray]:
+                   variables: Any = None, num_batches: int | None = None,
+                   global_batch: int | None = None) -> tuple[jax.Array, np.ndarray]:
   """Encodes fixed-size `Batch`es (pixels, labels, mask); returns (features, labels).
 
   Features stay on the device mesh, float32 [num_batches * B, E]; labels are
-  -1 where the batch mask is False.
+  -1 where the batch mask is False. With several processes each passes the
+  batches of its own rows (`sharding.process_rows` of each `global_batch`), and
+  `num_batches` global batches are encoded (a process out of rows sends masked
+  zeros), so that every process runs the same calls.
   """
   step = _image_step(clip.model, mesh)
   if variables is None:
     variables = sharding.put_replicated(_visual_variables(clip), mesh)
+  several = jax.process_count() > 1
+  if several:
+    lo, hi = sharding.process_rows(mesh, global_batch)
+    blank_pixels = np.zeros((hi - lo, clip.image_size, clip.image_size, 3), np.float32)
   outs, labels = [], []
-  for batch in batches:
-    pixels = np.asarray(batch.pixels, np.float32)
-    outs.append(step(variables, sharding.put_sharded(pixels, mesh)))
-    labels.append(np.where(np.asarray(batch.mask, bool), np.asarray(batch.labels, np.int32), -1))
+  batches = iter(batches)
+  while True:
+    batch = next(batches, None)
+    if batch is None and several and len(outs) < num_batches:
+      pixels, label = blank_pixels, np.full((hi - lo,), -1, np.int32)
+    elif batch is None:
+      break
+    else:
+      pixels = np.asarray(batch.pixels, np.float32)
+      label = np.where(np.asarray(batch.mask, bool), np.asarray(batch.labels, np.int32), -1)
+    if several:
+      outs.append(step(variables, sharding.put_process_rows(pixels, mesh, global_batch)))
+      labels.append(sharding.put_process_rows(label.astype(np.int32), mesh, global_batch))
+    else:
+      outs.append(step(variables, sharding.put_sharded(pixels, mesh)))
+      labels.append(label)
   if not outs:
     return (sharding.put_sharded(np.zeros((0, clip.embed_dim), np.float32), mesh),
             np.zeros((0,), np.int32))
   feats = jax.jit(lambda xs: jnp.concatenate(xs),
                   out_shardings=sharding.sharded_along(mesh, 2))(outs)
+  if several:
+    labels = [sharding.to_host(jax.jit(lambda ys: jnp.concatenate(ys),
+                                       out_shardings=sharding.sharded_along(mesh, 1))(labels))]
   return feats, np.concatenate(labels).astype(np.int32)
+
+
+class _ProcessShare:
+  """A task whose `split` lists only this process's rows of each global batch."""
+
+  def __init__(self, task: Any, split: str, items: list):
+    self._task, self._split, self._items = task, split, items
+
+  def __getattr__(self, name: str) -> Any:
+    if name == self._split:
+      return self._items
+    return getattr(self._task, name)
 
 
 def encode_split(clip: Any, task: Any, split: str, *, mesh: jax.sharding.Mesh | None = None,
@@ -226,15 +261,21 @@ def encode_split(clip: Any, task: Any, split: str, *, mesh: jax.sharding.Mesh | 
   item_labels = [it.label for it in items]
   key = cache_key(clip, task, split) if cache_dir else None
   if key is not None:
-    try:
-      feats, labels, _ = load_cache(cache_dir, key, item_labels, clip.embed_dim)
+    # Process 0's cache decides; the others receive its features.
+    cached, error = None, "no cache entry"
+    if multihost.is_leader():
+      try:
+        cached = load_cache(cache_dir, key, item_labels, clip.embed_dim)[:2]
+      except FeatureCacheError as e:
+        error = str(e)
+    if multihost.broadcast(cached is not None):
+      feats, labels = (multihost.broadcast_array(a) for a in (cached or (None, None)))
       log.info("image features of %s/%s loaded from cache (%d images)", key["task"], split,
                len(labels))
       return _on_mesh(feats, labels, split, len(items), mesh, from_cache=True)
-    except FeatureCacheError as e:
-      if str(e) != "no cache entry":
-        log.warning("image feature cache for %s/%s is invalid (%s); rebuilding",
-                    key["task"], split, e)
+    if error != "no cache entry":
+      log.warning("image feature cache for %s/%s is invalid (%s); rebuilding",
+                  key["task"], split, error)
 
   if batch_iter is None:
     from lmbbo_jax.data.preprocess import iter_batches as batch_iter  # Lazy: data room.
@@ -247,18 +288,27 @@ def encode_split(clip: Any, task: Any, split: str, *, mesh: jax.sharding.Mesh | 
     bar.update(done - state["done"])
     state["done"] = done
 
-  batches = batch_iter(task, split, size=clip.image_size,
-                       batch_size=image_batch_size(batch_size, mesh),
+  global_batch = image_batch_size(batch_size, mesh)
+  num_batches = -(-len(items) // global_batch)
+  source, local_batch = task, global_batch
+  if jax.process_count() > 1:  # Each process decodes only its own rows of each batch.
+    lo, hi = sharding.process_rows(mesh, global_batch)
+    source = _ProcessShare(task, split, [it for g in range(num_batches)
+                                         for it in items[g * global_batch + lo:
+                                                         g * global_batch + hi]])
+    local_batch = hi - lo
+  batches = batch_iter(source, split, size=clip.image_size, batch_size=local_batch,
                        mean=clip.config.image_mean, std=clip.config.image_std,
                        num_threads=num_threads, prefetch=prefetch, progress=on_progress)
   try:
-    feats_dev, labels = encode_batches(clip, batches, mesh=mesh)
+    feats_dev, labels = encode_batches(clip, batches, mesh=mesh, num_batches=num_batches,
+                                       global_batch=global_batch)
   finally:
     bar.close()
   labels = labels[:len(items)] if len(labels) >= len(items) else labels
-  feats_host = np.asarray(feats_dev)[:len(labels)]
+  feats_host = sharding.to_host(feats_dev)[:len(labels)]
   valid = np.flatnonzero(labels >= 0)
-  if key is not None:
+  if key is not None and multihost.is_leader():
     save_cache(cache_dir, key, feats_host[valid], labels[valid], valid)
   return _on_mesh(feats_host[valid], labels[valid], split, len(items), mesh)
 

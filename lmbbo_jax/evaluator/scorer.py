@@ -22,6 +22,7 @@ rows split over the same axis, weights replicated.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -56,8 +57,7 @@ class _Partial:
   true: np.ndarray
 
 
-@functools.partial(jax.jit, static_argnames=("num_slots",))
-def segment_partials(text, seg_class, seg_slot, images, labels, scale, *, num_slots):
+def _segment_partials(text, seg_class, seg_slot, images, labels, scale, *, num_slots):
   """Per-image reductions of the logits over each slot's segments (classes).
 
   Args:
@@ -87,6 +87,9 @@ def segment_partials(text, seg_class, seg_slot, images, labels, scale, *, num_sl
   is_true = seg_class[:, None] == labels[None, :]
   true = jax.ops.segment_max(jnp.where(is_true, logits, -jnp.inf), slot, n)
   return best[:num_slots], best_class[:num_slots], lse[:num_slots], true[:num_slots]
+
+
+segment_partials = jax.jit(_segment_partials, static_argnames=("num_slots",))
 
 
 class PromptScorer:
@@ -144,8 +147,14 @@ class PromptScorer:
     self._prep_lock = threading.Lock()
     self._stats = collections.Counter()
     self._front = None
+    # Set on process 0 of a several-process search (`multihost.Lockstep.call`): each
+    # device call is announced first, so that the other processes run it too.
+    self.lockstep = None
     if precompile:
       self.precompile()
+
+  def _announced(self, op: str, **args):
+    return self.lockstep(op, args) if self.lockstep is not None else contextlib.nullcontext()
 
   # -- images ------------------------------------------------------------------------
   def _load_images(self, features_by_split, labels_by_split) -> None:
@@ -197,7 +206,11 @@ class PromptScorer:
   def _build_partials(self, shape: CallShape):
     rep = sharding.replicated(self.mesh)
     e = self.clip.embed_dim
-    return segment_partials.lower(
+    program = segment_partials
+    if not rep.is_fully_addressable:  # Several processes: every host reads the results.
+      program = jax.jit(_segment_partials, static_argnames=("num_slots",),
+                        out_shardings=(rep,) * 4)
+    return program.lower(
         jax.ShapeDtypeStruct((shape.segments, e), jnp.float32, sharding=rep),
         jax.ShapeDtypeStruct((shape.segments,), jnp.int32, sharding=rep),
         jax.ShapeDtypeStruct((shape.segments,), jnp.int32, sharding=rep),
@@ -263,12 +276,12 @@ class PromptScorer:
     results: dict[int, list] = collections.defaultdict(list)
     for out, seg_class, seg_slot, template_of in pending:
       if encode_only:
-        feats = np.asarray(out)
+        feats = sharding.to_host(out)
         for slot, t in template_of.items():
           keep = (seg_slot == slot) & (seg_class >= 0)
           results[t].append((seg_class[keep], feats[keep]))
       else:
-        best, best_class, lse, true = (np.asarray(a) for a in out)
+        best, best_class, lse, true = (sharding.to_host(a) for a in out)
         for slot, t in template_of.items():
           results[t].append(_Partial(best[slot], best_class[slot], lse[slot], true[slot]))
     for prep in preps:
@@ -307,7 +320,7 @@ class PromptScorer:
     """
     if isinstance(templates, str):
       raise ScorerError("score() takes a list of templates, not one string")
-    with self._lock:
+    with self._announced("score", templates=list(templates)), self._lock:
       started = time.perf_counter()
       prepared = {t: self._prepare(t) for t in templates if isinstance(t, str)}
       ok = {t: p for t, p in prepared.items() if not isinstance(p, str)}
@@ -335,7 +348,7 @@ class PromptScorer:
 
   def text_features(self, templates: Sequence[str]) -> np.ndarray:
     """float32 [T, C, E] normalised class features of valid templates (raises otherwise)."""
-    with self._lock:
+    with self._announced("text_features", templates=list(templates)), self._lock:
       return self._text_features(templates)
 
   def _text_features(self, templates: Sequence[str]) -> np.ndarray:
@@ -361,7 +374,7 @@ class PromptScorer:
     group's templates, renormalised (CLIP's prompt ensembling). A group with an
     invalid template is rejected with that template's reason.
     """
-    with self._lock:
+    with self._announced("score_ensemble", groups=[list(g) for g in groups]), self._lock:
       started = time.perf_counter()
       out: list[Score | None] = [None] * len(groups)
       good: list[tuple[int, list[str]]] = []

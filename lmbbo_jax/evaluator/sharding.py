@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -47,8 +48,17 @@ def round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
+def _put(value: Any, target: NamedSharding) -> jax.Array:
+  if target.is_fully_addressable:
+    return jax.device_put(value, target)
+  # Several processes: each places its own devices' part of a value they all hold.
+  host = np.asarray(value)
+  return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+
+
 def put_replicated(tree: Any, mesh: Mesh) -> Any:
-  return jax.device_put(tree, replicated(mesh))
+  target = replicated(mesh)
+  return jax.tree.map(lambda leaf: _put(leaf, target), tree)
 
 
 def put_sharded(array: Any, mesh: Mesh, axis: int = 0) -> jax.Array:
@@ -56,4 +66,37 @@ def put_sharded(array: Any, mesh: Mesh, axis: int = 0) -> jax.Array:
   if array.shape[axis] % num_shards(mesh):
     raise ValueError(f"dimension {axis} of shape {array.shape} does not divide over "
                      f"{num_shards(mesh)} devices; pad it first (round_up)")
-  return jax.device_put(array, sharded_along(mesh, array.ndim, axis))
+  return _put(array, sharded_along(mesh, array.ndim, axis))
+
+
+def put_process_rows(local: np.ndarray, mesh: Mesh, global_rows: int) -> jax.Array:
+  """A [global_rows, ...] array split over the data axis from each process's own rows
+  (`process_rows`); on one process, `put_sharded`."""
+  target = sharded_along(mesh, local.ndim)
+  if target.is_fully_addressable:
+    return jax.device_put(local, target)
+  return jax.make_array_from_process_local_data(target, local,
+                                                (global_rows, *local.shape[1:]))
+
+
+def process_rows(mesh: Mesh, rows: int) -> tuple[int, int]:
+  """The rows [start, stop) of a [rows, ...] array split over the data axis that this
+  process's devices hold (all of them on one process)."""
+  spans = sharded_along(mesh, 1).addressable_devices_indices_map((rows,)).values()
+  starts = [s[0].start or 0 for s in spans]
+  stops = [rows if s[0].stop is None else s[0].stop for s in spans]
+  return min(starts), max(stops)
+
+
+def to_host(array: Any) -> np.ndarray:
+  """The whole value of a (possibly several-process) array on this host.
+
+  Collective when the array spans processes and is not replicated: every process
+  must call it, in the same order.
+  """
+  if not isinstance(array, jax.Array) or array.is_fully_addressable:
+    return np.asarray(array)
+  if array.sharding.is_fully_replicated:
+    return np.asarray(array.addressable_data(0))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(array, tiled=True))

@@ -244,11 +244,15 @@ class TextTransformer(nn.Module):
                       preferred_element_type=jnp.float32)
 
 
-class VisionTransformer(nn.Module):
-  """CLIP's ViT: patch conv, class token, pre-LN transformer, LN on the class token, projection."""
+class _VisionTower(nn.Module):
+  """What both image towers are built from: their config, output width and compute dtype."""
   cfg: VisionConfig
   embed_dim: int
   dtype: Dtype = jnp.float32
+
+
+class VisionTransformer(_VisionTower):
+  """CLIP's ViT: patch conv, class token, pre-LN transformer, LN on the class token, projection."""
 
   @nn.compact
   def __call__(self, pixels: jax.Array) -> jax.Array:
@@ -336,11 +340,8 @@ class AttentionPool2d(nn.Module):
     return dense(self.output_dim, name="c_proj")(o).astype(jnp.float32)
 
 
-class ModifiedResNet(nn.Module):
+class ModifiedResNet(_VisionTower):
   """OpenAI's CLIP ResNet: 3-conv stem, anti-aliased bottlenecks, attention pooling."""
-  cfg: VisionConfig
-  embed_dim: int
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, pixels: jax.Array) -> jax.Array:

@@ -1,0 +1,150 @@
+"""Several processes, one search: jax.distributed on 127.0.0.1 with simulated CPU devices."""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(tmp_path, devices: int) -> dict:
+  env = dict(os.environ)
+  env.update({"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+              "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+              "JAX_COMPILATION_CACHE_DIR": str(tmp_path.parent / "jax_cache_multihost")})
+  return env
+
+
+def _start(args, tmp_path, devices, log):
+  return subprocess.Popen([sys.executable, "-m", "lmbbo_jax.main", *args], cwd=REPO,
+                          env=_env(tmp_path, devices), stdout=log, stderr=subprocess.STDOUT)
+
+
+def _distributed(args, tmp_path, name, processes=2, devices=2):
+  port = _free_port()
+  logs = [open(tmp_path / f"{name}_{i}.log", "w") for i in range(processes)]
+  procs = [_start([*args, "--distributed", f"--coordinator_address=127.0.0.1:{port}",
+                   f"--num_processes={processes}", f"--process_id={i}"], tmp_path, devices,
+                  logs[i]) for i in range(processes)]
+  return procs, logs
+
+
+def _rows(workdir):
+  rows = [json.loads(l) for l in (workdir / "prompts.jsonl").read_text().splitlines()]
+  return {(r["seed"], r["chain"], r["seq"]): r for r in rows}
+
+
+SMOKE = ["--flagfile=experiments/smoke.flags", "--noprogress", "--seeds=1,2"]
+
+
+def test_two_processes_give_what_one_process_with_as_many_devices_gives(tmp_path):
+  one = tmp_path / "one"
+  with open(tmp_path / "one.log", "w") as log:
+    proc = _start([*SMOKE, f"--workdir={one}"], tmp_path, 4, log)
+    assert proc.wait(timeout=600) == 0, (tmp_path / "one.log").read_text()[-3000:]
+  two = tmp_path / "two"
+  procs, logs = _distributed([*SMOKE, f"--workdir={two}"], tmp_path, "two")
+  codes = [p.wait(timeout=600) for p in procs]
+  for f in logs:
+    f.close()
+  assert codes == [0, 0], (tmp_path / "two_0.log").read_text()[-3000:] + (
+      tmp_path / "two_1.log").read_text()[-3000:]
+  a, b = _rows(one), _rows(two)
+  assert a.keys() == b.keys() and len(a) > 10
+  for key in a:  # The same templates, in the same order, with the same accuracies.
+    assert a[key]["template"] == b[key]["template"], key
+    assert a[key]["accuracy"] == b[key]["accuracy"], key
+    for split, lp in a[key]["logprob"].items():
+      assert b[key]["logprob"][split] == pytest.approx(lp, abs=1e-5)
+  ra, rb = (json.loads((w / "results.json").read_text()) for w in (one, two))
+  def exact(entry):  # Log-probabilities agree to float32 rounding (checked above).
+    return {k: v for k, v in entry.items() if not k.endswith("logprob")}
+  assert exact(ra["best"]) == exact(rb["best"])
+  assert ra["best"]["train_logprob"] == pytest.approx(rb["best"]["train_logprob"], abs=1e-5)
+  assert {k: exact(v) for k, v in ra["baselines"].items()} == {
+      k: exact(v) for k, v in rb["baselines"].items()}
+  assert rb["versions"]["process_count"] == 2 and rb["versions"]["device_count"] == 4
+  # Only process 0 wrote: the others printed nothing but warnings.
+  assert "outputs in" in (tmp_path / "two_0.log").read_text()
+  assert "outputs in" not in (tmp_path / "two_1.log").read_text()
+
+
+def test_a_killed_peer_stops_the_others_within_the_heartbeat(tmp_path):
+  workdir = tmp_path / "k"
+  args = [*SMOKE, f"--workdir={workdir}", "--n_iter=300"]
+  procs, logs = _distributed([*args, "--distributed_heartbeat_s=5"], tmp_path, "kill")
+  try:
+    deadline = time.time() + 300
+    log0 = workdir / "seed_1" / "prompts.jsonl"
+    while time.time() < deadline and not (log0.exists() and log0.stat().st_size > 2000):
+      assert procs[0].poll() is None, (tmp_path / "kill_0.log").read_text()[-3000:]
+      time.sleep(0.5)
+    assert log0.exists(), "the search never started"
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.time()
+    code = procs[0].wait(timeout=120)
+    waited = time.time() - killed
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+    for f in logs:
+      f.close()
+  assert code != 0
+  assert waited < 60, waited  # Heartbeat 5 s, plus detection.
+  text = (tmp_path / "kill_0.log").read_text()
+  assert "another task died" in text or "stopped sending heartbeats" in text, text[-3000:]
+  # What process 0 scored survived: a resume on one process continues from it.
+  with open(tmp_path / "resume.log", "w") as log:
+    proc = _start([*args, "--resume"], tmp_path, 4, log)
+    assert proc.wait(timeout=600) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+
+
+def test_a_failing_leader_tells_the_others_why(tmp_path):
+  import fake_llm_server as fake
+  workdir = tmp_path / "f"
+  with fake.FakeLLMServer() as server:
+    server.fault_fn = lambda index, body: fake.unauthorized()  # The key is refused for good.
+    env_key = {"LMBBO_TEST_KEY": "k"}
+    os.environ.update(env_key)
+    try:
+      procs, logs = _distributed([*SMOKE, f"--workdir={workdir}", "--proposer=llm",
+                                  f"--llm_base_url={server.base_url}",
+                                  "--llm_api_key_env=LMBBO_TEST_KEY"], tmp_path, "fail")
+      codes = [p.wait(timeout=600) for p in procs]
+    finally:
+      os.environ.pop("LMBBO_TEST_KEY")
+      for f in logs:
+        f.close()
+  assert codes == [1, 1]
+  leader = (tmp_path / "fail_0.log").read_text()
+  follower = (tmp_path / "fail_1.log").read_text()
+  errors = [l for l in follower.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "process 1: process 0 stopped" in errors[0], follower[-3000:]
+  assert "refused" in errors[0] and "refused" in leader
+
+
+def test_the_multihost_bench_runs_both_layouts(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "lmbbo_jax.tools.multihost_bench", f"--out={tmp_path}",
+       "--main_args=--flagfile=experiments/smoke.flags,--noprogress,--seeds=1,--n_iter=2"],
+      cwd=REPO, env=_env(tmp_path, 1), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  one, several, ratio = (json.loads(l) for l in out.stdout.strip().splitlines()[-3:])
+  assert (one["processes"], one["devices"]) == (1, 4)
+  assert (several["processes"], several["devices"]) == (2, 4)
+  assert one["templates"] == several["templates"] > 0
+  assert ratio["ratio_templates_per_s"] > 0
