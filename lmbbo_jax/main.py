@@ -28,9 +28,15 @@ def main(argv):
     # CPU devices of several processes talk through gloo (GPUs and TPUs have their own).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     # Unset flags: jax.distributed reads the cluster (TPU pod, SLURM, Kubernetes, ...).
-    jax.distributed.initialize(lmbbo_flags.COORDINATOR_ADDRESS.value,
-                               lmbbo_flags.NUM_PROCESSES.value, lmbbo_flags.PROCESS_ID.value,
-                               heartbeat_timeout_seconds=lmbbo_flags.HEARTBEAT_S.value)
+    try:
+      jax.distributed.initialize(lmbbo_flags.COORDINATOR_ADDRESS.value,
+                                 lmbbo_flags.NUM_PROCESSES.value, lmbbo_flags.PROCESS_ID.value,
+                                 heartbeat_timeout_seconds=lmbbo_flags.HEARTBEAT_S.value)
+    except (ValueError, RuntimeError) as e:  # No cluster found, coordinator unreachable, ...
+      print(f"error: --distributed: {str(e).splitlines()[0]} (give --coordinator_address, "
+            "--num_processes and --process_id, or run under a cluster that sets them)",
+            file=sys.stderr)
+      return 1
     if jax.process_index() > 0:  # Process 0 reports; the others only warn.
       logging.set_verbosity(logging.WARNING)
   from lmbbo_jax.experiment import ExperimentError, run_comparison, run_experiment

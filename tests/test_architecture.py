@@ -7,9 +7,10 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "lmbbo_jax"
 LOWER_ROOMS = ("models", "data", "evaluator", "search", "llm")
-# Modules above every lower room: the toy world, the studies, the wiring, the tools.
-HIGHER = ("lmbbo_jax.toyworld", "lmbbo_jax.studies", "lmbbo_jax.experiment", "lmbbo_jax.main", "lmbbo_jax.flags",
-          "lmbbo_jax.report", "lmbbo_jax.bench", "lmbbo_jax.tools")
+# Modules above every lower room: the toy world, the studies, CoOp, the wiring, the tools.
+HIGHER = ("lmbbo_jax.toyworld", "lmbbo_jax.studies", "lmbbo_jax.coop", "lmbbo_jax.experiment",
+          "lmbbo_jax.main", "lmbbo_jax.flags", "lmbbo_jax.report", "lmbbo_jax.bench",
+          "lmbbo_jax.tools")
 
 
 def imported_modules(path: pathlib.Path) -> set[str]:

@@ -148,3 +148,13 @@ def test_the_multihost_bench_runs_both_layouts(tmp_path):
   assert (several["processes"], several["devices"]) == (2, 4)
   assert one["templates"] == several["templates"] > 0
   assert ratio["ratio_templates_per_s"] > 0
+
+
+def test_distributed_without_a_cluster_is_one_clear_line(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "lmbbo_jax.main", *SMOKE,
+                         f"--workdir={tmp_path / 'x'}", "--distributed"], cwd=REPO,
+                        env=_env(tmp_path, 1), capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "--coordinator_address" in errors[0], proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
