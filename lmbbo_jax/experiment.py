@@ -642,6 +642,9 @@ async def _search_all(cfg: ExperimentConfig, workdir: pathlib.Path, runs: list[_
 
 def _dry_run(cfg: ExperimentConfig) -> dict:
   from lmbbo_jax.llm import Ledger
+  if cfg.proposer_kind not in LLM_PROPOSERS:  # CoOp, edits, replay: no LLM call at all.
+    return {"dry_run": {"calls": 0, "cost_usd": 0.0, "seeds": len(cfg.seeds),
+                        "proposer": cfg.proposer_kind}}
   if cfg.llm.local:  # the embedded model costs nothing
     ledger = Ledger("local", prices={"local": (0.0, 0.0)})
   else:

@@ -375,3 +375,17 @@ def test_replay_of_a_three_seed_run_gives_each_seed_its_own_templates(tmp_path):
   recorded, replayed = proposed("rec"), proposed("rep")
   assert replayed == recorded and all(recorded.values())
   assert len({tuple(v) for v in recorded.values()}) == 3  # The seeds proposed different ones.
+
+
+def test_dry_run_of_the_comparison_estimates_each_method_and_writes_nothing(tmp_path):
+  workdir = tmp_path / "dry"
+  proc = _main(["--flagfile=experiments/paper_methods.flags", f"--workdir={workdir}",
+                "--dry_run"], tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  estimate = json.loads(proc.stdout[proc.stdout.index("{"):])
+  assert list(estimate) == ["llm_no_feedback", "ape", "iterative_ape", "ours_p", "ours_n",
+                            "ours_pn", "coop"]
+  for name, est in estimate.items():  # 3 seeds x 4 chains x 2 conversations x 8 turns.
+    assert est["calls"] == (0 if name == "coop" else 192), name
+  assert estimate["coop"]["cost_usd"] == 0.0 and estimate["ours_pn"]["cost_usd"] > 0
+  assert not workdir.exists()
