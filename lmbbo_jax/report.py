@@ -162,9 +162,11 @@ def summary_markdown(results: dict) -> str:
     if ps.get("initial_best") and "pool_best" not in (ps.get("baselines") or {}):
       methods.setdefault(METHOD_LABELS["pool_best"], {})[seed] = ps["initial_best"]
     if ps.get("best"):
-      methods.setdefault(f"optimized ({results.get('config', {}).get('proposer_kind', 'ours')}"
-                         f", by {results.get('config', {}).get('select_by', 'train')})",
-                         {})[seed] = ps["best"]
+      config = results.get("config", {})
+      kind = config.get("proposer_kind", "ours")
+      label = ("CoOp (white box, learned context)" if kind == "coop" else
+               f"optimized ({kind}, by {config.get('select_by', 'train')})")
+      methods.setdefault(label, {})[seed] = ps["best"]
   head = "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | std |"
   title = (f"{results.get('dataset', '')}, {results.get('shots', '?')}-shot, model "
            f"{results.get('model', {}).get('name', '')}")
@@ -272,6 +274,7 @@ def _proposer_section(results: dict) -> list[str]:
 # Rows in the paper's order: (label, where the per-seed entries come from): a
 # baseline every run scores, or the best of the run of a named method.
 TABLE_ROWS = (
+    ("{} (the class name alone)", "baseline", "empty"),
     ("a photo of a {}.", "baseline", "photo"),
     ("hand-engineered, picked by train accuracy", "baseline", "hand_best"),
     ("hand-engineered, picked by test accuracy (oracle, as the paper's row)", "baseline",
