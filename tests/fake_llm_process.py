@@ -1,6 +1,6 @@
 """A stand-in for `python -m llama_cpp.server` in a process of its own (tests).
 
-  python tests/fake_llm_process.py --host 127.0.0.1 --port P [--crash_on_post=SIGILL]
+  python tests/fake_llm_process.py --host 127.0.0.1 --port P [--crash_on_post=SIGILL] [--drop_post]
 
 Serves `GET /v1/models` and `POST /v1/chat/completions` (one fixed template
 line), like the real server, until it is killed; with `--crash_on_post` it dies
@@ -19,6 +19,8 @@ def main():
   parser.add_argument("--host", default="127.0.0.1")
   parser.add_argument("--port", type=int, required=True)
   parser.add_argument("--crash_on_post", default=None, help="a signal name, e.g. SIGILL")
+  parser.add_argument("--drop_post", action="store_true",
+                      help="close every POST's connection without an answer, and live on")
   args = parser.parse_args()
 
   class Handler(http.server.BaseHTTPRequestHandler):
@@ -38,13 +40,24 @@ def main():
 
     def do_POST(self):  # noqa: N802
       self.rfile.read(int(self.headers.get("Content-Length") or 0))
+      if args.drop_post:
+        self.close_connection = True
+        return
       if args.crash_on_post:
-        os.kill(os.getpid(), getattr(signal, args.crash_on_post))
+        sig = getattr(signal, args.crash_on_post)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+        os.kill(os.getpid(), sig)
       self._json({"id": "x", "object": "chat.completion", "choices": [
           {"index": 0, "finish_reason": "stop",
            "message": {"role": "assistant", "content": '- "a fake photo of a {}."'}}],
           "usage": {"prompt_tokens": 10, "completion_tokens": 5}})
 
+  if args.crash_on_post:
+    # As a native crash: the signal's default action, whatever mask or handler this
+    # process inherited (a fault raised by the CPU cannot be blocked either).
+    sig = getattr(signal, args.crash_on_post)
+    signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
   http.server.ThreadingHTTPServer((args.host, args.port), Handler).serve_forever()
 
 

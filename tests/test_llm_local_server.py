@@ -96,6 +96,14 @@ def test_a_server_that_crashes_at_its_first_completion_says_how_to_rebuild(tmp_p
   assert srv.proc is None  # stopped and reaped
 
 
+def test_a_server_that_lives_but_cannot_complete_is_one_line(tmp_path):
+  srv = LocalLLMServer(command=FAKE + ["--drop_post"], log_path=tmp_path / "llm_server.log")
+  with pytest.raises(LocalLLMError, match="did not answer its first completion") as err:
+    srv.start()
+  assert "\n" not in str(err.value)
+  assert srv.proc is None  # stopped and reaped
+
+
 _HOLDER = r"""
 import sys, time
 sys.path.insert(0, {tests!r})

@@ -234,17 +234,22 @@ class LocalLLMServer:
   def _check_generates(self) -> None:
     """One 1-token completion: a build that cannot run on this CPU fails here, at start,
     with what to do, rather than at the search's first request."""
+    failure = None
     try:
       httpx.post(self.base_url + "/completions",
                  json={"model": self.model_alias, "prompt": "a", "max_tokens": 1},
                  timeout=60.0, trust_env=False)
-    except httpx.HTTPError:  # judged by whether the server is still alive
+    except httpx.HTTPError as e:  # A crash closes the connection: give the exit time.
+      failure = f"{type(e).__name__}: {e}"
       try:
-        self.proc.wait(timeout=2.0)
+        self.proc.wait(timeout=10.0)
       except subprocess.TimeoutExpired:
         pass
     if not self.running:
       raise LocalLLMError(f"{self.exit_reason()} at its first completion")
+    if failure is not None:
+      raise LocalLLMError(f"the local LLM server did not answer its first completion "
+                          f"({failure.splitlines()[0][:200]}; {self._log_tail()})")
 
   def _wait_ready(self, t0: float) -> None:
     url = self.base_url + "/models"
