@@ -183,9 +183,8 @@ def train(clip: Any, class_names: Sequence[str], features_by_split: Mapping[str,
     logits = scale * images @ text.T
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-  schedule = lambda step: jnp.asarray(
-      [learning_rate(config, e, epochs) for e in range(epochs)], jnp.float32)[
-          jnp.minimum(step // steps_per_epoch, epochs - 1)]
+  rates = jnp.asarray([learning_rate(config, e, epochs) for e in range(epochs)], jnp.float32)
+  schedule = lambda step: rates[jnp.minimum(step // steps_per_epoch, epochs - 1)]
   optimizer = optax.chain(optax.add_decayed_weights(config.weight_decay),
                           optax.sgd(schedule, momentum=config.momentum))
   opt_state = optimizer.init(ctx)

@@ -140,14 +140,28 @@ def _build_tasks(cfg: ExperimentConfig):
     return None, f"data: {e}"
 
 
-def _load_model(cfg: ExperimentConfig):
+def _load_model(cfg: ExperimentConfig, source: str | None = None):
+  """(CLIP, None) for `source` (default: --model) in the run's dtype, or (None, error)."""
   import jax.numpy as jnp
   from lmbbo_jax.models import CheckpointError, load_clip
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.dtype]
   try:
-    return load_clip(cfg.model, dtype=dtype, cache_dir=cfg.model_cache_dir), None
+    return load_clip(source or cfg.model, dtype=dtype, cache_dir=cfg.model_cache_dir), None
   except CheckpointError as e:
     return None, f"weights: {e}"
+
+
+def _text_encoders(clip, tasks, mesh=None) -> dict:
+  """One text encoder per class list, shared by the seeds: its programs compile once,
+  in a background thread while the images are encoded."""
+  from lmbbo_jax.evaluator.text_encoder import PackedTextEncoder
+  encoders = {}
+  for task in tasks:
+    names = tuple(task.class_names)
+    if names not in encoders:
+      encoders[names] = PackedTextEncoder(clip, names, mesh=mesh)
+      encoders[names].precompile()
+  return encoders
 
 
 def _corpus(cfg: ExperimentConfig, class_names: Sequence[str]) -> list[str]:
@@ -201,7 +215,7 @@ def _baselines(cfg: ExperimentConfig, scorer, task) -> dict[str, dict]:
             s.accuracy, s.logprob, cfg.search.select_by, cfg.search.tie_break))
         out["hand_best"] = _entry(best, n_templates=len(hand))
       if "hand_oracle" in cfg.baselines and scores:
-        oracle = min(scores, key=lambda s: -s.accuracy.get("test", -1.0))
+        oracle = max(scores, key=lambda s: s.accuracy.get("test", -1.0))
         out["hand_oracle"] = _entry(oracle, n_templates=len(hand), oracle="test")
       if "hand_ensemble" in cfg.baselines:
         ens = scorer.score_ensemble([hand])[0]
@@ -365,17 +379,9 @@ def _run(cfg: ExperimentConfig, kind: str, local) -> dict:
   from lmbbo_jax.evaluator import features as features_lib
   from lmbbo_jax.evaluator.scorer import PromptScorer
   from lmbbo_jax.evaluator.sharding import make_mesh
-  from lmbbo_jax.evaluator.text_encoder import PackedTextEncoder
   mesh = make_mesh()
   cache_dir = cfg.feature_cache_dir or str(workdir / "feature_cache")
-  # One text encoder per class list, shared by the seeds: its programs compile once,
-  # in a background thread while the images are encoded.
-  encoders: dict[tuple[str, ...], PackedTextEncoder] = {}
-  for task in tasks.values():
-    names = tuple(task.class_names)
-    if names not in encoders:
-      encoders[names] = PackedTextEncoder(clip, names, mesh=mesh)
-      encoders[names].precompile()
+  encoders = _text_encoders(clip, tasks.values(), mesh)
   runs: list[_SeedRun] = []
   for seed, task in tasks.items():
     t0 = time.perf_counter()
@@ -497,25 +503,23 @@ def _transfer(cfg: ExperimentConfig, runs: list[_SeedRun], results: dict,
   baseline's template) is scored on every `--transfer_to` model. CoOp's learned
   context lives in its own backbone's embedding space and does not transfer.
   """
-  import jax.numpy as jnp
   from lmbbo_jax.data import hand_templates
   from lmbbo_jax.evaluator import features as features_lib
   from lmbbo_jax.evaluator.scorer import PromptScorer
-  from lmbbo_jax.models import CheckpointError, load_clip
-  dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.dtype]
   out = {}
   for source in cfg.transfer_to:
-    try:
-      clip = load_clip(source, dtype=dtype, cache_dir=cfg.model_cache_dir)
-    except CheckpointError as e:
-      raise ExperimentError(f"--transfer_to={source}: {e} (the run's own results are "
-                            "written; rerun with --resume to add the transfer)") from None
+    clip, error = _load_model(cfg, source)
+    if error:
+      raise ExperimentError(f"--transfer_to={source}: {error} (the run's own results are "
+                            "written; rerun with --resume to add the transfer)")
+    encoders = _text_encoders(clip, [r.task for r in runs])
     per_seed = {}
     for run in runs:
       feats = features_lib.encode_task(clip, run.task, batch_size=cfg.image_batch_size,
                                        cache_dir=cache_dir, progress=cfg.progress)
       fb, lb = features_lib.scorer_inputs(feats)
-      scorer = PromptScorer(clip, fb, lb, run.task.class_names)
+      scorer = PromptScorer(clip, fb, lb, run.task.class_names,
+                            text_encoder=encoders[tuple(run.task.class_names)])
       ps = results["per_seed"][str(run.seed)]
       chosen = {"best": ps["best"], "initial_best": ps["initial_best"],
                 **{f"baseline:{k}": v for k, v in ps["baselines"].items()
@@ -706,10 +710,10 @@ def _results(cfg, clip, runs: list[_SeedRun], ledger, search_s: float, wall_s: f
         counts_total[k] = counts_total.get(k, 0) + v
 
   # The overall best: the seeds' bests ranked by the selection rule (never test).
-  ranked = [r for r in runs if r.result.best_record is not None] or runs[:1]
-  best_run = min(ranked, key=lambda r: (
-      rank_key(r.result.best_record, cfg.search.select_by, cfg.search.tie_break)
-      if r.result.best_record is not None else ()))
+  with_best = [r for r in runs if r.result.best_record is not None]
+  rule = (cfg.search.select_by, cfg.search.tie_break)
+  best_run = (min(with_best, key=lambda r: rank_key(r.result.best_record, *rule))
+              if with_best else runs[0])
   best_seed, best_ps = str(best_run.seed), per_seed[str(best_run.seed)]
 
   def agg(getter) -> dict:

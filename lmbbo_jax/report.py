@@ -22,7 +22,7 @@ from lmbbo_jax.search.state import EvalRecord, rank_key
 SPLITS = ("train", "val", "test")
 # How a baseline's row reads in summary.md.
 METHOD_LABELS = {
-    "empty": "empty ({})", "photo": "a photo of a {}.",
+    "empty": "{} (the class name alone)", "photo": "a photo of a {}.",
     "hand_best": "hand-engineered, picked by the selection split",
     "hand_oracle": "hand-engineered, picked by test accuracy (oracle, as the paper's row)",
     "hand_ensemble": "hand-engineered ensemble", "pool_best": "initial pool's best",
@@ -274,12 +274,8 @@ def _proposer_section(results: dict) -> list[str]:
 # Rows in the paper's order: (label, where the per-seed entries come from): a
 # baseline every run scores, or the best of the run of a named method.
 TABLE_ROWS = (
-    ("{} (the class name alone)", "baseline", "empty"),
-    ("a photo of a {}.", "baseline", "photo"),
-    ("hand-engineered, picked by train accuracy", "baseline", "hand_best"),
-    ("hand-engineered, picked by test accuracy (oracle, as the paper's row)", "baseline",
-     "hand_oracle"),
-    ("initial pool's best", "baseline", "pool_best"),
+    *((METHOD_LABELS[name], "baseline", name)
+      for name in ("empty", "photo", "hand_best", "hand_oracle", "pool_best")),
     ("LLM-written, no feedback", "method", "llm_no_feedback"),
     ("APE", "method", "ape"),
     ("iterative APE", "method", "iterative_ape"),
@@ -321,12 +317,18 @@ def _per_seed_test(results: dict, kind: str, name: str) -> dict[int, float]:
   return out
 
 
-def comparison_rows(paths: Sequence[str | pathlib.Path]) -> tuple[list[str], list[dict]]:
-  """(datasets, one row per (dataset, table row) with per-seed test accuracies)."""
-  runs: dict[str, dict[str, dict]] = {}
+def _load_runs(paths: Sequence[str | pathlib.Path]) -> dict[str, list]:
+  """dataset -> [(run folder, its results.json)] of the runs in `paths` (`_run_dirs`)."""
+  by_dataset: dict[str, list] = {}
   for d in _run_dirs(paths):
     results = orjson.loads((d / "results.json").read_bytes())
-    runs.setdefault(results.get("dataset", "?"), {})[method_name(results)] = results
+    by_dataset.setdefault(results.get("dataset", "?"), []).append((d, results))
+  return by_dataset
+
+
+def comparison_rows(loaded: dict[str, list]) -> tuple[list[str], list[dict]]:
+  """(datasets, one row per (dataset, table row) with per-seed test accuracies)."""
+  runs = {dataset: {method_name(r): r for _, r in found} for dataset, found in loaded.items()}
   rows = []
   for dataset, by_method in runs.items():
     for label, kind, name in TABLE_ROWS:
@@ -366,21 +368,17 @@ def comparison_markdown(datasets: Sequence[str], rows: Sequence[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def plot_efficiency(paths: Sequence[str | pathlib.Path], path: str | pathlib.Path) -> None:
+def plot_efficiency(loaded: dict[str, list], path: str | pathlib.Path) -> None:
   """Test accuracy of the best-so-far template (chosen by the selection rule) against the
   LLM calls that gave a scored template, mean over seeds; one line per method, one panel
   per dataset. CoOp (no LLM) is a horizontal line at its mean test accuracy."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  by_dataset: dict[str, list] = {}
-  for d in _run_dirs(paths):
-    results = orjson.loads((d / "results.json").read_bytes())
-    by_dataset.setdefault(results.get("dataset", "?"), []).append((d, results))
-  fig, axes = plt.subplots(1, max(1, len(by_dataset)), figsize=(6 * max(1, len(by_dataset)), 4.5),
-                           squeeze=False)
+  panels = max(1, len(loaded))
+  fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
   labels = {name: label for label, _, name in TABLE_ROWS}
-  for ax, (dataset, runs) in zip(axes[0], by_dataset.items()):
+  for ax, (dataset, runs) in zip(axes[0], loaded.items()):
     for d, results in runs:
       name = method_name(results)
       if name == "coop":
@@ -416,18 +414,16 @@ def _efficiency_curves(workdir: pathlib.Path, results: dict) -> list[list[float]
     # The initial pool first, then the proposals in the order they were scored.
     rs = sorted((r for r in records if r.get("seed") == seed),
                 key=lambda r: (r.get("step", 0) > 0, r.get("eval_index", 0)))
-    best, best_key, calls, curve = None, None, set(), []
-    for r in rs:
+    best = _best_so_far(rs, select_by, tie_break)
+    calls, curve = set(), []
+    for i, r in enumerate(rs):
       call = r.get("call_id") if r.get("step", 0) > 0 else None
       if call is not None and call not in calls:
-        if best is not None:  # The best after the calls before this one.
-          curve.append(best["accuracy"].get("test", math.nan))
+        if i:  # The best after the calls before this one.
+          curve.append(best[i - 1]["accuracy"].get("test", math.nan))
         calls.add(call)
-      key = rank_key(EvalRecord.from_row(r), select_by, tie_break)
-      if best is None or key < best_key:
-        best, best_key = r, key
-    if best is not None:
-      curves.append(curve + [best["accuracy"].get("test", math.nan)])
+    if rs:
+      curves.append(curve + [best[-1]["accuracy"].get("test", math.nan)])
   return curves
 
 
@@ -435,7 +431,8 @@ def write_comparison(paths: Sequence[str | pathlib.Path], out: str | pathlib.Pat
   """comparison.md, comparison.csv and efficiency.png in `out`."""
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
-  datasets, rows = comparison_rows(paths)
+  loaded = _load_runs(paths)
+  datasets, rows = comparison_rows(loaded)
   io_lib.atomic_write(out / "comparison.md", comparison_markdown(datasets, rows))
   with io_lib.atomic_writer(out / "comparison.csv", "w") as f:
     writer = csv.writer(f)
@@ -444,7 +441,7 @@ def write_comparison(paths: Sequence[str | pathlib.Path], out: str | pathlib.Pat
       writer.writerow([r["dataset"], r["method"], r["label"],
                        " ".join(map(str, r["seeds"])), " ".join(f"{v:.4f}" for v in r["test_acc"]),
                        f"{r['mean']:.4f}", f"{r['std']:.4f}", f"{r['se']:.4f}"])
-  plot_efficiency(paths, out / "efficiency.png")
+  plot_efficiency(loaded, out / "efficiency.png")
 
 
 def main(argv=None):

@@ -58,6 +58,8 @@ def _put(value: Any, target: NamedSharding) -> jax.Array:
 
 def put_replicated(tree: Any, mesh: Mesh) -> Any:
   target = replicated(mesh)
+  if target.is_fully_addressable:
+    return jax.device_put(tree, target)
   return jax.tree.map(lambda leaf: _put(leaf, target), tree)
 
 

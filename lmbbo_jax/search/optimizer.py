@@ -174,13 +174,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_config(name: str, **overrides) -> SearchConfig:
-  """`SearchConfig` of a named preset, with `overrides` on top."""
-  if name not in PRESETS:
-    raise SearchError(f"preset={name!r}: use one of {', '.join(PRESETS)}.")
-  return SearchConfig(**{**PRESETS[name], **overrides})
-
-
 # Fields that may change between a run and its resume.
 _RESUMABLE_CHANGES = ("time_limit_s",)
 # Why a chain stopped (`SearchResult.chain_stop_reasons`).

@@ -228,11 +228,12 @@ class LLMProposer:
       last = state.turns[-1]
       return [*last.messages, {"role": "assistant", "content": last.reply},
               {"role": "user", "content": self.feedback(state)}]
-    messages = []
-    if self.mp.system:
-      messages.append({"role": "system", "content": self.mp.system})
-    messages.append({"role": "user", "content": self.first_turn(state)})
-    return messages
+    return self._fresh(self.first_turn(state))
+
+  def _fresh(self, text: str) -> list[dict]:
+    """A new conversation: the system message, if any, and `text`."""
+    messages = [{"role": "system", "content": self.mp.system}] if self.mp.system else []
+    return [*messages, {"role": "user", "content": text}]
 
   # --- proposing --------------------------------------------------------------
   async def propose(self, state: ChainState) -> Proposal:
@@ -335,10 +336,6 @@ class APEProposer(LLMProposer):
 
   def build_messages(self, state: ChainState) -> list[dict]:
     return self._fresh(self.generation_message(state))
-
-  def _fresh(self, text: str) -> list[dict]:
-    messages = [{"role": "system", "content": self.mp.system}] if self.mp.system else []
-    return [*messages, {"role": "user", "content": text}]
 
 
 class IterativeAPEProposer(APEProposer):
