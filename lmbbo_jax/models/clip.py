@@ -91,39 +91,47 @@ class ResidualAttentionBlock(nn.Module):
     attn_v = dense(width, name="attn_v")
     attn_out = dense(width, name="attn_out")
 
-    def split_heads(x):
-      return x.astype(self.dtype).reshape(x.shape[:-1] + (heads, head_dim))
+    def heads_first(x):  # [..., S, D] -> [..., H, S, head_dim], compute dtype
+      x = x.astype(self.dtype).reshape(x.shape[:-1] + (heads, head_dim))
+      return jnp.swapaxes(x, -2, -3)
+
+    def attend(q, k, v, valid):
+      # Softmax normalised after the value matmul: one fewer pass over the scores.
+      s = _f32_einsum("...qd,...kd->...qk", q, k)
+      s = jnp.where(valid, s, _NEG_INF)
+      e = jnp.exp(s - s.max(-1, keepdims=True, initial=_NEG_INF))  # initial: P may be 0
+      o = _f32_einsum("...qk,...kd->...qd", e.astype(self.dtype), v)
+      o = o / e.sum(-1, keepdims=True)
+      o = jnp.swapaxes(o, -2, -3)
+      return o.reshape(o.shape[:-2] + (width,))
 
     scale = 1.0 / math.sqrt(head_dim)
-    qp, kp, vp = (split_heads(f(hp)) for f in (attn_q, attn_k, attn_v))
-    qs, ks, vs = (split_heads(f(hs)) for f in (attn_q, attn_k, attn_v))
-    num_p, num_s = xp.shape[1], xs.shape[2]
+    qp, qs = heads_first(attn_q(hp) * scale), heads_first(attn_q(hs) * scale)
+    kp, vp = heads_first(attn_k(hp)), heads_first(attn_v(hp))
+    ks, vs = heads_first(attn_k(hs)), heads_first(attn_v(hs))
+    num_t, num_c, num_p, num_s = xs.shape[0], xs.shape[1], xp.shape[1], xs.shape[2]
 
     # Prefix stream: causal self-attention (rows past a template's prefix length
     # are junk but never seen by the main stream).
-    s_pp = _f32_einsum("tqhd,tkhd->thqk", qp * scale, kp)
-    causal_pp = jnp.tril(jnp.ones((num_p, num_p), bool))
-    s_pp = jnp.where(causal_pp, s_pp, _NEG_INF)
-    w_pp = jax.nn.softmax(s_pp, axis=-1).astype(self.dtype)
-    op = _f32_einsum("thqk,tkhd->tqhd", w_pp, vp)
+    op = attend(qp, kp, vp, jnp.tril(jnp.ones((num_p, num_p), bool)))
 
     # Main stream: keys = [valid prefix keys of its template | its own tokens].
     if prefix_index is not None:
       kp, vp = kp[prefix_index], vp[prefix_index]
-    s_sp = _f32_einsum("tcqhd,tkhd->tchqk", qs * scale, kp)
-    s_sp = jnp.where(prefix_valid[:, None, None, None, :], s_sp, _NEG_INF)
-    s_ss = _f32_einsum("tcqhd,tckhd->tchqk", qs * scale, ks)
-    if main_mask is not None:
-      s_ss = jnp.where(main_mask[:, :, None], s_ss, _NEG_INF)
-    elif self.causal:
-      s_ss = jnp.where(jnp.tril(jnp.ones((num_s, num_s), bool)), s_ss, _NEG_INF)
-    w = jax.nn.softmax(jnp.concatenate([s_sp, s_ss], axis=-1), axis=-1)
-    w = w.astype(self.dtype)
-    os = (_f32_einsum("tchqk,tkhd->tcqhd", w[..., :num_p], vp)
-          + _f32_einsum("tchqk,tckhd->tcqhd", w[..., num_p:], vs))
+    prefix_shape = (num_t, num_c) + kp.shape[1:]
+    k_all = jnp.concatenate([jnp.broadcast_to(kp[:, None], prefix_shape), ks], axis=-2)
+    v_all = jnp.concatenate([jnp.broadcast_to(vp[:, None], prefix_shape), vs], axis=-2)
+    if main_mask is None:
+      main_mask = jnp.tril(jnp.ones((num_s, num_s), bool)) if self.causal else \
+          jnp.ones((num_s, num_s), bool)
+      main_mask = jnp.broadcast_to(main_mask, (num_t, num_c, num_s, num_s))
+    valid = jnp.concatenate(
+        [jnp.broadcast_to(prefix_valid[:, None, None, :], (num_t, num_c, num_s, num_p)),
+         main_mask], axis=-1)[:, :, None]
+    os = attend(qs, k_all, v_all, valid)
 
-    xp = xp + attn_out(op.reshape(op.shape[:-2] + (width,))).astype(jnp.float32)
-    xs = xs + attn_out(os.reshape(os.shape[:-2] + (width,))).astype(jnp.float32)
+    xp = xp + attn_out(op).astype(jnp.float32)
+    xs = xs + attn_out(os).astype(jnp.float32)
 
     ln_2 = layer_norm("ln_2")
     mlp_fc = dense(int(width * self.mlp_ratio), name="mlp_fc")
