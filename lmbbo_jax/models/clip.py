@@ -39,6 +39,7 @@ _NEG_INF = -1e30  # Finite, so a fully masked row cannot produce NaNs.
 # Matmuls in the compute dtype, accumulated and returned in float32.
 _f32_dot = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
 _f32_einsum = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+_f32_conv = functools.partial(jax.lax.conv_general_dilated, preferred_element_type=jnp.float32)
 
 
 def activation(name: str):
@@ -269,7 +270,8 @@ class VisionTransformer(_VisionTower):
     cfg = self.cfg
     p = cfg.patch_size
     x = nn.Conv(cfg.width, (p, p), strides=(p, p), padding="VALID", use_bias=False,
-                dtype=self.dtype, name="conv1")(pixels.astype(self.dtype))
+                dtype=self.dtype, conv_general_dilated=_f32_conv,
+                name="conv1")(pixels.astype(self.dtype))
     n, h, w, d = x.shape
     x = x.reshape(n, h * w, d).astype(jnp.float32)
     scale = cfg.width ** -0.5
@@ -306,7 +308,8 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+                             conv_general_dilated=_f32_conv)
     out = conv(self.planes, (1, 1), name="conv1")(x)
     out = nn.relu(_batch_norm("bn1")(out))
     out = conv(self.planes, (3, 3), padding=((1, 1), (1, 1)), name="conv2")(out)
@@ -338,15 +341,15 @@ class AttentionPool2d(nn.Module):
     pos = self.param("positional_embedding", nn.initializers.normal(c ** -0.5),
                      (self.spatial ** 2 + 1, c))
     x = x + pos[None]
-    dense = functools.partial(nn.Dense, dtype=self.dtype)
+    dense = functools.partial(nn.Dense, dtype=self.dtype, dot_general=_f32_dot)
     head_dim = c // self.heads
     q = dense(c, name="q_proj")(x[:, :1]).reshape(n, 1, self.heads, head_dim)
     k = dense(c, name="k_proj")(x).reshape(n, -1, self.heads, head_dim)
     v = dense(c, name="v_proj")(x).reshape(n, -1, self.heads, head_dim)
-    s = jnp.einsum("nqhd,nkhd->nhqk", q * (head_dim ** -0.5), k,
-                   preferred_element_type=jnp.float32)
+    s = _f32_einsum("nqhd,nkhd->nhqk", (q * (head_dim ** -0.5)).astype(self.dtype),
+                    k.astype(self.dtype))
     wts = jax.nn.softmax(s, axis=-1).astype(self.dtype)
-    o = jnp.einsum("nhqk,nkhd->nqhd", wts, v).reshape(n, c)
+    o = _f32_einsum("nhqk,nkhd->nqhd", wts, v.astype(self.dtype)).reshape(n, c)
     return dense(self.output_dim, name="c_proj")(o).astype(jnp.float32)
 
 
@@ -358,7 +361,7 @@ class ModifiedResNet(_VisionTower):
     cfg = self.cfg
     width = cfg.width
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             padding=((1, 1), (1, 1)))
+                             conv_general_dilated=_f32_conv, padding=((1, 1), (1, 1)))
     x = pixels.astype(self.dtype)
     x = nn.relu(_batch_norm("bn1")(conv(width // 2, (3, 3), strides=(2, 2),
                                         name="conv1")(x)))
