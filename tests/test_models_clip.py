@@ -73,30 +73,38 @@ def test_bfloat16_compute_is_close_to_float32(tiny):
   assert 0 < rel < 2e-2  # bf16 really ran (not identical), and stayed close.
 
 
-def _dot_generals(jaxpr):
-  """Every dot_general of a jaxpr, nested ones (the layer scan) included."""
+def _matmuls(jaxpr):
+  """Every dot_general and conv of a jaxpr, nested ones (the layer scan) included."""
   for eqn in jaxpr.eqns:
-    if eqn.primitive.name == "dot_general":
+    if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
       yield eqn
     for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      yield from _dot_generals(sub)
+      yield from _matmuls(sub)
 
 
-def test_bfloat16_text_matmuls_take_bfloat16_and_return_float32(tiny):
-  # bf16 inputs with float32 accumulation and output: what AMX / AVX512-BF16 CPUs and
-  # GPUs run fast (XLA's CPU dot with a bf16 output is about 5x slower).
-  cfg, variables = tiny
-  ids = jnp.array([_plain_ids([49406, 5, 6], [7, 49407])], jnp.int32)
-  model = CLIPModel(cfg, jnp.bfloat16)
-  jaxpr = jax.make_jaxpr(lambda v: model.apply(v, ids, jnp.array([4]),
-                                               method=CLIPModel.encode_text))(variables)
-  dots = list(_dot_generals(jaxpr.jaxpr))
-  assert len(dots) >= 8  # q, k, v, out, two MLP, attention scores and values
+def _assert_bf16_in_f32_out(fn, variables, at_least):
+  dots = list(_matmuls(jax.make_jaxpr(fn)(variables).jaxpr))
+  assert len(dots) >= at_least
   for eqn in dots:
     assert [v.aval.dtype for v in eqn.invars] == [jnp.bfloat16] * 2, eqn
     assert eqn.outvars[0].aval.dtype == jnp.float32, eqn
+
+
+def test_bfloat16_matmuls_and_convs_take_bfloat16_and_return_float32(tiny):
+  # bf16 inputs with float32 accumulation and output: what AMX / AVX512-BF16 CPUs and
+  # GPUs run fast (XLA's CPU dot with a bf16 output is about 5x slower).
+  cfg, variables = tiny
+  model = CLIPModel(cfg, jnp.bfloat16)
+  ids = jnp.array([_plain_ids([49406, 5, 6], [7, 49407])], jnp.int32)
+  encode_text = lambda v: model.apply(v, ids, jnp.array([4]), method=CLIPModel.encode_text)
+  # q, k, v, out, two MLP, attention scores and values, the projection
+  _assert_bf16_in_f32_out(encode_text, variables, at_least=9)
+  size = cfg.vision.image_size
+  pixels = jnp.zeros((1, size, size, 3))
+  _assert_bf16_in_f32_out(
+      lambda v: model.apply(v, pixels, method=CLIPModel.encode_image), variables, at_least=4)
   f32 = CLIPModel(cfg).apply(variables, ids, jnp.array([4]), method=CLIPModel.encode_text)
-  bf16 = model.apply(variables, ids, jnp.array([4]), method=CLIPModel.encode_text)
+  bf16 = encode_text(variables)
   rel = float(jnp.abs(f32 - bf16).max() / jnp.abs(f32).max())
   assert 0 < rel < 2e-2
 
