@@ -3,9 +3,10 @@
 Conventions
 - Parameters are float32; `dtype` is the compute dtype of matmuls and convs
   (float32 or bfloat16). LayerNorm, softmax and the residual stream stay in
-  float32, so bfloat16 changes only the GEMM inputs: every matmul accumulates
-  and returns float32 (`_f32_dot`), which is also what CPUs with AMX or
-  AVX512-BF16 run fast (XLA's bf16-output dot is 5x slower there).
+  float32, so bfloat16 changes only the GEMM inputs: every matmul and conv
+  accumulates and returns float32 (`_f32_dot`, `_f32_einsum`, `_f32_conv`), which
+  is also what CPUs with AMX or AVX512-BF16 run fast (XLA's bf16-output dot is
+  about 5x slower there).
 - Transformer layers are one `nn.scan` over stacked weights (leading axis =
   layer): one compiled layer body, fast to compile, and the checkpoint key maps
   stack per-layer tensors once.
@@ -40,6 +41,28 @@ _NEG_INF = -1e30  # Finite, so a fully masked row cannot produce NaNs.
 _f32_dot = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
 _f32_einsum = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
 _f32_conv = functools.partial(jax.lax.conv_general_dilated, preferred_element_type=jnp.float32)
+
+
+def _heads_first(x, heads: int, dtype):
+  """[..., S, D] -> [..., H, S, D // H] in the compute dtype."""
+  x = x.astype(dtype).reshape(x.shape[:-1] + (heads, x.shape[-1] // heads))
+  return jnp.swapaxes(x, -2, -3)
+
+
+def _attend(q, k, v, valid, dtype):
+  """Multi-head attention on heads-first q [..., H, Sq, d], k and v [..., H, Sk, d].
+
+  `valid` (bool, broadcast to the scores [..., H, Sq, Sk]; None: every key) masks keys.
+  Returns float32 [..., Sq, H * d]. The softmax is normalised after the value matmul
+  (one fewer pass over the scores).
+  """
+  s = _f32_einsum("...qd,...kd->...qk", q, k)
+  if valid is not None:
+    s = jnp.where(valid, s, _NEG_INF)
+  e = jnp.exp(s - s.max(-1, keepdims=True, initial=_NEG_INF))  # initial: Sk may be 0
+  o = _f32_einsum("...qk,...kd->...qd", e.astype(dtype), v) / e.sum(-1, keepdims=True)
+  o = jnp.swapaxes(o, -2, -3)
+  return o.reshape(o.shape[:-2] + (o.shape[-2] * o.shape[-1],))
 
 
 def activation(name: str):
@@ -92,19 +115,8 @@ class ResidualAttentionBlock(nn.Module):
     attn_v = dense(width, name="attn_v")
     attn_out = dense(width, name="attn_out")
 
-    def heads_first(x):  # [..., S, D] -> [..., H, S, head_dim], compute dtype
-      x = x.astype(self.dtype).reshape(x.shape[:-1] + (heads, head_dim))
-      return jnp.swapaxes(x, -2, -3)
-
-    def attend(q, k, v, valid):
-      # Softmax normalised after the value matmul: one fewer pass over the scores.
-      s = _f32_einsum("...qd,...kd->...qk", q, k)
-      s = jnp.where(valid, s, _NEG_INF)
-      e = jnp.exp(s - s.max(-1, keepdims=True, initial=_NEG_INF))  # initial: P may be 0
-      o = _f32_einsum("...qk,...kd->...qd", e.astype(self.dtype), v)
-      o = o / e.sum(-1, keepdims=True)
-      o = jnp.swapaxes(o, -2, -3)
-      return o.reshape(o.shape[:-2] + (width,))
+    heads_first = functools.partial(_heads_first, heads=heads, dtype=self.dtype)
+    attend = functools.partial(_attend, dtype=self.dtype)
 
     scale = 1.0 / math.sqrt(head_dim)
     qp, qs = heads_first(attn_q(hp) * scale), heads_first(attn_q(hs) * scale)
@@ -343,13 +355,11 @@ class AttentionPool2d(nn.Module):
     x = x + pos[None]
     dense = functools.partial(nn.Dense, dtype=self.dtype, dot_general=_f32_dot)
     head_dim = c // self.heads
-    q = dense(c, name="q_proj")(x[:, :1]).reshape(n, 1, self.heads, head_dim)
-    k = dense(c, name="k_proj")(x).reshape(n, -1, self.heads, head_dim)
-    v = dense(c, name="v_proj")(x).reshape(n, -1, self.heads, head_dim)
-    s = _f32_einsum("nqhd,nkhd->nhqk", (q * (head_dim ** -0.5)).astype(self.dtype),
-                    k.astype(self.dtype))
-    wts = jax.nn.softmax(s, axis=-1).astype(self.dtype)
-    o = _f32_einsum("nhqk,nkhd->nqhd", wts, v.astype(self.dtype)).reshape(n, c)
+    heads_first = functools.partial(_heads_first, heads=self.heads, dtype=self.dtype)
+    q = heads_first(dense(c, name="q_proj")(x[:, :1]) * (head_dim ** -0.5))
+    k = heads_first(dense(c, name="k_proj")(x))
+    v = heads_first(dense(c, name="v_proj")(x))
+    o = _attend(q, k, v, None, self.dtype)[:, 0]
     return dense(self.output_dim, name="c_proj")(o).astype(jnp.float32)
 
 
