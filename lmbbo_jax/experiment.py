@@ -271,9 +271,14 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     raise ExperimentError(f"--proposer={kind} needs an LLM: --llm=local (embedded llama.cpp "
                           "server) or --llm_base_url (e.g. https://api.openai.com/v1 or a "
                           "vLLM/Ollama server); or use --proposer=edit offline")
-  local = None
+  local, local_error = None, None
   if kind in LLM_PROPOSERS and cfg.llm.local and not cfg.dry_run and multihost.is_leader():
-    local = _local_server(cfg)  # fails in seconds, before any heavy work
+    try:
+      local = _local_server(cfg)  # fails in seconds, before any heavy work
+    except ExperimentError as e:
+      if multihost.process_count() == 1:
+        raise
+      local_error = str(e)  # told to the other processes at the run's first check
   if kind == "replay" and not cfg.replay_transcript:
     raise ExperimentError("--proposer=replay needs --replay_transcript=<run>/transcript.jsonl")
 
@@ -282,7 +287,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
   with contextlib.ExitStack() as stack:
     if local is not None:
       stack.callback(local.stop)  # also on Ctrl-C and on any error
-    return _run(cfg, kind, local)
+    return _run(cfg, kind, local, local_error)
 
 
 # The paper's comparison (Table 1 and its ablations): each named method is the run's
@@ -345,7 +350,7 @@ def _local_server(cfg: ExperimentConfig):
     raise ExperimentError(str(e)) from None
 
 
-def _run(cfg: ExperimentConfig, kind: str, local) -> dict:
+def _run(cfg: ExperimentConfig, kind: str, local, local_error: str | None = None) -> dict:
   # Data and weights are both checked before any heavy work, and reported together.
   tasks, data_err = _build_tasks(cfg)
   clip, model_err = _load_model(cfg)
@@ -355,23 +360,22 @@ def _run(cfg: ExperimentConfig, kind: str, local) -> dict:
   # processes, process 0 holds the pool and the workdir and says so to the others.
   from lmbbo_jax.search.pool import PoolError
   corpora, workdir, error = {}, pathlib.Path(cfg.workdir), None
+  started = time.time()
   if multihost.is_leader():
+    from lmbbo_jax.llm.local_server import LocalLLMError
     try:
+      if local_error:
+        raise ExperimentError(local_error)
       corpora = {s: _corpus(cfg, t.class_names) for s, t in tasks.items()}
       workdir = _prepare_workdir(cfg)
-    except (PoolError, ExperimentError) as e:
+      if local is not None:
+        local.start()  # loads in about a second; serves while the images are encoded
+    except (PoolError, ExperimentError, LocalLLMError) as e:
       error = str(e)
   error = multihost.broadcast(error)
   if error:
     raise ExperimentError(error)
   several = multihost.process_count() > 1
-  started = time.time()
-  if local is not None:
-    from lmbbo_jax.llm.local_server import LocalLLMError
-    try:
-      local.start()  # loads in about a second; serves while the images are encoded
-    except LocalLLMError as e:
-      raise ExperimentError(str(e)) from None
   logging.info("model %s (%s, weights %s), dataset %s, %d-shot, seeds %s, proposer %s",
                clip.name, cfg.dtype, clip.weights_hash[:12], cfg.dataset, cfg.shots,
                list(cfg.seeds), kind)
@@ -422,8 +426,8 @@ def _run(cfg: ExperimentConfig, kind: str, local) -> dict:
                  tp["scoring_busy_s"], tp["compiles"], tp["compile_s_total"], tp["compile_s"])
     _write_outputs(workdir, results, runs)
   if cfg.transfer_to:  # After the run's own outputs are safe.
-    results = multihost.broadcast(results)
-    transfer = _transfer(cfg, runs, results, cache_dir)
+    chosen = multihost.broadcast(_chosen_templates(results) if results else None)
+    transfer = _transfer(cfg, runs, chosen, cache_dir)
     if multihost.is_leader():
       results["transfer"] = transfer
       _write_outputs(workdir, results, runs)
@@ -495,8 +499,25 @@ def _train_coop(cfg: ExperimentConfig, workdir: pathlib.Path, clip, runs: list[_
                  {k: round(v, 4) for k, v in out.accuracy.items()})
 
 
-def _transfer(cfg: ExperimentConfig, runs: list[_SeedRun], results: dict,
-              cache_dir: str) -> dict:
+_ENSEMBLE_ROW = "baseline:hand_ensemble"
+
+
+def _chosen_templates(results: dict) -> dict[str, dict[str, str | None]]:
+  """Per seed, what `--transfer_to` scores: the chosen template of each row (best, initial
+  best, each baseline), and `_ENSEMBLE_ROW` (None) when the run scored that ensemble."""
+  out = {}
+  for seed, ps in results["per_seed"].items():
+    rows = {"best": ps["best"], "initial_best": ps["initial_best"],
+            **{f"baseline:{k}": v for k, v in ps["baselines"].items() if k != "hand_ensemble"}}
+    out[seed] = {k: v["template"] for k, v in rows.items()
+                 if v and v.get("template") and templates_lib.invalid_reason(v["template"]) is None}
+    if "hand_ensemble" in ps["baselines"]:
+      out[seed][_ENSEMBLE_ROW] = None
+  return out
+
+
+def _transfer(cfg: ExperimentConfig, runs: list[_SeedRun],
+              chosen_by_seed: dict[str, dict[str, str | None]], cache_dir: str) -> dict:
   """Each seed's chosen templates and baselines scored on other backbones, as chosen.
 
   Nothing is re-selected: the template the search picked on the run's model (and each
@@ -520,16 +541,12 @@ def _transfer(cfg: ExperimentConfig, runs: list[_SeedRun], results: dict,
       fb, lb = features_lib.scorer_inputs(feats)
       scorer = PromptScorer(clip, fb, lb, run.task.class_names,
                             text_encoder=encoders[tuple(run.task.class_names)])
-      ps = results["per_seed"][str(run.seed)]
-      chosen = {"best": ps["best"], "initial_best": ps["initial_best"],
-                **{f"baseline:{k}": v for k, v in ps["baselines"].items()
-                   if k != "hand_ensemble"}}
-      chosen = {k: v["template"] for k, v in chosen.items()
-                if v and v.get("template") and templates_lib.invalid_reason(v["template"]) is None}
+      chosen = dict(chosen_by_seed[str(run.seed)])
+      ensemble = chosen.pop(_ENSEMBLE_ROW, "") is None
       entries = dict(zip(chosen, map(_entry, scorer.score(list(chosen.values())))))
-      if "hand_ensemble" in ps["baselines"]:
+      if ensemble:
         hand = hand_templates(cfg.dataset)
-        entries["baseline:hand_ensemble"] = _entry(
+        entries[_ENSEMBLE_ROW] = _entry(
             scorer.score_ensemble([hand])[0], template=f"ensemble of {len(hand)} templates")
       scorer.close()
       per_seed[str(run.seed)] = entries

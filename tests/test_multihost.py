@@ -4,20 +4,15 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
+from lmbbo_jax.llm.local_server import free_port
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _env(tmp_path, devices: int) -> dict:
@@ -34,12 +29,26 @@ def _start(args, tmp_path, devices, log):
 
 
 def _distributed(args, tmp_path, name, processes=2, devices=2):
-  port = _free_port()
+  port = free_port()
   logs = [open(tmp_path / f"{name}_{i}.log", "w") for i in range(processes)]
   procs = [_start([*args, "--distributed", f"--coordinator_address=127.0.0.1:{port}",
                    f"--num_processes={processes}", f"--process_id={i}"], tmp_path, devices,
                   logs[i]) for i in range(processes)]
   return procs, logs
+
+
+def _wait_all(procs, logs, timeout=600):
+  """Exit codes of every process; any still running after `timeout` is killed."""
+  try:
+    deadline = time.monotonic() + timeout
+    return [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+    for f in logs:
+      f.close()
 
 
 def _rows(workdir):
@@ -56,10 +65,7 @@ def test_two_processes_give_what_one_process_with_as_many_devices_gives(tmp_path
     proc = _start([*SMOKE, f"--workdir={one}"], tmp_path, 4, log)
     assert proc.wait(timeout=600) == 0, (tmp_path / "one.log").read_text()[-3000:]
   two = tmp_path / "two"
-  procs, logs = _distributed([*SMOKE, f"--workdir={two}"], tmp_path, "two")
-  codes = [p.wait(timeout=600) for p in procs]
-  for f in logs:
-    f.close()
+  codes = _wait_all(*_distributed([*SMOKE, f"--workdir={two}"], tmp_path, "two"))
   assert codes == [0, 0], (tmp_path / "two_0.log").read_text()[-3000:] + (
       tmp_path / "two_1.log").read_text()[-3000:]
   a, b = _rows(one), _rows(two)
@@ -121,14 +127,11 @@ def test_a_failing_leader_tells_the_others_why(tmp_path):
     env_key = {"LMBBO_TEST_KEY": "k"}
     os.environ.update(env_key)
     try:
-      procs, logs = _distributed([*SMOKE, f"--workdir={workdir}", "--proposer=llm",
-                                  f"--llm_base_url={server.base_url}",
-                                  "--llm_api_key_env=LMBBO_TEST_KEY"], tmp_path, "fail")
-      codes = [p.wait(timeout=600) for p in procs]
+      codes = _wait_all(*_distributed([*SMOKE, f"--workdir={workdir}", "--proposer=llm",
+                                       f"--llm_base_url={server.base_url}",
+                                       "--llm_api_key_env=LMBBO_TEST_KEY"], tmp_path, "fail"))
     finally:
       os.environ.pop("LMBBO_TEST_KEY")
-      for f in logs:
-        f.close()
   assert codes == [1, 1]
   leader = (tmp_path / "fail_0.log").read_text()
   follower = (tmp_path / "fail_1.log").read_text()
@@ -158,3 +161,18 @@ def test_distributed_without_a_cluster_is_one_clear_line(tmp_path):
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and "--coordinator_address" in errors[0], proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
+
+
+def test_a_leader_whose_local_server_cannot_start_tells_the_others_at_once(tmp_path):
+  # Only process 0 starts the local LLM server; its failure reaches the others at the
+  # run's first check, not after the heartbeat.
+  missing = tmp_path / "missing.gguf"
+  codes = _wait_all(*_distributed([*SMOKE, f"--workdir={tmp_path / 'g'}", "--proposer=llm",
+                                   "--llm=local", f"--llm_gguf={missing}"], tmp_path, "gguf"),
+                    timeout=300)
+  assert codes == [1, 1]
+  for i in (0, 1):
+    log = (tmp_path / f"gguf_{i}.log").read_text()
+    errors = [l for l in log.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "missing.gguf" in errors[0], log[-3000:]
+    assert "Traceback" not in log

@@ -24,6 +24,9 @@ DATA_AXIS = "data"
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh named `DATA_AXIS` over `devices` (default: all devices)."""
   devices = list(devices) if devices is not None else jax.devices()
+  if jax.process_count() > 1:  # Each process's rows contiguous (`process_rows`).
+    devices = sorted(devices, key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
   return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,),
                        devices=devices)
 
@@ -84,10 +87,13 @@ def put_process_rows(local: np.ndarray, mesh: Mesh, global_rows: int) -> jax.Arr
 def process_rows(mesh: Mesh, rows: int) -> tuple[int, int]:
   """The rows [start, stop) of a [rows, ...] array split over the data axis that this
   process's devices hold (all of them on one process)."""
-  spans = sharded_along(mesh, 1).addressable_devices_indices_map((rows,)).values()
-  starts = [s[0].start or 0 for s in spans]
-  stops = [rows if s[0].stop is None else s[0].stop for s in spans]
-  return min(starts), max(stops)
+  spans = {(s[0].start or 0, rows if s[0].stop is None else s[0].stop)
+           for s in sharded_along(mesh, 1).addressable_devices_indices_map((rows,)).values()}
+  start, stop = min(a for a, _ in spans), max(b for _, b in spans)
+  if stop - start != sum(b - a for a, b in spans):
+    raise ValueError("this process's devices hold rows that are not contiguous on the mesh; "
+                     "build it with `make_mesh`, which orders devices by process")
+  return start, stop
 
 
 def to_host(array: Any) -> np.ndarray:

@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 from absl import app, flags
+
+from lmbbo_jax.llm.local_server import free_port
 
 FLAGS = flags.FLAGS
 DEFAULT_ARGS = ["--flagfile=experiments/smoke.flags", "--noprogress", "--seeds=1",
@@ -32,17 +33,24 @@ def define_flags():
   flags.DEFINE_list("main_args", DEFAULT_ARGS, "Flags of the main job (both runs).")
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _launch(args: list[str], devices: int, log: pathlib.Path) -> subprocess.Popen:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
-  return subprocess.Popen([sys.executable, "-m", "lmbbo_jax.main", *args], env=env,
-                          stdout=open(log, "w"), stderr=subprocess.STDOUT)
+def _run_all(runs: list[tuple[list[str], int, pathlib.Path]]) -> bool:
+  """Runs the main job once per (args, devices, log) at the same time; whether all exited 0.
+  A process still running when the call ends (one failed, or Ctrl-C) is killed."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  procs = []
+  try:
+    for args, devices, log in runs:
+      with open(log, "w") as out:  # The child keeps its own copy of the handle.
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "lmbbo_jax.main", *args], stdout=out,
+            stderr=subprocess.STDOUT,
+            env=dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")))
+    return all([p.wait() == 0 for p in procs])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
 
 
 def _summary(workdir: pathlib.Path) -> dict:
@@ -63,18 +71,16 @@ def main(argv):
   out = pathlib.Path(FLAGS.out)
   out.mkdir(parents=True, exist_ok=True)
   args = list(FLAGS.main_args)
-  one = _launch([*args, f"--workdir={out / 'one'}", "--overwrite"], FLAGS.devices,
-                out / "one.log")
-  if one.wait() != 0:
-    raise app.UsageError(f"the one-process run failed; see {out / 'one.log'}")
-  port = _free_port()
-  procs = [_launch([*args, f"--workdir={out / 'several'}", "--overwrite", "--distributed",
-                    f"--coordinator_address=127.0.0.1:{port}",
-                    f"--num_processes={FLAGS.processes}", f"--process_id={i}"],
-                   FLAGS.devices // FLAGS.processes, out / f"several_{i}.log")
-           for i in range(FLAGS.processes)]
-  if any(p.wait() != 0 for p in procs):
-    raise app.UsageError(f"the several-process run failed; see {out}/several_*.log")
+  if not _run_all([([*args, f"--workdir={out / 'one'}", "--overwrite"], FLAGS.devices,
+                     out / "one.log")]):
+    sys.exit(f"error: the one-process run failed; see {out / 'one.log'}")
+  port = free_port()
+  if not _run_all([([*args, f"--workdir={out / 'several'}", "--overwrite", "--distributed",
+                     f"--coordinator_address=127.0.0.1:{port}",
+                     f"--num_processes={FLAGS.processes}", f"--process_id={i}"],
+                    FLAGS.devices // FLAGS.processes, out / f"several_{i}.log")
+                   for i in range(FLAGS.processes)]):
+    sys.exit(f"error: the several-process run failed; see {out}/several_*.log")
   a, b = _summary(out / "one"), _summary(out / "several")
   print(json.dumps(a))
   print(json.dumps(b))
