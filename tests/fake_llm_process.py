@@ -10,8 +10,8 @@ by that signal at its first POST, as a llama.cpp build for the wrong CPU does.
 import argparse
 import http.server
 import json
-import os
 import signal
+import threading
 
 
 def main():
@@ -44,9 +44,12 @@ def main():
         self.close_connection = True
         return
       if args.crash_on_post:
+        # At this thread, as a CPU fault is: a process-wide kill() of a core-dumping
+        # signal goes to the main thread, and this one could answer before it dies.
         sig = getattr(signal, args.crash_on_post)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
-        os.kill(os.getpid(), sig)
+        signal.pthread_kill(threading.get_ident(), sig)
+        threading.Event().wait()  # never answer, whatever the kernel's timing
       self._json({"id": "x", "object": "chat.completion", "choices": [
           {"index": 0, "finish_reason": "stop",
            "message": {"role": "assistant", "content": '- "a fake photo of a {}."'}}],
