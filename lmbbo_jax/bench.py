@@ -28,7 +28,10 @@ Output: one JSON object per line with `--json` (else a readable line), with
 arch, classes, templates, dtype, devices, templates_per_s (median),
 ms_per_template, tokens_per_template (executed, padded), gflops_per_template
 (text tower, executed, `TextConfig.flops`),
-achieved_gflops (text + image matmul over time), the per-repeat figures, and
+achieved_gflops (text + image matmul over time), the text tower's work beside
+the peer's (`work_bound`: tokens_peer_per_template, peer_stream.py's layout;
+tokens_distinct_per_template, the least any exact method runs; their ratios),
+the per-repeat figures, and
 CPU contention measured from /proc/stat during the timed repeats: own_cores
 (this process) and other_cores (everything else), out of `cpus`.
 """
@@ -271,6 +274,7 @@ def bench_text(args, clip) -> dict[str, Any]:
   last = stats[-1]
   gflops_text = last["gflops_text"] / n
   gflops_img = last["gflops_images"] / n
+  work = work_bound(clip, templates, names)
   return {
       "what": "text", "layout": "prefix", "template_set": args.template_set,
       "arch": args.arch, "weights": args.weights, "classes": args.classes, "templates": n, "dtype": args.dtype, "devices": jax.device_count(),
@@ -278,6 +282,8 @@ def bench_text(args, clip) -> dict[str, Any]:
       "ms_per_template": round(1000 / med, 2),
       "tokens_per_template": round(last["token_rows"] / n, 1),
       "tokens_real_per_template": round(last["token_rows_real"] / n, 1),
+      **work, "token_ratio_peer_over_executed": round(
+          work["tokens_peer_per_template"] * n / last["token_rows"], 3),
       "gflops_per_template": round(gflops_text, 2),
       "gflops_images_per_template": round(gflops_img, 3),
       "achieved_gflops": round((gflops_text + gflops_img) * med, 1),
@@ -342,6 +348,42 @@ def bench_trimmed(args, clip, names, feats, labels, templates) -> dict[str, Any]
       "warmup_s": round(compile_s, 1), **_median_cpu(cpus), "loadavg": _loadavg(),
       "jax": jax.__version__,
   }
+
+
+# ----------------------------------------------------------------------------- work
+# peer_stream.py's layout: each template's sentences sorted by length, cut into calls
+# of this many, each trimmed to its longest.
+PEER_CHUNK = 32
+
+
+def work_bound(clip, templates: list[str], names: list[str],
+               chunk: int = PEER_CHUNK) -> dict[str, Any]:
+  """Text-tower tokens per template: the plain-PyTorch peer's, and the least any exact method can run.
+
+  Both towers are matmul-bound on a CPU, so a speed-up over the peer beyond its
+  token ratio has to come from faster matmuls. `tokens_distinct_per_template`
+  counts the distinct token prefixes of all the stream's class sentences: a
+  token's output depends on it and the tokens before it only (causal), so no
+  exact encoder, even one that kept every state of the whole stream, runs fewer.
+  """
+  from lmbbo_jax import templates as templates_lib
+  peer = 0
+  distinct: set[int] = set()
+  for template in templates:
+    rows = clip.token_ids([templates_lib.fill(template, n) for n in names])
+    lengths = sorted(len(r) for r in rows)
+    peer += sum(len(lengths[i:i + chunk]) * lengths[min(i + chunk, len(lengths)) - 1]
+                for i in range(0, len(lengths), chunk))
+    for row in rows:
+      node = 0
+      for token in row:  # one hash per prefix (collisions only undercount: a lower bound)
+        node = hash((node, token))
+        distinct.add(node)
+  n = len(templates)
+  return {"tokens_peer_per_template": round(peer / n, 1),
+          "tokens_distinct_per_template": round(len(distinct) / n, 1),
+          "peer_chunk": chunk,
+          "token_ratio_peer_over_distinct": round(peer / max(1, len(distinct)), 3)}
 
 
 # ----------------------------------------------------------------------------- cold
@@ -433,6 +475,8 @@ def bench_cold(args, clip, cache_dir: str) -> dict[str, Any]:
   for batch in batches:
     scorer.score(batch)
   steady_s = time.perf_counter() - t1
+  steady = scorer.stats()
+  work = work_bound(clip, [t for t in stream if t not in set(rejected)], names)
   return {
       "what": "text", "mode": "cold", "arch": args.arch, "weights": args.weights,
       "classes": args.classes, "templates": len(stream), "templates_scored": scored,
@@ -446,6 +490,9 @@ def bench_cold(args, clip, cache_dir: str) -> dict[str, Any]:
       "compile_s_waited": round(cold["seconds_compile"], 2),
       "compile_share": round(cold["seconds_compile"] / total_s, 3),
       "calls": cold["calls"], "cache_files_before": cache_files,
+      "tokens_per_template": round(steady["token_rows"] / scored, 1),
+      **work, "token_ratio_peer_over_executed": round(
+          work["tokens_peer_per_template"] * scored / steady["token_rows"], 3),
       "call_shapes": [dataclasses.asdict(x) for x in scorer.text_encoder.shapes],
       "images": n_img, **{k: round(v, 2) for k, v in cpu.items()}, "loadavg": _loadavg(),
       "jax": jax.__version__,

@@ -10,7 +10,7 @@ import pathlib
 import subprocess
 import sys
 
-from lmbbo_jax.bench import llm_like_stream
+from lmbbo_jax.bench import llm_like_stream, work_bound
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -29,6 +29,30 @@ def test_the_generated_stream_is_seeded_distinct_and_mixed():
   assert llm_like_stream(60, seed=4) != a
 
 
+class _WordClip:
+  """`token_ids` of a CLIP with one token per word (0: start, 1: end)."""
+
+  def __init__(self):
+    self.vocab = {}
+
+  def token_ids(self, texts):
+    return [[0, *(self.vocab.setdefault(w, len(self.vocab) + 2) for w in t.split()), 1]
+            for t in texts]
+
+
+def test_work_bound_counts_the_peers_tokens_and_the_distinct_prefixes():
+  templates, names = ["a {} x", "a {} y"], ["cat", "big dog"]
+  # Sentences of 5 and 6 tokens; in one chunk both are trimmed to 6: 12 per template.
+  work = work_bound(_WordClip(), templates, names)
+  assert work["tokens_peer_per_template"] == 12.0
+  # <s>, <s> a, then "cat x </s>" (3) and "big dog x </s>" (4), and for the second
+  # template only what follows the class: "y </s>" twice: 2 + 3 + 4 + 4 = 13.
+  assert work["tokens_distinct_per_template"] == 6.5
+  assert work["token_ratio_peer_over_distinct"] == round(24 / 13, 3)
+  # Chunks of one sentence: each is trimmed to its own length, 5 + 6 per template.
+  assert work_bound(_WordClip(), templates, names, chunk=1)["tokens_peer_per_template"] == 11.0
+
+
 def test_cold_mode_counts_compiles_and_the_first_template(tmp_path):
   stream = tmp_path / "stream.txt"
   templates = llm_like_stream(10, seed=0)
@@ -44,6 +68,11 @@ def test_cold_mode_counts_compiles_and_the_first_template(tmp_path):
   assert 0 < rec["first_template_s"] <= rec["stream_s"]
   assert rec["templates_per_s_incl_compile"] < rec["templates_per_s_steady"]
   assert 0 <= rec["compile_share"] <= 1
+  # Exact prefix sharing runs no fewer tokens than the distinct prefixes, the peer no fewer.
+  assert rec["tokens_distinct_per_template"] <= rec["tokens_per_template"]
+  assert rec["tokens_distinct_per_template"] <= rec["tokens_peer_per_template"]
+  assert abs(rec["token_ratio_peer_over_executed"] - rec["tokens_peer_per_template"]
+             / rec["tokens_per_template"]) < 0.01
 
 
 def test_bench_errors_are_one_line(tmp_path):
