@@ -87,7 +87,7 @@ def test_event_loop_stays_responsive_and_queue_is_bounded():
   ticks, queued = asyncio.run(main())
   assert queued <= 2  # producers beyond the bound wait in score_async
   # While the worker thread blocked for 6 x 0.4 s, the loop kept ticking.
-  assert len(ticks) > 60 and np.diff(ticks).max() < 0.25
+  assert len(ticks) > 60 and np.diff(ticks).max() < 0.35  # a blocked loop: >= 0.4
 
 
 def test_errors_reach_every_caller_of_the_batch_and_the_front_survives():

@@ -87,8 +87,8 @@ def test_transient_faults_are_retried_and_counted(server, action, kind):
 
 
 def test_timeout_is_retried(server):
-  server.script([fake.timeout(1.0)])
-  client = make_client(server, timeout_s=0.2)
+  server.script([fake.timeout(6.0)])
+  client = make_client(server, timeout_s=1.5)
   result = run(_chat(client))
   assert "{}" in result.text
   assert client.ledger.faults == {"timeout": 1}
@@ -169,7 +169,7 @@ def test_deadline_bounds_a_call(server):
 
 
 def test_max_concurrency_is_respected(server):
-  server.delay_s = 0.2
+  server.delay_s = 0.5
 
   async def many():
     client = make_client(server, max_concurrency=2)
@@ -185,7 +185,7 @@ def test_max_concurrency_is_respected(server):
   assert client.ledger.max_inflight == 2
   assert client.ledger.mean_concurrency == pytest.approx(2.0, abs=0.5)
   s = client.ledger.summary()
-  assert s["latency_p50_s"] >= 0.2 and s["latency_p95_s"] >= s["latency_p50_s"]
+  assert s["latency_p50_s"] >= 0.5 and s["latency_p95_s"] >= s["latency_p50_s"]
 
 
 def test_cache_replays_and_never_stores_the_key(server, tmp_path,
@@ -294,7 +294,7 @@ def test_requests_per_minute_window_holds():
   from lmbbo_jax.llm.ratelimit import RateLimiter
   with fake.FakeLLMServer() as srv:
     client = make_client(srv, max_concurrency=8,
-                         rate_limiter=RateLimiter(rpm=3, window_s=0.5))
+                         rate_limiter=RateLimiter(rpm=3, window_s=1.0))
 
     async def many():
       try:
@@ -307,8 +307,8 @@ def test_requests_per_minute_window_holds():
     starts = sorted(r.t_start for r in srv.requests)
     assert len(starts) == 7
     for i in range(len(starts) - 3):  # no 4 starts within one window
-      assert starts[i + 3] - starts[i] >= 0.5 - 0.15
-    assert client.ledger.summary()["queue_p95_s"] >= 0.5 - 0.15
+      assert starts[i + 3] - starts[i] >= 1.0 - 0.3  # slack: connection set-up
+    assert client.ledger.summary()["queue_p95_s"] >= 1.0 - 0.3
 
 
 def test_tokens_per_minute_window_holds():
@@ -317,7 +317,7 @@ def test_tokens_per_minute_window_holds():
   per_call = prompt_token_bound(MESSAGES) + 10
   with fake.FakeLLMServer() as srv:
     client = make_client(srv, max_tokens=10, rate_limiter=RateLimiter(
-        tpm=2 * per_call, window_s=0.5))
+        tpm=2 * per_call, window_s=1.0))
 
     async def many():
       try:
@@ -329,7 +329,7 @@ def test_tokens_per_minute_window_holds():
     run(many())
     starts = sorted(r.t_start for r in srv.requests)
     for i in range(len(starts) - 2):  # 2 calls' tokens per window
-      assert starts[i + 2] - starts[i] >= 0.5 - 0.15
+      assert starts[i + 2] - starts[i] >= 1.0 - 0.3
 
 
 def test_server_ratelimit_headers_pause_new_requests():

@@ -141,10 +141,19 @@ def test_a_failing_leader_tells_the_others_why(tmp_path):
 
 
 def test_the_multihost_bench_runs_both_layouts(tmp_path):
-  out = subprocess.run(
+  # In a session of its own: a timeout kills the bench's main jobs with it.
+  bench = subprocess.Popen(
       [sys.executable, "-m", "lmbbo_jax.tools.multihost_bench", f"--out={tmp_path}",
        "--main_args=--flagfile=experiments/smoke.flags,--noprogress,--seeds=1,--n_iter=2"],
-      cwd=REPO, env=_env(tmp_path, 1), capture_output=True, text=True, timeout=600)
+      cwd=REPO, env=_env(tmp_path, 1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True, start_new_session=True)
+  try:
+    stdout, stderr = bench.communicate(timeout=600)
+  finally:
+    if bench.poll() is None:
+      os.killpg(bench.pid, signal.SIGKILL)
+      bench.communicate()
+  out = subprocess.CompletedProcess(bench.args, bench.returncode, stdout, stderr)
   assert out.returncode == 0, out.stderr[-3000:]
   one, several, ratio = (json.loads(l) for l in out.stdout.strip().splitlines()[-3:])
   assert (one["processes"], one["devices"]) == (1, 4)

@@ -65,7 +65,7 @@ def test_faults_are_survived_counted_and_only_valid_templates_scored(
     server, tmp_path):
   server.script([
       fake.rate_limit(retry_after=0.05), fake.status(500), fake.status(503),
-      fake.timeout(0.8), fake.drop(), fake.non_json(), fake.empty_choices(),
+      fake.timeout(6.0), fake.drop(), fake.non_json(), fake.empty_choices(),
       fake.null_content(),
       fake.reply("Sure, happy to help with that!"),
       fake.reply('- "a photo of a dog"'),
@@ -76,7 +76,7 @@ def test_faults_are_survived_counted_and_only_valid_templates_scored(
   cfg = small_config()
   result = asyncio.run(llm_search(cfg, server, tmp_path / "w",
                                   tmp_path / "c", scorer=scorer,
-                                  timeout_s=0.3, max_retries=10))
+                                  timeout_s=2.0, max_retries=10))
   assert result.stop_reason == "completed"
   assert result.llm["faults"] == {
       "http_429": 1, "http_500": 1, "http_503": 1, "timeout": 1,
@@ -324,10 +324,12 @@ def test_eight_chains_run_concurrently(server, tmp_path):
   calls = result.llm["calls"]
   assert calls == 16 and server.max_concurrency == 8
   ideal = calls / 8 * 1.0
-  timeline = [(round(r.t_start - start, 2), round(r.t_end - start, 2))
-              for r in server.requests]
-  assert ideal <= wall <= 1.25 * ideal, (wall, timeline)
+  # Concurrency is what is checked; the wall clock only loosely (a loaded CI machine
+  # adds start-up and scheduling time that says nothing of the client).
   assert result.llm["mean_concurrency"] > 6
+  assert ideal <= wall <= ideal + 2.0, (wall, [
+      (r.t_start and round(r.t_start - start, 2), r.t_end and round(r.t_end - start, 2))
+      for r in server.requests])
 
 
 def test_replay_proposer_reproduces_a_recorded_run(server, tmp_path):
