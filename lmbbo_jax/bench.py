@@ -364,7 +364,8 @@ def work_bound(clip, templates: list[str], names: list[str],
   token ratio has to come from faster matmuls. `tokens_distinct_per_template`
   counts the distinct token prefixes of all the stream's class sentences: a
   token's output depends on it and the tokens before it only (causal), so no
-  exact encoder, even one that kept every state of the whole stream, runs fewer.
+  exact encoder, even one that kept every state of the whole stream, runs fewer
+  through all layers but the last (which only the end-of-text tokens need whole).
   """
   from lmbbo_jax import templates as templates_lib
   peer = 0
