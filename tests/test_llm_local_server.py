@@ -45,7 +45,7 @@ def _wait_gone(pid: int, timeout_s: float) -> bool:
 
 def _answers(url: str) -> bool:
   try:
-    return httpx.get(url + "/models", timeout=1.0).status_code == 200
+    return httpx.get(url + "/models", timeout=5.0).status_code == 200
   except httpx.HTTPError:
     return False
 
