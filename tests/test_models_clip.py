@@ -109,6 +109,52 @@ def test_bfloat16_matmuls_and_convs_take_bfloat16_and_return_float32(tiny):
   assert 0 < rel < 2e-2
 
 
+def test_packed_encode_equals_plain_encode_and_prunes_the_last_layer(tiny):
+  cfg, variables = tiny
+  model = CLIPModel(cfg)
+  width, ctx = cfg.text.width, cfg.text.context_length
+  prefixes = [[49406, 11, 12], [49406, 13]]  # two prefix slots of different lengths
+  # Row 0 continues slot 0 with two segments, row 1 continues slot 1 with one; each
+  # segment ends with its EOT, the rest of a row is padding (its own segment id).
+  rows = [(0, [[21, 22, 49407], [23, 49407]]), (1, [[24, 25, 26, 49407]])]
+  prefix_ids = np.zeros((2, 4), np.int32)
+  for i, p in enumerate(prefixes):
+    prefix_ids[i, :len(p)] = p
+  row_ids = np.zeros((2, ctx), np.int32)
+  row_segment = np.full((2, ctx), -1, np.int32)
+  row_pos = np.zeros((2, ctx), np.int32)
+  eot_flat, sentences = [], []
+  for r, (slot, segments) in enumerate(rows):
+    at = 0
+    for k, seg in enumerate(segments):
+      row_ids[r, at:at + len(seg)] = seg
+      row_segment[r, at:at + len(seg)] = k
+      row_pos[r, at:at + len(seg)] = len(prefixes[slot]) + np.arange(len(seg))
+      eot_flat.append(r * ctx + at + len(seg) - 1)
+      sentences.append(prefixes[slot] + seg)
+      at += len(seg)
+  args = [jnp.array(a) for a in (prefix_ids, [3, 2], row_ids, [0, 1], row_segment, row_pos,
+                                 eot_flat)]
+  packed = model.apply(variables, *args, method=CLIPModel.encode_text_packed)
+  ids = np.stack([np.pad(s, (0, ctx - len(s))) for s in sentences]).astype(np.int32)
+  plain = model.apply(variables, jnp.array(ids), jnp.array([len(s) - 1 for s in sentences]),
+                      method=CLIPModel.encode_text)
+  np.testing.assert_allclose(np.asarray(packed), np.asarray(plain), atol=1e-5, rtol=0)
+  # The last layer's MLP runs on the 3 pooled tokens, not on all 2 x 77 row tokens.
+  jaxpr = jax.make_jaxpr(lambda v: model.apply(v, *args, method=CLIPModel.encode_text_packed))
+  mlp_in = [e.invars[0].aval.shape for e in _matmuls(jaxpr(variables).jaxpr)
+            if e.invars[1].aval.shape == (width, 4 * width)]
+  assert (3, width) in mlp_in and any(np.prod(s) == 2 * ctx * width for s in mlp_in)
+
+
+def test_flop_model_counts_a_pruned_last_layer():
+  text = ARCHITECTURES["ViT-B/32"].text
+  full = text.flops(1000, 0)
+  assert text.flops(1000, 0, pooled=1000) == full
+  # Per unpooled token the last layer keeps q, k, v (3 w^2) and drops out (w^2) + MLP (8 w^2).
+  assert full - text.flops(1000, 0, pooled=100) == 2 * 900 * 9 * text.width ** 2
+
+
 def test_config_round_trip_and_named_architectures():
   for name, cfg in ARCHITECTURES.items():
     assert CLIPConfig.from_dict(cfg.to_dict()) == cfg

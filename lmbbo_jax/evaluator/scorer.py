@@ -268,9 +268,10 @@ class PromptScorer:
                  sharding.put_replicated(seg_slot, self.mesh), self._images,
                  self._labels_dev, scale)
       self._stats["seconds_compile"] += waited
-      rows, keys = enc.cost(shape)
+      rows, keys, pooled = enc.cost(shape)
       self._stats["token_rows"] += rows
       self._stats["attention_keys"] += keys
+      self._stats["pooled_tokens"] += pooled
       self._stats["calls"] += 1
       pending.append((out, seg_class, seg_slot, template_of))
     results: dict[int, list] = collections.defaultdict(list)
@@ -477,8 +478,8 @@ class PromptScorer:
     s["compiles"] = self.text_encoder.programs.compiled  # Never reset: programs stay.
     s["compile_s_total"] = self.text_encoder.programs.compile_s
     s.update({f"sentences_{k}": v for k, v in self.tokens.stats.items()})
-    s["gflops_text"] = self.clip.config.text.flops(s.get("token_rows", 0),
-                                                   s.get("attention_keys", 0)) / 1e9
+    s["gflops_text"] = self.clip.config.text.flops(
+        s.get("token_rows", 0), s.get("attention_keys", 0), s.get("pooled_tokens", 0)) / 1e9
     s["gflops_images"] = (2 * len(self._labels) * self.clip.embed_dim * self.num_classes
                           * (s.get("templates", 0) + s.get("ensembles", 0))) / 1e9
     for key in ("templates", "rejected", "ensembles", "score_calls", "calls", "compiles",

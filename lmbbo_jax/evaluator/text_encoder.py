@@ -451,9 +451,10 @@ class PackedTextEncoder:
     exe, waited = self.program(shape)
     return exe(self._text_vars, *placed), waited
 
-  def cost(self, shape: CallShape) -> tuple[int, int]:
-    """(token rows, attention keys) one call of `shape` executes."""
+  def cost(self, shape: CallShape) -> tuple[int, int, int]:
+    """(token rows, attention keys, pooled tokens) one call of `shape` executes (the
+    last layer's output projection and MLP run for the pooled tokens only)."""
     p, width = self.prefix_tokens, self.width
     rows = shape.slots * p + shape.rows * width
     keys = shape.slots * p * p + shape.rows * width * (p + width)
-    return rows, keys
+    return rows, keys, shape.segments

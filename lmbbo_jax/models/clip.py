@@ -93,16 +93,21 @@ class ResidualAttentionBlock(nn.Module):
 
     Args:
       carry: (xp [Tp, P, D], xs [T, C, S, D]) float32 residual streams.
-      context: (prefix_valid, prefix_index, main_mask). prefix_valid: bool
-        [T, P], which prefix keys main group t may see. prefix_index: int32 [T],
-        the prefix slot each main group continues (None: slot t, Tp == T).
+      context: (prefix_valid, prefix_index, main_mask[, keep]). prefix_valid:
+        bool [T, P], which prefix keys main group t may see. prefix_index: int32
+        [T], the prefix slot each main group continues (None: slot t, Tp == T).
         main_mask: bool [T, C, S, S], which main keys each main token may see
-        (None: causal, or everything when the block is not causal).
+        (None: causal, or everything when the block is not causal). keep: int32
+        [M], flat indices into the main tokens [T * C * S] whose outputs are
+        wanted (a last layer): attention runs for every main token, the output
+        projection and MLP only for these, and the prefix stream not at all.
 
     Returns:
-      ((xp, xs), None), the scan convention.
+      ((xp, xs), None), the scan convention; with `keep`, xs is float32 [M, D]
+      and xp is returned unchanged.
     """
-    prefix_valid, prefix_index, main_mask = context
+    prefix_valid, prefix_index, main_mask, *keep = context
+    keep = keep[0] if keep else None
     xp, xs = carry
     heads, width = self.heads, self.width
     head_dim = width // heads
@@ -119,14 +124,15 @@ class ResidualAttentionBlock(nn.Module):
     attend = functools.partial(_attend, dtype=self.dtype)
 
     scale = 1.0 / math.sqrt(head_dim)
-    qp, qs = heads_first(attn_q(hp) * scale), heads_first(attn_q(hs) * scale)
     kp, vp = heads_first(attn_k(hp)), heads_first(attn_v(hp))
     ks, vs = heads_first(attn_k(hs)), heads_first(attn_v(hs))
     num_t, num_c, num_p, num_s = xs.shape[0], xs.shape[1], xp.shape[1], xs.shape[2]
 
-    # Prefix stream: causal self-attention (rows past a template's prefix length
-    # are junk but never seen by the main stream).
-    op = attend(qp, kp, vp, jnp.tril(jnp.ones((num_p, num_p), bool)))
+    if keep is None:
+      # Prefix stream: causal self-attention (rows past a template's prefix length
+      # are junk but never seen by the main stream). A last layer skips it.
+      qp = heads_first(attn_q(hp) * scale)
+      op = attend(qp, kp, vp, jnp.tril(jnp.ones((num_p, num_p), bool)))
 
     # Main stream: keys = [valid prefix keys of its template | its own tokens].
     if prefix_index is not None:
@@ -140,11 +146,7 @@ class ResidualAttentionBlock(nn.Module):
       main_mask = jnp.broadcast_to(main_mask, (num_t, num_c, num_s, num_s))
     valid = jnp.concatenate(
         [jnp.broadcast_to(prefix_valid[:, None, None, :], (num_t, num_c, num_s, num_p)),
-         main_mask], axis=-1)[:, :, None]
-    os = attend(qs, k_all, v_all, valid)
-
-    xp = xp + attn_out(op).astype(jnp.float32)
-    xs = xs + attn_out(os).astype(jnp.float32)
+         main_mask], axis=-1)
 
     ln_2 = layer_norm("ln_2")
     mlp_fc = dense(int(width * self.mlp_ratio), name="mlp_fc")
@@ -154,6 +156,17 @@ class ResidualAttentionBlock(nn.Module):
     def mlp(x):
       return mlp_proj(act(mlp_fc(ln_2(x)))).astype(jnp.float32)
 
+    qs = heads_first(attn_q(hs) * scale)
+    os = attend(qs, k_all, v_all, valid[:, :, None])
+    if keep is not None:
+      # Attention is a few percent of a layer: it runs for every token (no per-token
+      # key copies); the output projection and the MLP only for the kept ones.
+      x_keep = xs.reshape(-1, width)[keep]
+      x_keep = x_keep + attn_out(os.reshape(-1, width)[keep]).astype(jnp.float32)
+      return (xp, x_keep + mlp(x_keep)), None
+
+    xp = xp + attn_out(op).astype(jnp.float32)
+    xs = xs + attn_out(os).astype(jnp.float32)
     return (xp + mlp(xp), xs + mlp(xs)), None
 
 
@@ -256,9 +269,33 @@ class TextTransformer(nn.Module):
     prefix_valid = (jnp.arange(num_p)[None, :] < prefix_len[:, None])[row_prefix]
     causal = jnp.tril(jnp.ones((width, width), bool))
     mask = (row_segment[:, :, None] == row_segment[:, None, :]) & causal
-    (_, xs), _ = self.blocks((xp, xs), (prefix_valid, row_prefix, mask[:, None]))
-    pooled = xs.reshape(-1, xs.shape[-1])[eot_flat]
+    pooled = self._blocks_keeping((xp, xs), (prefix_valid, row_prefix, mask[:, None]),
+                                  eot_flat)
     return self._project(pooled)
+
+  def _blocks_keeping(self, carry, context, keep):
+    """The blocks' main-stream outputs at flat indices `keep` only, float32 [M, D].
+
+    Exact, and cheaper than `self.blocks`: all layers but the last run as a loop
+    over the same stacked parameters (one compiled body, no copy of them); the
+    last one runs its output projection and MLP for the kept tokens only (what
+    the pooling reads), which saves most of a layer for every other token.
+    """
+    cfg = self.cfg
+    params = self.variables["params"]["blocks"]
+    block = ResidualAttentionBlock(width=cfg.width, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
+                                   act=cfg.act, causal=True, dtype=self.dtype, parent=None)
+
+    def layer(i):
+      return {"params": jax.tree.map(
+          lambda p: jax.lax.dynamic_index_in_dim(p, i, keepdims=False), params)}
+
+    def body(i, carry):
+      return block.apply(layer(i), carry, context)[0]
+
+    carry = jax.lax.fori_loop(0, cfg.layers - 1, body, carry)
+    (_, kept), _ = block.apply(layer(cfg.layers - 1), carry, (*context, keep))
+    return kept
 
   def _project(self, pooled):
     pooled = self.ln_final(pooled)

@@ -25,12 +25,16 @@ class TextConfig:
   mlp_ratio: float = 4.0
   act: str = "quick_gelu"  # OpenAI weights use QuickGELU; "gelu" for others.
 
-  def flops(self, tokens: float, attention_keys: float) -> float:
+  def flops(self, tokens: float, attention_keys: float, pooled: float | None = None) -> float:
     """Forward FLOPs of the layers for `tokens` token positions whose queries see
     `attention_keys` keys in all (dense matmuls 2 x weights per token; attention
-    scores and weighted values 4 x width per query-key pair per layer)."""
-    weights = self.layers * (4 * self.width ** 2 + 2 * self.width * int(self.width * self.mlp_ratio))
-    return 2 * weights * tokens + 4 * self.layers * self.width * attention_keys
+    scores and weighted values 4 x width per query-key pair per layer). `pooled`:
+    how many tokens' outputs are read, when the last layer runs its output
+    projection and MLP for those only (None: for every token)."""
+    after_attention = self.width ** 2 + 2 * self.width * int(self.width * self.mlp_ratio)
+    weights = self.layers * (3 * self.width ** 2 + after_attention)
+    skipped = 0 if pooled is None else 2 * after_attention * (tokens - pooled)
+    return 2 * weights * tokens - skipped + 4 * self.layers * self.width * attention_keys
 
 
 @dataclasses.dataclass(frozen=True)
