@@ -373,8 +373,8 @@ def work_bound(clip, templates: list[str], names: list[str],
   for template in templates:
     rows = clip.token_ids([templates_lib.fill(template, n) for n in names])
     lengths = sorted(len(r) for r in rows)
-    peer += sum(len(lengths[i:i + chunk]) * lengths[min(i + chunk, len(lengths)) - 1]
-                for i in range(0, len(lengths), chunk))
+    calls = (lengths[i:i + chunk] for i in range(0, len(lengths), chunk))
+    peer += sum(len(call) * call[-1] for call in calls)  # each call trimmed to its longest
     for row in rows:
       node = 0
       for token in row:  # one hash per prefix (collisions only undercount: a lower bound)
@@ -477,7 +477,8 @@ def bench_cold(args, clip, cache_dir: str) -> dict[str, Any]:
     scorer.score(batch)
   steady_s = time.perf_counter() - t1
   steady = scorer.stats()
-  work = work_bound(clip, [t for t in stream if t not in set(rejected)], names)
+  rejected_set = set(rejected)
+  work = work_bound(clip, [t for t in stream if t not in rejected_set], names)
   return {
       "what": "text", "mode": "cold", "arch": args.arch, "weights": args.weights,
       "classes": args.classes, "templates": len(stream), "templates_scored": scored,

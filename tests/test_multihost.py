@@ -153,9 +153,8 @@ def test_the_multihost_bench_runs_both_layouts(tmp_path):
     if bench.poll() is None:
       os.killpg(bench.pid, signal.SIGKILL)
       bench.communicate()
-  out = subprocess.CompletedProcess(bench.args, bench.returncode, stdout, stderr)
-  assert out.returncode == 0, out.stderr[-3000:]
-  one, several, ratio = (json.loads(l) for l in out.stdout.strip().splitlines()[-3:])
+  assert bench.returncode == 0, stderr[-3000:]
+  one, several, ratio = (json.loads(l) for l in stdout.strip().splitlines()[-3:])
   assert (one["processes"], one["devices"]) == (1, 4)
   assert (several["processes"], several["devices"]) == (2, 4)
   assert one["templates"] == several["templates"] > 0
