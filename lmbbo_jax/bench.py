@@ -39,7 +39,6 @@ CPU contention measured from /proc/stat during the timed repeats: own_cores
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import statistics
@@ -293,7 +292,7 @@ def bench_text(args, clip) -> dict[str, Any]:
       "time_split": {k: round(statistics.median(st[f"seconds_{k}"] for st in stats)
                               / statistics.median(st["seconds_busy"] for st in stats), 3)
                      for k in ("prepare", "device", "merge")},
-      "call_shapes": [dataclasses.asdict(x) for x in scorer.text_encoder.shapes],
+      "call_shapes": scorer.stats()["call_shapes"],
       "images": n_img, **_median_cpu(cpus), "loadavg": _loadavg(),
       "jax": jax.__version__, **({"profile_top_ops": profile} if profile else {}),
   }
@@ -495,7 +494,7 @@ def bench_cold(args, clip, cache_dir: str) -> dict[str, Any]:
       "tokens_per_template": round(steady["token_rows"] / scored, 1),
       **work, "token_ratio_peer_over_executed": round(
           work["tokens_peer_per_template"] * scored / steady["token_rows"], 3),
-      "call_shapes": [dataclasses.asdict(x) for x in scorer.text_encoder.shapes],
+      "call_shapes": scorer.stats()["call_shapes"],
       "images": n_img, **{k: round(v, 2) for k, v in cpu.items()}, "loadavg": _loadavg(),
       "jax": jax.__version__,
   }
@@ -512,7 +511,7 @@ def bench_images(args, clip) -> dict[str, Any]:
   rng = np.random.default_rng(0)
   pixels = rng.normal(size=(bsz, size, size, 3)).astype(np.float32)
   batch = Batch(pixels, np.zeros((bsz,), np.int32), np.ones((bsz,), bool), [""] * bsz)
-  variables = sharding.put_replicated(features_lib._visual_variables(clip), mesh)
+  variables = sharding.put_replicated(features_lib.visual_variables(clip), mesh)
 
   def run(k):
     feats, _ = features_lib.encode_batches(clip, [batch] * k, mesh=mesh, variables=variables)

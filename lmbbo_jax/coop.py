@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lmbbo_jax.config import CoOpConfig
 from lmbbo_jax.evaluator import sharding
 from lmbbo_jax.models.clip import CLIPModel
 
@@ -45,31 +46,6 @@ LABEL = "CoOp: {n_ctx} learned context tokens + class name"
 
 class CoOpError(ValueError):
   """CoOp cannot run as configured (one line that says what to do)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class CoOpConfig:
-  """CoOp's hyper-parameters (defaults: CoOp's, see the module docstring).
-
-  Attributes:
-    n_ctx: learned context tokens.
-    epochs: training epochs; 0 picks CoOp's count for the shot number.
-    lr: peak learning rate of the cosine schedule.
-    momentum / weight_decay: of SGD.
-    warmup_epochs / warmup_lr: constant warm-up before the cosine.
-    batch_size: images per step.
-    init_std: standard deviation of the context's initialisation.
-  """
-
-  n_ctx: int = 16
-  epochs: int = 0
-  lr: float = 0.002
-  momentum: float = 0.9
-  weight_decay: float = 5e-4
-  warmup_epochs: int = 1
-  warmup_lr: float = 1e-5
-  batch_size: int = 32
-  init_std: float = 0.02
 
 
 def epochs_for_shots(shots: int) -> int:

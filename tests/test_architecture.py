@@ -7,10 +7,17 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "lmbbo_jax"
 LOWER_ROOMS = ("models", "data", "evaluator", "search", "llm")
-# Modules above every lower room: the toy world, the studies, CoOp, the wiring, the tools.
-HIGHER = ("lmbbo_jax.toyworld", "lmbbo_jax.studies", "lmbbo_jax.coop", "lmbbo_jax.experiment",
-          "lmbbo_jax.main", "lmbbo_jax.flags", "lmbbo_jax.report", "lmbbo_jax.bench",
-          "lmbbo_jax.tools")
+# Modules above every lower room: the toy world, the studies, the tools, and every module
+# at the package's top level but the two the lower rooms share (templates, io) and the
+# extension registry.
+SHARED_TOP = ("__init__", "templates", "io", "extensions")
+HIGHER = ("lmbbo_jax.toyworld", "lmbbo_jax.studies", "lmbbo_jax.tools",
+          *(f"lmbbo_jax.{p.stem}" for p in sorted(PACKAGE.glob("*.py")) if p.stem not in SHARED_TOP))
+# Attributes that are a room's internals: the top reads the rooms' public summaries
+# (`PromptScorer.stats()`, `PackedTextEncoder.stats()`, `LLMClient.summary()`,
+# `Ledger.summary()`) instead.
+ROOM_INTERNALS = ("text_encoder", "front", "programs", "intervals", "shapes", "rate_limiter",
+                  "structured_refused", "tokens")
 
 
 def imported_modules(path: pathlib.Path) -> set[str]:
@@ -82,4 +89,33 @@ def test_the_toy_world_knows_neither_the_search_nor_the_studies():
                   if any(m == h or m.startswith(h + ".") for h in above))
     if hits:
       bad[path.name] = hits
+  assert not bad, bad
+
+
+def private_reads(path: pathlib.Path) -> list[str]:
+  """`x._name` with x not self/cls, room internals, and `from lmbbo_jax... import _name`."""
+  found = []
+  for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    if isinstance(node, ast.Attribute):
+      private = node.attr.startswith("_") and not node.attr.startswith("__")
+      own = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+      if (private and not own) or node.attr in ROOM_INTERNALS:
+        found.append(f"{path.name}:{node.lineno} {ast.unparse(node)}")
+    elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lmbbo_jax"):
+      found += [f"{path.name}:{node.lineno} import {a.name}" for a in node.names
+                if a.name.startswith("_") and not a.name.startswith("__")]
+  return found
+
+
+def test_the_walker_sees_private_reads_and_internals(tmp_path):
+  probe = tmp_path / "probe.py"
+  probe.write_text("from lmbbo_jax.evaluator.features import _visual\n"
+                   "a = scorer._stats\nb = scorer.text_encoder.shapes\nc = self._ok\n"
+                   "d = scorer.stats()\n")
+  assert [f.split(" ", 1)[1] for f in private_reads(probe)] == [
+      "import _visual", "scorer._stats", "scorer.text_encoder.shapes", "scorer.text_encoder"]
+
+
+def test_the_top_level_reads_no_private_attribute_nor_a_rooms_internals():
+  bad = [f for path in sorted(PACKAGE.glob("*.py")) for f in private_reads(path)]
   assert not bad, bad

@@ -45,6 +45,11 @@ def test_there_is_a_flagfile_per_paper_dataset_plus_demo_and_smoke():
           "eurosat", "flowers", "demo", "demo_edit", "smoke"} <= names
 
 
+def _parse(argv):
+  from lmbbo_jax import flags as lmbbo_flags
+  return lmbbo_flags.parse(["prog", "--dataset=toy:mix", "--workdir=w", *argv])[0]
+
+
 @pytest.mark.parametrize("flagfile", FLAGFILES, ids=lambda f: pathlib.Path(f).stem)
 def test_every_flagfile_parses_into_a_valid_config(flagfile):
   from lmbbo_jax import flags as lmbbo_flags
@@ -52,19 +57,14 @@ def test_every_flagfile_parses_into_a_valid_config(flagfile):
   text = pathlib.Path(flagfile).read_text()
   assert text.startswith("#"), "each flagfile starts with a header comment"
   assert "Command" in text and "runtime" in text
+  fv = flags.FlagValues()
+  lmbbo_flags.define_flags(fv)
   for line in text.splitlines():
     if line.startswith("--"):
       name = line[2:].split("=", 1)[0]
-      known = name in flags.FLAGS or (name.startswith("no") and name[2:] in flags.FLAGS)
+      known = name in fv or (name.startswith("no") and name[2:] in fv)
       assert known, f"{flagfile}: unknown flag --{name}"
-  fv = flags.FLAGS
-  try:
-    fv.unparse_flags()
-    fv(["prog", f"--flagfile={flagfile}"])
-    cfg = lmbbo_flags.experiment_config()
-  finally:
-    fv.unparse_flags()
-  cfg.search.validate()
+  cfg, _ = lmbbo_flags.parse(["prog", f"--flagfile={flagfile}"])
   assert cfg.workdir and cfg.dataset
   if not pathlib.Path(flagfile).stem.startswith(("demo", "smoke")):
     assert cfg.shots == 1 and cfg.seeds == (1, 2, 3) and cfg.model == "RN50"
@@ -77,29 +77,15 @@ def test_every_flagfile_parses_into_a_valid_config(flagfile):
     assert "Paper" in text
 
 
-def _parse(argv):
-  from lmbbo_jax import flags as lmbbo_flags
-  fv = flags.FLAGS
-  try:
-    fv.unparse_flags()
-    fv(["prog", "--dataset=toy:mix", "--workdir=w", *argv])
-    return lmbbo_flags.experiment_config()
-  finally:
-    fv.unparse_flags()
-
-
 def test_flag_defaults_are_the_config_defaults_and_presets_yield_to_explicit_flags():
   import dataclasses
-  from lmbbo_jax.experiment import ExperimentConfig
+  from lmbbo_jax.config import ExperimentConfig
   from lmbbo_jax.llm import LLMConfig
   from lmbbo_jax.search import PRESETS, SearchConfig
   cfg = _parse([])
   assert cfg.search == SearchConfig()  # One source: the dataclass defaults.
   assert cfg.llm == LLMConfig()
-  bare = ExperimentConfig(dataset="toy:mix", workdir="w")
-  for field in dataclasses.fields(ExperimentConfig):
-    if field.name not in ("search", "llm"):
-      assert getattr(cfg, field.name) == getattr(bare, field.name), field.name
+  assert cfg == ExperimentConfig(dataset="toy:mix", workdir="w")
   fig1 = _parse(["--preset=paper_fig1"]).search
   assert fig1 == SearchConfig(**PRESETS["paper_fig1"])
   mixed = _parse(["--preset=paper_fig1", "--n_iter=3", "--tie_break=logprob"]).search
@@ -110,8 +96,53 @@ def test_flag_defaults_are_the_config_defaults_and_presets_yield_to_explicit_fla
   assert _parse(["--preset=iclr"]).search.k_pos == 15
 
 
+def test_every_config_field_is_one_flag_with_its_docstring_help():
+  """One definition per option: the field, its default and its help line."""
+  import dataclasses
+  from lmbbo_jax import flags as lmbbo_flags
+  from lmbbo_jax.config import CoOpConfig, ExperimentConfig, RuntimeConfig
+  from lmbbo_jax.llm import LLMConfig
+  from lmbbo_jax.search import SearchConfig
+  fv = flags.FlagValues()
+  lmbbo_flags.define_flags(fv)
+  for cls, prefix, skip in ((ExperimentConfig, "", {"search", "llm", "coop"}),
+                            (SearchConfig, "", {"seed"}), (LLMConfig, "llm_", {"local"}),
+                            (CoOpConfig, "coop_", set()), (RuntimeConfig, "", set())):
+    helps = lmbbo_flags.field_help(cls)
+    for field in dataclasses.fields(cls):
+      if field.name in skip:
+        continue
+      assert prefix + field.name in fv, f"{cls.__name__}.{field.name} has no flag"
+      assert helps.get(field.name), f"{cls.__name__}.{field.name} has no help line"
+      assert fv[prefix + field.name].help.startswith(helps[field.name][:20])
+  # The old names keep working.
+  cfg = _parse(["--methods=ape,coop", "--llm=local", "--llm_prices=m=1:2",
+                "--llm_extra_params={\"min_p\": 0.1}"])
+  assert cfg.compare == ("ape", "coop") and cfg.llm.local
+  assert cfg.llm.prices == {"m": (1.0, 2.0)} and cfg.llm.extra_params == {"min_p": 0.1}
+
+
+def test_help_and_flag_errors_import_no_jax():
+  code = ("import sys\n"
+          "from lmbbo_jax import main\n"
+          "sys.argv = ['m', '--helpfull']\n"
+          "try:\n"
+          "  main.run()\n"
+          "except SystemExit as e:\n"
+          "  print('help exit', e.code)\n"
+          "print('error exit', main.run_command(['m', '--dataset=toy:mix', '--workdir=w', "
+          "'--shots=0']))\n"
+          "print('jax loaded:', 'jax' in sys.modules, 'flax' in sys.modules)\n")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                        timeout=60)
+  assert "--n_restart" in proc.stdout and "help exit" in proc.stdout, proc.stdout[-2000:]
+  assert "error exit 1" in proc.stdout and "error: --shots:" in proc.stderr
+  assert "jax loaded: False False" in proc.stdout, proc.stdout[-2000:]
+
+
 def test_hand_engineered_rows_are_picked_by_train_and_by_test_apart(monkeypatch):
-  from lmbbo_jax import experiment
+  from lmbbo_jax.baselines import score_baselines
+  from lmbbo_jax.config import ExperimentConfig
   from lmbbo_jax.evaluator.types import Score
   import lmbbo_jax.data as data_lib
 
@@ -126,28 +157,47 @@ def test_hand_engineered_rows_are_picked_by_train_and_by_test_apart(monkeypatch)
       return [Score(template="ens", accuracy={"train": 0.6, "test": 0.6})]
 
   monkeypatch.setattr(data_lib, "hand_templates", lambda dataset: list(accs))
-  cfg = experiment.ExperimentConfig(dataset="x", workdir="w",
-                                    baselines=("hand_best", "hand_oracle"))
-  out = experiment._baselines(cfg, Scorer(), None)
+  cfg = ExperimentConfig(dataset="x", workdir="w",
+                         baselines=("hand_best", "hand_oracle", "hand_ensemble"))
+  out = {k: v.to_json() for k, v in score_baselines(cfg, Scorer()).items()}
   assert out["hand_best"]["template"] == "a {}" and "oracle" not in out["hand_best"]
   assert out["hand_oracle"]["template"] == "b {}" and out["hand_oracle"]["oracle"] == "test"
+  assert out["hand_ensemble"]["template"] == "ensemble of 3 templates"
+  assert out["hand_ensemble"]["test_acc"] == 0.6
   from lmbbo_jax import report
   md = report.summary_markdown({"seeds": [1], "per_seed": {"1": {"baselines": out}}})
   assert "picked by test accuracy (oracle" in md and "picked by the selection split" in md
 
 
+@pytest.fixture(scope="session")
+def jax_cache(tmp_path_factory):
+  return tmp_path_factory.mktemp("jax_cache")
+
+
+def _command(args, jax_cache, capsys=None):
+  """The main job in this process: (exit code, stdout, stderr)."""
+  from lmbbo_jax.main import run_command
+  if capsys is not None:
+    capsys.readouterr()
+  quiet = [] if any(a.startswith("--tracking") for a in args) else ["--tracking=none"]
+  code = run_command(["prog", *args, "--noprogress", f"--jax_cache_dir={jax_cache}", *quiet])
+  out, err = capsys.readouterr() if capsys is not None else ("", "")
+  return code, out, err
+
+
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
+def smoke_run(tmp_path_factory, jax_cache):
   tmp = tmp_path_factory.mktemp("smoke")
   workdir = tmp / "run"
-  proc = _main(["--flagfile=experiments/smoke.flags", f"--workdir={workdir}", "--noprogress"],
-               tmp)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return tmp, workdir, proc
+  code, _, _ = _command(["--flagfile=experiments/smoke.flags", f"--workdir={workdir}"],
+                        jax_cache)
+  assert code == 0
+  return tmp, workdir
 
 
 def test_smoke_run_writes_every_output_with_the_schema(smoke_run):
-  _, workdir, proc = smoke_run
+  from lmbbo_jax import ExperimentResult
+  _, workdir = smoke_run
   results = json.loads((workdir / "results.json").read_text())
   for key in ("config", "versions", "model", "dataset", "seeds", "best", "initial_best",
               "baselines", "n_templates_evaluated", "llm", "throughput"):
@@ -160,43 +210,51 @@ def test_smoke_run_writes_every_output_with_the_schema(smoke_run):
   for field in ("calls", "failed_calls", "prompt_tokens", "completion_tokens", "cost_usd"):
     assert field in results["llm"]
   for field in ("templates_per_s", "images_per_s", "llm_latency_p50_s", "llm_latency_p95_s",
-                "mean_concurrency", "device_busy_fraction"):
+                "mean_concurrency", "device_busy_fraction", "compiles", "call_shapes"):
     assert field in results["throughput"]
   assert results["throughput"]["templates_per_s"] > 0
+  assert 1 <= results["throughput"]["compiles"] <= 8
   assert results["model"]["weights_hash"] and results["versions"]["jax"]
   # The best is chosen by train accuracy: nothing evaluated beats it there.
   rows = [json.loads(l) for l in (workdir / "prompts.jsonl").read_text().splitlines()]
   ok = [r for r in rows if not r.get("rejected")]
   assert len(ok) == results["n_templates_evaluated"] > 0
   assert max(r["accuracy"]["train"] for r in ok) == results["best"]["train_acc"]
+  assert all("chain" in r and "restart" not in r for r in rows)
   assert (workdir / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   summary = (workdir / "summary.md").read_text()
   assert "| method |" in summary and "a photo of a {}." not in summary.split("|")[0]
   csv_lines = (workdir / "prompts.csv").read_text().splitlines()
   assert len(csv_lines) == len(rows) + 1
+  # The typed view reads the same file.
+  typed = ExperimentResult.load(workdir)
+  assert typed.best.template == results["best"]["template"]
+  assert typed.per_seed[1].baselines["photo"].test_acc == results["baselines"]["photo"]["test_acc"]
+  assert typed.templates_evaluated == results["n_templates_evaluated"]
 
 
-def test_a_finished_run_is_not_overwritten_and_resume_replays_it(smoke_run):
-  tmp, workdir, _ = smoke_run
+def test_a_finished_run_is_not_overwritten_and_resume_replays_it(smoke_run, jax_cache, capsys):
+  tmp, workdir = smoke_run
   before = (workdir / "results.json").read_text()
-  proc = _main(["--flagfile=experiments/smoke.flags", f"--workdir={workdir}", "--noprogress"],
-               tmp)
-  assert proc.returncode == 1
-  assert len(_error_lines(proc.stderr)) == 1 and "--resume" in proc.stderr
+  args = ["--flagfile=experiments/smoke.flags", f"--workdir={workdir}"]
+  code, _, err = _command(args, jax_cache, capsys)
+  assert code == 1
+  assert len(_error_lines(err)) == 1 and "--resume" in err
   assert (workdir / "results.json").read_text() == before
-  proc = _main(["--flagfile=experiments/smoke.flags", f"--workdir={workdir}", "--noprogress",
-                "--resume"], tmp)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  code, _, err = _command(args + ["--resume"], jax_cache, capsys)
+  assert code == 0, err[-3000:]
   again = json.loads((workdir / "results.json").read_text())
   first = json.loads(before)
   assert again["best"] == first["best"]
   assert again["n_templates_evaluated"] == first["n_templates_evaluated"]
 
 
+@pytest.mark.slow
 def test_kill_minus_nine_then_resume_matches_an_uninterrupted_run(smoke_run):
-  tmp, _, _ = smoke_run
+  tmp, _ = smoke_run
   args = ["--flagfile=experiments/smoke.flags", "--noprogress", "--seeds=1,2",
-          "--n_iter=4", "--n_reset=2", f"--feature_cache_dir={tmp / 'features'}"]
+          "--n_iter=4", "--n_reset=2", f"--feature_cache_dir={tmp / 'features'}",
+          "--tracking=none"]
   full = tmp / "full"
   proc = _main(args + [f"--workdir={full}"], tmp)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -233,13 +291,13 @@ def test_kill_minus_nine_then_resume_matches_an_uninterrupted_run(smoke_run):
   assert a["best"]["template"] == b["best"]["template"]
 
 
-def test_unknown_dataset_is_one_line(tmp_path):
-  proc = _main(["--dataset=nonsense_set", f"--workdir={tmp_path / 'w'}", "--model=toyclip"],
-               tmp_path)
-  assert proc.returncode == 1
-  lines = _error_lines(proc.stderr)
+def test_unknown_dataset_is_one_line(tmp_path, jax_cache, capsys):
+  code, _, err = _command(["--dataset=nonsense_set", f"--workdir={tmp_path / 'w'}",
+                           "--model=toyclip"], jax_cache, capsys)
+  assert code == 1
+  lines = _error_lines(err)
   assert len(lines) == 1 and "nonsense_set" in lines[0]
-  assert "Traceback" not in proc.stderr
+  assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -247,62 +305,69 @@ def test_unknown_dataset_is_one_line(tmp_path):
     (["--seeds=1,x"], "--seeds"),
     (["--flagfile=experiments/does_not_exist.flags"], "does_not_exist"),
     (["--baselines=photo,oracle"], "--baselines"),
+    (["--methods=ape,nonsense"], "--compare"),
+    (["--n_restart=0"], "--n_restart"),
+    (["--llm_extra_params=[1]"], "--llm_extra_params"),
+    (["--tracking=tensorboard,nope"], "--tracking"),
 ])
-def test_bad_flags_are_one_line(tmp_path, args, needle):
-  proc = _main(["--dataset=toy:mix", f"--workdir={tmp_path / 'w'}", *args], tmp_path,
-               timeout=120)
-  assert proc.returncode == 1
-  lines = _error_lines(proc.stderr)
-  assert len(lines) == 1 and needle in lines[0], proc.stderr[-2000:]
-  assert "Traceback" not in proc.stderr
+def test_bad_flags_are_one_line(tmp_path, jax_cache, capsys, args, needle):
+  code, _, err = _command(["--dataset=toy:mix", f"--workdir={tmp_path / 'w'}", *args],
+                          jax_cache, capsys)
+  assert code == 1
+  lines = _error_lines(err)
+  assert len(lines) == 1 and needle in lines[0], err[-2000:]
+  assert "Traceback" not in err
+  assert not (tmp_path / "w").exists()
 
 
 def test_paper_flagfile_offline_fails_fast_naming_weights_and_data(tmp_path):
-  started = time.time()
   proc = _main(["--flagfile=experiments/caltech.flags", f"--workdir={tmp_path / 'w'}",
                 f"--data_dir={tmp_path / 'tfds'}", f"--model_cache_dir={tmp_path / 'mc'}"],
                tmp_path, timeout=120, HF_HOME=str(tmp_path / "hf"))
-  elapsed = time.time() - started
   assert proc.returncode == 1
   lines = _error_lines(proc.stderr)
   assert len(lines) == 1, proc.stderr[-2000:]
   assert "data:" in lines[0] and "weights:" in lines[0]
   assert "resnet50_clip" in lines[0] and "caltech" in lines[0]
-  assert elapsed < 60
   assert not (tmp_path / "w" / "results.json").exists()
 
 
-def test_missing_init_pool_file_is_one_line_before_any_work(tmp_path):
-  proc = _main(["--flagfile=experiments/smoke.flags", f"--workdir={tmp_path / 'w'}",
-                f"--init_pool={tmp_path / 'no_such_captions.txt'}"], tmp_path, timeout=120)
-  assert proc.returncode == 1
-  lines = _error_lines(proc.stderr)
-  assert len(lines) == 1 and "no_such_captions.txt" in lines[0], proc.stderr[-2000:]
-  assert "Traceback" not in proc.stderr
+def test_missing_init_pool_file_is_one_line_before_any_work(tmp_path, jax_cache, capsys):
+  code, _, err = _command(["--flagfile=experiments/smoke.flags", f"--workdir={tmp_path / 'w'}",
+                           f"--init_pool={tmp_path / 'no_such_captions.txt'}"], jax_cache,
+                          capsys)
+  assert code == 1
+  lines = _error_lines(err)
+  assert len(lines) == 1 and "no_such_captions.txt" in lines[0], err[-2000:]
+  assert "Traceback" not in err
   assert not (tmp_path / "w" / "feature_cache").exists()
 
 
-def test_resume_with_a_changed_search_config_is_one_line(smoke_run):
-  tmp, workdir, _ = smoke_run
-  proc = _main(["--flagfile=experiments/smoke.flags", f"--workdir={workdir}", "--noprogress",
-                "--resume", "--n_iter=5"], tmp)
-  assert proc.returncode == 1
-  lines = _error_lines(proc.stderr)
-  assert len(lines) == 1 and "n_iter" in lines[0], proc.stderr[-2000:]
-  assert "Traceback" not in proc.stderr
+def test_resume_with_a_changed_search_config_is_one_line(smoke_run, jax_cache, capsys):
+  _, workdir = smoke_run
+  code, _, err = _command(["--flagfile=experiments/smoke.flags", f"--workdir={workdir}",
+                           "--resume", "--n_iter=5"], jax_cache, capsys)
+  assert code == 1
+  lines = _error_lines(err)
+  assert len(lines) == 1 and "n_iter" in lines[0], err[-2000:]
+  assert "Traceback" not in err
 
 
-def test_the_comparison_runs_every_method_on_the_same_tasks_and_writes_the_table(tmp_path):
+def test_the_comparison_runs_every_method_on_the_same_tasks_and_writes_the_table(
+    tmp_path, jax_cache, capsys, monkeypatch):
   import fake_llm_server as fake
+  from lmbbo_jax import report
   workdir = tmp_path / "cmp"
   methods = ["llm_no_feedback", "ape", "iterative_ape", "ours_pn", "coop"]
+  monkeypatch.setenv("LMBBO_TEST_KEY", "k")
   with fake.FakeLLMServer(n_templates=2) as server:
-    proc = _main(["--flagfile=experiments/smoke.flags", f"--workdir={workdir}",
-                  "--noprogress", "--seeds=1,2", "--n_restart=1", "--n_reset=2",
-                  "--n_iter=1", "--coop_epochs=3", f"--llm_base_url={server.base_url}",
-                  "--llm_model=gpt-4o-mini", "--llm_api_key_env=LMBBO_TEST_KEY",
-                  f"--methods={','.join(methods)}"], tmp_path, LMBBO_TEST_KEY="k")
-  assert proc.returncode == 0, proc.stderr[-3000:]
+    code, out, err = _command(
+        ["--flagfile=experiments/smoke.flags", f"--workdir={workdir}", "--seeds=1,2",
+         "--n_restart=1", "--n_reset=2", "--n_iter=1", "--coop_epochs=3",
+         f"--llm_base_url={server.base_url}", "--llm_model=gpt-4o-mini",
+         "--llm_api_key_env=LMBBO_TEST_KEY", f"--methods={','.join(methods)}"],
+        jax_cache, capsys)
+  assert code == 0, err[-3000:]
   for name in methods:
     results = json.loads((workdir / name / "results.json").read_text())
     assert sorted(results["per_seed"]) == ["1", "2"]
@@ -327,20 +392,19 @@ def test_the_comparison_runs_every_method_on_the_same_tasks_and_writes_the_table
   tests = json.loads((workdir / "ape" / "results.json").read_text())["per_seed"]
   assert f"{tests['1']['best']['test_acc']:.4f} {tests['2']['best']['test_acc']:.4f}" in ape
   assert (workdir / "efficiency.png").stat().st_size > 0
-  assert "comparison.md" in proc.stdout
+  assert "comparison.md" in out
   # The report redraws it from the folders.
-  out = subprocess.run([sys.executable, "-m", "lmbbo_jax.report", "--table", str(workdir),
-                        "--out", str(tmp_path / "again")], cwd=REPO, env=_env(tmp_path),
-                       capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-2000:]
+  assert report.main(["--table", str(workdir), "--out", str(tmp_path / "again")]) == 0
   assert (tmp_path / "again" / "comparison.md").read_text() == table
 
 
-def test_transfer_scores_the_chosen_templates_on_other_backbones_without_reselecting(tmp_path):
+def test_transfer_scores_the_chosen_templates_on_other_backbones_without_reselecting(
+    tmp_path, jax_cache, capsys):
   workdir = tmp_path / "t"
-  proc = _main(["--flagfile=experiments/smoke.flags", f"--workdir={workdir}", "--noprogress",
-                "--model=random:tiny-vit", "--transfer_to=random:tiny-rn,toyclip"], tmp_path)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  code, _, err = _command(["--flagfile=experiments/smoke.flags", f"--workdir={workdir}",
+                           "--model=random:tiny-vit", "--transfer_to=random:tiny-rn,toyclip"],
+                          jax_cache, capsys)
+  assert code == 0, err[-3000:]
   results = json.loads((workdir / "results.json").read_text())
   assert list(results["transfer"]) == ["random:tiny-rn", "toyclip"]
   for source, t in results["transfer"].items():
@@ -357,18 +421,21 @@ def test_transfer_scores_the_chosen_templates_on_other_backbones_without_reselec
   assert "Transfer" in (workdir / "summary.md").read_text()
 
 
-def test_replay_of_a_three_seed_run_gives_each_seed_its_own_templates(tmp_path):
+def test_replay_of_a_three_seed_run_gives_each_seed_its_own_templates(
+    tmp_path, jax_cache, capsys, monkeypatch):
   import fake_llm_server as fake
-  args = ["--flagfile=experiments/smoke.flags", "--noprogress", "--seeds=1,2,3",
+  args = ["--flagfile=experiments/smoke.flags", "--seeds=1,2,3",
           "--n_restart=1", "--n_iter=2", "--proposer=llm", "--llm_model=gpt-4o-mini",
           "--llm_api_key_env=LMBBO_TEST_KEY"]
+  monkeypatch.setenv("LMBBO_TEST_KEY", "k")
   with fake.FakeLLMServer(n_templates=2) as server:
-    proc = _main(args + [f"--workdir={tmp_path / 'rec'}", f"--llm_base_url={server.base_url}"],
-                 tmp_path, LMBBO_TEST_KEY="k")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  proc = _main(args + [f"--workdir={tmp_path / 'rep'}", "--proposer=replay",
-                       f"--replay_transcript={tmp_path / 'rec' / 'transcript.jsonl'}"], tmp_path)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+    code, _, err = _command(args + [f"--workdir={tmp_path / 'rec'}",
+                                    f"--llm_base_url={server.base_url}"], jax_cache, capsys)
+  assert code == 0, err[-3000:]
+  code, _, err = _command(args + [f"--workdir={tmp_path / 'rep'}", "--proposer=replay",
+                                  f"--replay_transcript={tmp_path / 'rec' / 'transcript.jsonl'}"],
+                          jax_cache, capsys)
+  assert code == 0, err[-3000:]
 
   def proposed(run):
     rows = [json.loads(l) for l in (tmp_path / run / "prompts.jsonl").read_text().splitlines()]
@@ -379,12 +446,13 @@ def test_replay_of_a_three_seed_run_gives_each_seed_its_own_templates(tmp_path):
   assert len({tuple(v) for v in recorded.values()}) == 3  # The seeds proposed different ones.
 
 
-def test_dry_run_of_the_comparison_estimates_each_method_and_writes_nothing(tmp_path):
+def test_dry_run_of_the_comparison_estimates_each_method_and_writes_nothing(
+    tmp_path, jax_cache, capsys):
   workdir = tmp_path / "dry"
-  proc = _main(["--flagfile=experiments/paper_methods.flags", f"--workdir={workdir}",
-                "--dry_run"], tmp_path)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  estimate = json.loads(proc.stdout[proc.stdout.index("{"):])
+  code, out, err = _command(["--flagfile=experiments/paper_methods.flags",
+                             f"--workdir={workdir}", "--dry_run"], jax_cache, capsys)
+  assert code == 0, err[-3000:]
+  estimate = json.loads(out[out.index("{"):])
   assert list(estimate) == ["llm_no_feedback", "ape", "iterative_ape", "ours_p", "ours_n",
                             "ours_pn", "coop"]
   for name, est in estimate.items():  # 3 seeds x 4 chains x 2 conversations x 8 turns.

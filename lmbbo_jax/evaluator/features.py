@@ -165,7 +165,7 @@ def _image_step(model: CLIPModel, mesh: jax.sharding.Mesh):
   return jax.jit(step, out_shardings=sharding.sharded_along(mesh, 2))
 
 
-def _visual_variables(clip: Any) -> dict:
+def visual_variables(clip: Any) -> dict:
   variables = {"params": {"visual": clip.variables["params"]["visual"],
                           "logit_scale": clip.variables["params"]["logit_scale"]}}
   if "batch_stats" in clip.variables:
@@ -191,7 +191,7 @@ def encode_batches(clip: Any, batches: Iterable[Any], *, mesh: jax.sharding.Mesh
   """
   step = _image_step(clip.model, mesh)
   if variables is None:
-    variables = sharding.put_replicated(_visual_variables(clip), mesh)
+    variables = sharding.put_replicated(visual_variables(clip), mesh)
   several = jax.process_count() > 1
   if several:
     lo, hi = sharding.process_rows(mesh, global_batch)

@@ -443,7 +443,7 @@ class PromptScorer:
 
   async def score_async(self, templates: Sequence[str]) -> list[Score]:
     """`score` for asyncio callers, coalesced with concurrent calls (see front.py)."""
-    # front.py builds on this module, so it is imported where first needed.
+    # Imported where first needed: synchronous callers never load asyncio's front.
     from lmbbo_jax.evaluator.front import ScoringFront
     if self._front is None:
       self._front = ScoringFront(self)
@@ -469,7 +469,8 @@ class PromptScorer:
     seconds_compile (of seconds_busy: compiling, or waiting for the background
     compile), compiles and compile_s_total (programs of the text encoder, which
     scorers may share, and their compile time in any thread, background
-    included), token_rows (executed, with padding),
+    included), call_shapes (the encoder's fixed call shapes), busy_intervals
+    ((start, end) wall times of the async front's scoring calls), token_rows (executed, with padding),
     token_rows_real (without padding), gflops_text (executed, by
     `TextConfig.flops`), gflops_images (image-text matmuls), and the
     token cache's assembled/whole sentence counts.
@@ -485,6 +486,8 @@ class PromptScorer:
     for key in ("templates", "rejected", "ensembles", "score_calls", "calls", "compiles",
                 "seconds_busy", "seconds_compile", "token_rows", "token_rows_real"):
       s.setdefault(key, 0)
+    s["call_shapes"] = [dataclasses.asdict(shape) for shape in self.text_encoder.shapes]
+    s["busy_intervals"] = list(self._front.intervals) if self._front is not None else []
     return s
 
   def clear_caches(self) -> None:
@@ -502,6 +505,12 @@ class PromptScorer:
   def close(self) -> None:
     """Stops compiling ahead of time (idempotent); the scorer still scores, compiling on use."""
     self.text_encoder.programs.stop()
+
+  async def aclose(self) -> None:
+    """Closes the async front of `score_async`, if it was used (pending calls finish)."""
+    if self._front is not None:
+      front, self._front = self._front, None  # A later score_async starts a new one.
+      await front.aclose()
 
   def reset_stats(self) -> None:
     self._stats.clear()

@@ -286,6 +286,12 @@ class PackedTextEncoder:
         {"params": {"text": params["text"], "logit_scale": params["logit_scale"]}}, self.mesh)
     self._encode = jax.jit(self._encode_step)
 
+  def stats(self) -> dict[str, Any]:
+    """Programs compiled (in any thread, background included), their compile seconds,
+    and the fixed call shapes as (rows, prefix slots, segment slots) tuples."""
+    return {"compiles": self.programs.compiled, "compile_s": self.programs.compile_s,
+            "call_shapes": [dataclasses.astuple(shape) for shape in self.shapes]}
+
   # -- the program -------------------------------------------------------------------
   def _encode_step(self, variables, prefix_ids, prefix_len, row_ids, row_prefix,
                    row_segment, row_pos, eot_flat):

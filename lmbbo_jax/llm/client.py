@@ -383,6 +383,13 @@ class LLMClient:
       self._http = None
       self._sem = None
 
+  def summary(self) -> dict[str, Any]:
+    """What the run reports of the client: structured-output mode (and a refusal of it),
+    requests in flight at most, and the rate limiter's summary."""
+    return {"structured": self.structured, "structured_refused": self.structured_refused,
+            "max_concurrency": self.max_concurrency,
+            "rate_limit": self.rate_limiter.summary() if self.rate_limiter else None}
+
   async def __aenter__(self) -> "LLMClient":
     return self
 

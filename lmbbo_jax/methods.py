@@ -1,0 +1,246 @@
+"""The methods a run can use, behind one interface: each returns a typed `MethodRun`.
+
+`run_method(cfg, setup)` picks the runner for `cfg.method`: the black-box search
+(`search_method`: every seed's search at once under asyncio, with the LLM client when the
+proposer needs one) or CoOp (`coop_method`: white-box context learning on the same cached
+features). Outputs read only the `SeedOutcome`s and the public summaries they carry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import pathlib
+import time
+from typing import Any, Sequence
+
+from absl import logging
+
+from lmbbo_jax import io as io_lib
+from lmbbo_jax.config import ExperimentConfig, ExperimentError
+from lmbbo_jax.evaluator import multihost
+from lmbbo_jax.evaluator.types import Score
+from lmbbo_jax.llm import LLMFatalError, build_client
+from lmbbo_jax.search import make_proposer_factory, run_search
+from lmbbo_jax.search.proposers import LLM_PROPOSERS
+from lmbbo_jax.search.runlog import RunLog, install_signal_handlers
+from lmbbo_jax.search.state import EvalRecord
+
+
+@dataclasses.dataclass
+class SeedSetup:
+  """One seed's inputs, built once by the experiment and shared by the methods."""
+  seed: int
+  task: Any
+  scorer: Any
+  corpus: list[str]
+  features: tuple  # (features by split, labels by split): the scorer's inputs
+  baselines: dict[str, Any]  # name -> results.Entry, scored before the method runs
+  images_encoded: int
+  encode_s: float
+
+
+@dataclasses.dataclass
+class SeedOutcome:
+  """What a method gives for one seed.
+
+  Attributes:
+    best / initial_best: the chosen template's score and the initial pool's best (None
+      for CoOp, which has no pool).
+    best_chain: the chain that found the best (search only).
+    records: every evaluation, in the search's deterministic order (search only).
+    stop_reason / chain_stop_reasons: why the search, and each chain, stopped.
+    counts: calls, rejections, ... (search: `SearchResult.counts`; CoOp: {"coop": ...}).
+  """
+  best: Score | None
+  initial_best: Score | None = None
+  best_chain: int | None = None
+  records: list[EvalRecord] = dataclasses.field(default_factory=list)
+  stop_reason: str = "completed"
+  chain_stop_reasons: dict[int, str] = dataclasses.field(default_factory=dict)
+  counts: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class MethodRun:
+  """A method's outcome over every seed, with the public summaries of what it used."""
+  outcomes: dict[int, SeedOutcome]
+  llm: dict[str, Any]            # the ledger's summary (empty without an LLM)
+  client: dict[str, Any]         # the client's (and local server's) summary
+  wall_s: float
+
+
+def run_method(cfg: ExperimentConfig, workdir: pathlib.Path, seeds: Sequence[SeedSetup],
+               local=None, tracker=None) -> MethodRun:
+  """Runs `cfg.method` on every seed (all processes call it; see `multihost`)."""
+  started = time.perf_counter()
+  if cfg.method == "coop":
+    outcomes = coop_method(cfg, workdir, seeds)
+    return MethodRun(outcomes, {}, {}, time.perf_counter() - started)
+  return search_method(cfg, workdir, seeds, local, tracker)
+
+
+# --------------------------------------------------------------------------------------
+# The black-box search.
+
+def search_method(cfg, workdir, seeds, local=None, tracker=None) -> MethodRun:
+  """Process 0 searches; with several processes each scoring call is announced first and
+  the others serve it until told the search ended (with its error, if it failed)."""
+  started = time.perf_counter()
+  if not multihost.is_leader():
+    try:
+      multihost.serve({i: s.scorer for i, s in enumerate(seeds)})
+    except multihost.LeaderStopped as e:
+      raise ExperimentError(str(e)) from None
+    return MethodRun({}, {}, {}, time.perf_counter() - started)
+  several = multihost.process_count() > 1
+  if several:
+    for i, s in enumerate(seeds):
+      s.scorer.lockstep = multihost.Lockstep(i).call
+  try:
+    outcomes, llm, client = asyncio.run(_search_all(cfg, workdir, seeds, local, tracker))
+  except BaseException as e:
+    if several:
+      multihost.stop(error=f"{type(e).__name__}: {e}".splitlines()[0])
+    raise
+  finally:
+    for s in seeds:
+      s.scorer.lockstep = None
+  if several:
+    multihost.stop()
+  return MethodRun(outcomes, llm, client, time.perf_counter() - started)
+
+
+def llm_client(cfg: ExperimentConfig, workdir: pathlib.Path, local=None):
+  """The run's LLM client: the remote endpoint, or the embedded server."""
+  llm = dataclasses.replace(cfg.llm, cache_dir=cfg.llm.cache_dir or str(workdir / "llm_cache"))
+  if local is None:
+    return build_client(llm, workdir)
+  # The local model: free, one request at a time (more would only queue inside the
+  # server), and cached by the model's hash rather than by the port of this run.
+  llm = dataclasses.replace(llm, base_url=local.base_url, model=local.model_alias,
+                            prices={**(llm.prices or {}), local.model_alias: (0.0, 0.0)})
+  if cfg.llm.max_concurrency != local.capacity:
+    logging.info("--llm=local: %d request(s) in flight (the server's capacity), not %d",
+                 local.capacity, cfg.llm.max_concurrency)
+  # The chat format changes what the model reads, so it is part of the identity.
+  identity = f"local-gguf:{local.gguf.sha256}:chat-format:{local.chat_format or 'gguf'}"
+  return build_client(llm, workdir, cache_identity=identity,
+                      max_concurrency=local.capacity, server_alive=local.exit_reason)
+
+
+def _outcome(result) -> SeedOutcome:
+  best = result.best_record
+  init = result.initial_best_record
+  return SeedOutcome(best=best.score if best else None,
+                     initial_best=init.score if init else None,
+                     best_chain=best.chain if best else None, records=list(result.records),
+                     stop_reason=result.stop_reason,
+                     chain_stop_reasons=dict(result.chain_stop_reasons), counts=result.counts)
+
+
+async def _search_all(cfg: ExperimentConfig, workdir: pathlib.Path, seeds: Sequence[SeedSetup],
+                      local=None, tracker=None):
+  """All seeds' searches concurrently (LLM latency overlaps; each seed has its own scorer)."""
+  kind = cfg.proposer_kind
+  client = llm_client(cfg, workdir, local) if kind in LLM_PROPOSERS else None
+  ledger = client.ledger if client is not None else None
+  stop = asyncio.Event()
+  uninstall = install_signal_handlers(stop.set)
+  from tqdm.auto import tqdm
+  s = cfg.search
+  total = len(seeds) * s.n_restart * (s.init_pool_size + s.n_reset * s.n_iter * s.m_new)
+  bar = tqdm(total=total, desc="search", unit="tpl", disable=not cfg.progress)
+  best = {"acc": -1.0}
+
+  def progress(info: dict) -> None:
+    if info.get("event") != "eval":
+      return
+    bar.update(1)
+    acc = info.get("value")
+    if acc is not None and acc > best["acc"]:
+      best["acc"] = acc
+      bar.set_postfix_str(f"best {s.select_by} {100 * acc:.1f}%")
+
+  outcomes: dict[int, SeedOutcome] = {}
+
+  async def one(setup: SeedSetup):
+    search_cfg = dataclasses.replace(s, seed=cfg.search_seed * 1000 + setup.seed)
+    factory = make_proposer_factory(kind, search_cfg, client=client,
+                                    transcript=cfg.replay_transcript, replay_seed=setup.seed)
+    extra = {"tracker": tracker.scope(f"seed_{setup.seed}")} if tracker is not None else {}
+    with RunLog(workdir / f"seed_{setup.seed}", resume=cfg.resume) as log:
+      result = await run_search(search_cfg, setup.scorer, factory, log, corpus=setup.corpus,
+                                progress=progress, stop_event=stop, ledger=ledger,
+                                label=f"seed {setup.seed}", **extra)
+    outcomes[setup.seed] = _outcome(result)
+
+  tasks = [asyncio.create_task(one(x)) for x in seeds]
+  info: dict[str, Any] = {}
+  try:
+    await asyncio.gather(*tasks)
+  except LLMFatalError as e:
+    raise ExperimentError(f"the LLM endpoint refused for good: {e} (everything evaluated so "
+                          "far is in the workdir; fix the cause and rerun with --resume)") from e
+  finally:
+    # One seed's fatal error stops the others before the client is closed.
+    for t in tasks:
+      t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    bar.close()
+    uninstall()
+    for x in seeds:
+      await x.scorer.aclose()
+    if client is not None:
+      await client.aclose()
+      info = client.summary()
+      if cfg.search.reply_format != "json":
+        info["structured"] = None
+      if local is not None:
+        info["local"] = local.describe()
+  return ({x.seed: outcomes[x.seed] for x in seeds},
+          ledger.summary() if ledger is not None else {}, info)
+
+
+# --------------------------------------------------------------------------------------
+# CoOp, the white-box comparison.
+
+def coop_method(cfg: ExperimentConfig, workdir: pathlib.Path,
+                seeds: Sequence[SeedSetup]) -> dict[int, SeedOutcome]:
+  """CoOp per seed on the seed's cached features; every process trains the same context."""
+  import numpy as np
+  from tqdm.auto import tqdm
+
+  from lmbbo_jax import coop
+  outcomes = {}
+  for setup in seeds:
+    bar = tqdm(total=cfg.coop.epochs or coop.epochs_for_shots(cfg.shots),
+               desc=f"CoOp seed {setup.seed}", unit="epoch", disable=not cfg.progress)
+
+    def progress(epoch, epochs, loss, bar=bar):
+      bar.update(1)
+      bar.set_postfix_str(f"loss {loss:.3f}")
+
+    try:
+      out = coop.train(setup.scorer.clip, setup.task.class_names, setup.features[0],
+                       setup.features[1], shots=cfg.shots,
+                       seed=cfg.search_seed * 1000 + setup.seed, config=cfg.coop,
+                       progress=progress)
+    except coop.CoOpError as e:
+      raise ExperimentError(f"CoOp: {e}") from None
+    finally:
+      bar.close()
+    context = f"seed_{setup.seed}/coop_ctx.npy"
+    if multihost.is_leader():
+      (workdir / f"seed_{setup.seed}").mkdir(parents=True, exist_ok=True)
+      with io_lib.atomic_writer(workdir / context, "wb") as f:
+        np.save(f, out.ctx)
+    outcomes[setup.seed] = SeedOutcome(
+        best=Score(template=out.label, accuracy=out.accuracy, logprob={}), best_chain=0,
+        counts={"coop": {"epochs": out.epochs, "steps": out.steps,
+                         "loss_curve": [round(x, 5) for x in out.loss_curve],
+                         "config": dataclasses.asdict(cfg.coop), "context": context}})
+    logging.info("CoOp seed %d: loss %.3f -> %.3f in %d epochs; accuracy %s", setup.seed,
+                 out.loss_curve[0], out.loss_curve[-1], out.epochs,
+                 {k: round(v, 4) for k, v in out.accuracy.items()})
+  return outcomes
