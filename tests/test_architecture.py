@@ -10,7 +10,7 @@ LOWER_ROOMS = ("models", "data", "evaluator", "search", "llm")
 # Modules above every lower room: the toy world, the studies, CoOp, the wiring, the tools.
 HIGHER = ("lmbbo_jax.toyworld", "lmbbo_jax.studies", "lmbbo_jax.coop", "lmbbo_jax.experiment",
           "lmbbo_jax.main", "lmbbo_jax.flags", "lmbbo_jax.report", "lmbbo_jax.bench",
-          "lmbbo_jax.tools")
+          "lmbbo_jax.tracking", "lmbbo_jax.tools")
 
 
 def imported_modules(path: pathlib.Path) -> set[str]:
