@@ -32,7 +32,7 @@ METHOD_LABELS = {
 
 def write_prompts_csv(records: Iterable[dict], path: str | pathlib.Path) -> None:
   """One row per evaluated template; text is quoted by the csv module, never formatted."""
-  fields = ["seed", "eval_index", "chain", "restart", "reset", "iteration", "proposer",
+  fields = ["seed", "eval_index", "chain", "reset", "iteration", "proposer",
             "call_id", "template", "train_acc", "val_acc", "test_acc", "train_logprob"]
   with open(path, "w", newline="", encoding="utf-8") as f:
     writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")

@@ -123,3 +123,59 @@ def test_a_run_stored_before_new_settings_existed_still_resumes(tmp_path):
     changed = dict(cfg, reply_format="json")
     with pytest.raises(Exception, match="reply_format"):
       log.check_config(changed, defaults=SearchConfig().to_dict())
+
+
+@pytest.mark.parametrize("old_fields", ["chain_and_restart", "restart_only"])
+def test_a_log_that_names_the_chain_restart_still_resumes_and_replays(tmp_path, old_fields):
+  """Older versions wrote `restart` (the chain again) in every record: such logs
+  resume and replay; new records name the chain `chain` only."""
+  import asyncio
+  from search_helpers import WordScorer
+  from lmbbo_jax.search import RunLog, SearchConfig, make_proposer_factory, run_search
+
+  cfg = SearchConfig(n_restart=2, n_reset=2, n_iter=3, init_pool_size=6)
+
+  def search(workdir, kind="edit", resume=False, transcript=None):
+    async def go():
+      with RunLog(workdir, resume=resume, fsync=False) as log:
+        return await run_search(cfg, WordScorer(),
+                                make_proposer_factory(kind, cfg, transcript=transcript), log)
+    return asyncio.run(go())
+
+  def jsonl(path):
+    return [orjson.loads(l) for l in path.read_bytes().splitlines() if l.strip()]
+
+  def aged(row):
+    row = dict(row, restart=row["chain"])
+    if old_fields == "restart_only":
+      del row["chain"]
+    return row
+
+  def write(path, rows_):
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows_))
+
+  full = search(tmp_path / "full")
+  full_rows = jsonl(tmp_path / "full" / "prompts.jsonl")
+  full_transcript = jsonl(tmp_path / "full" / "transcript.jsonl")
+  assert not any("restart" in r for r in full_rows + full_transcript)
+  old = tmp_path / "old"
+  old.mkdir()
+  (old / "search_config.json").write_bytes((tmp_path / "full" / "search_config.json").read_bytes())
+  write(old / "prompts.jsonl", [aged(r) for r in full_rows[:14]])
+  write(old / "transcript.jsonl", [aged(r) for r in full_transcript[:3]])
+  resumed = search(old, resume=True)
+  assert resumed.counts["replayed"] == 14
+  assert sorted((r.chain, r.seq, r.template) for r in resumed.records) == sorted(
+      (r.chain, r.seq, r.template) for r in full.records)
+  assert resumed.best.template == full.best.template
+  new_rows = jsonl(old / "prompts.jsonl")[14:]
+  assert len(new_rows) == len(full_rows) - 14
+  assert all("chain" in r and "restart" not in r for r in new_rows)
+  # The transcript's old entries are recognised: none is written twice.
+  assert len(jsonl(old / "transcript.jsonl")) == len(full_transcript)
+  # An old transcript replays.
+  write(tmp_path / "old_transcript.jsonl", [aged(r) for r in full_transcript])
+  replayed = search(tmp_path / "replay", kind="replay",
+                    transcript=str(tmp_path / "old_transcript.jsonl"))
+  assert sorted((r.chain, r.seq, r.template) for r in replayed.records) == sorted(
+      (r.chain, r.seq, r.template) for r in full.records)

@@ -10,10 +10,12 @@ from lmbbo_jax.search.proposers import EditProposer, LLMProposer, ReplayProposer
 from lmbbo_jax.search.runlog import RunLog, RunLogError, install_signal_handlers
 from lmbbo_jax.search.state import (ChainState, EvalRecord, Proposal, Proposer,
                                     SearchError)
+from lmbbo_jax.search.tracking import MetricWriter, MultiWriter, NullWriter, PrefixedWriter
 
 __all__ = [
-    "ChainState", "EditProposer", "EvalRecord", "LLMProposer", "PRESETS",
-    "Proposal", "Proposer", "ReplayProposer", "RunLog", "RunLogError",
-    "SearchConfig", "SearchError", "SearchResult", "estimate",
+    "ChainState", "EditProposer", "EvalRecord", "LLMProposer", "MetricWriter",
+    "MultiWriter", "NullWriter", "PRESETS", "PrefixedWriter", "Proposal", "Proposer",
+    "ReplayProposer", "RunLog", "RunLogError", "SearchConfig", "SearchError",
+    "SearchResult", "estimate",
     "install_signal_handlers", "make_proposer_factory", "run_search",
 ]

@@ -69,6 +69,7 @@ from lmbbo_jax.search.proposers import (CONVERSATIONS, FEEDBACK_MODES, LLM_PROPO
 from lmbbo_jax.search.runlog import RunLog
 from lmbbo_jax.search.state import (SELECT_BY, TIE_BREAKS, ChainState, EvalRecord, Proposal,
                                     Proposer, SearchError, Turn, best_of)
+from lmbbo_jax.search.tracking import MetricWriter, SearchTracker
 
 
 @dataclasses.dataclass
@@ -295,8 +296,9 @@ class _Search:
   def __init__(self, config: SearchConfig, scorer: Any,
                proposer_factory: Callable[[int], Proposer], runlog: RunLog,
                corpus: Sequence[str], progress: Callable[[dict], Any] | None,
-               label: str = "search"):
+               label: str = "search", tracker: SearchTracker | None = None):
     self.label = label
+    self.tracker = tracker
     self.chain_stops: dict[int, str] = {}
     self.per_chain: dict[int, dict[str, Any]] = {}
     self.config = config
@@ -395,7 +397,9 @@ class _Search:
     mine = self.per_chain.setdefault(chain, _new_chain_counts())
     initial = pool_lib.sample_initial_pool(self.corpus, cfg.init_pool_size,
                                            state.rng)
-    await self.evaluate(state, initial, proposer="init", call_id=None)
+    initial_records = await self.evaluate(state, initial, proposer="init", call_id=None)
+    if self.tracker is not None:
+      self.tracker.initial_pool(chain, initial_records)
     if not state.pool:
       raise SearchError(f"chain {chain}: no initial template could be scored; "
                         "check the initial pool and the scorer.")
@@ -417,6 +421,7 @@ class _Search:
           return
         self._count_proposal(mine, proposal)
         if not proposal.templates:
+          self._track_call(state, [])
           self.counts["skipped_iterations"] += 1
           mine["skipped_iterations"] += 1
           skipped_in_a_row += 1
@@ -437,11 +442,18 @@ class _Search:
                                       proposer=getattr(proposer, "name", "?"),
                                       call_id=proposal.call_id)
         mine["scored_new"] += sum(1 for r in records if r.ok)
+        self._track_call(state, records)
         state.turns.append(Turn(messages=list(proposal.messages or []),
                                 reply=proposal.raw_text or "",
                                 records=records,
                                 rejections=list(proposal.reply_rejections)))
     self.chain_stops[chain] = "completed"
+
+  def _track_call(self, state: ChainState, records: Sequence[EvalRecord]) -> None:
+    if self.tracker is not None:
+      self.tracker.call(state.chain, state.step, records,
+                        llm_calls=self.counts["llm_calls"],
+                        templates_scored=self.scorer.scored)
 
   def _count_proposal(self, mine: dict[str, Any], proposal: Proposal) -> None:
     self.counts["proposals"] += 1
@@ -493,7 +505,8 @@ async def run_search(config: SearchConfig, scorer: Any,
                      corpus: Sequence[str] | None = None,
                      progress: Callable[[dict], Any] | None = None,
                      stop_event: asyncio.Event | None = None,
-                     ledger: Any = None, label: str = "search") -> SearchResult:
+                     ledger: Any = None, label: str = "search",
+                     writer: MetricWriter | None = None) -> SearchResult:
   """Runs (or resumes) the search; see the module docstring.
 
   Args:
@@ -509,6 +522,9 @@ async def run_search(config: SearchConfig, scorer: Any,
       everything evaluated so far is already logged.
     ledger: an `llm.Ledger`, whose summary is put in the result.
     label: names the run in log lines ("seed 1").
+    writer: receives the search's metric series as it runs (`search/tracking.py`;
+      several searches sharing one writer each take a `PrefixedWriter`); flushed
+      at the end, never closed (its owner closes it).
 
   Returns:
     A `SearchResult`.
@@ -522,8 +538,10 @@ async def run_search(config: SearchConfig, scorer: Any,
   runlog.check_config(config.to_dict(), may_change=_RESUMABLE_CHANGES,
                       defaults=SearchConfig().to_dict())
   corpus = pool_lib.builtin_corpus() if corpus is None else corpus
+  tracker = (SearchTracker(writer, config.select_by, config.tie_break, ledger)
+             if writer is not None else None)
   search = _Search(config, scorer, proposer_factory, runlog, corpus, progress,
-                   label=label)
+                   label=label, tracker=tracker)
   start = time.monotonic()
   search.tasks = [asyncio.create_task(search.guard(c), name=f"chain-{c}")
                   for c in range(config.n_restart)]
@@ -569,6 +587,8 @@ async def run_search(config: SearchConfig, scorer: Any,
       stop_reason=stop_reason, elapsed_s=time.monotonic() - start,
       llm=ledger.summary() if ledger is not None else None,
       chain_stop_reasons=stops)
+  if tracker is not None:
+    tracker.finish(best)
   if search.fatal is not None:
     search.fatal.partial_result = result  # type: ignore[attr-defined]
     raise search.fatal

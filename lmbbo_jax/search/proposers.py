@@ -29,7 +29,7 @@ from lmbbo_jax.llm.errors import LLMRetriesExhausted
 from lmbbo_jax.search import meta_prompts as mp
 from lmbbo_jax.search import parsing
 from lmbbo_jax.search import runlog
-from lmbbo_jax.search.state import ChainState, EvalRecord, Proposal
+from lmbbo_jax.search.state import ChainState, EvalRecord, Proposal, record_chain
 
 FEEDBACK_MODES = ("pos_neg", "pos", "neg", "none")
 CONVERSATIONS = ("single_turn", "multi_turn")
@@ -250,8 +250,7 @@ class LLMProposer:
     instructions = parsing.instruction_text(messages, (r.template for r in state.pool))
     request = messages
     for attempt in range(self.config.max_failed_attempts):
-      entry = {"kind": "attempt", "chain": state.chain,
-               "restart": state.chain, "reset": state.reset,
+      entry = {"kind": "attempt", "chain": state.chain, "reset": state.reset,
                "iteration": state.iteration, "attempt": attempt,
                "proposer": self.name}
       call_key = f"r{state.reset}-i{state.iteration}-a{attempt}"
@@ -501,7 +500,7 @@ class EditProposer:
       else:
         rejections.extend(check.rejections)
     state.log_transcript({
-        "kind": "attempt", "chain": state.chain, "restart": state.chain,
+        "kind": "attempt", "chain": state.chain,
         "reset": state.reset, "iteration": state.iteration, "attempt": 0,
         "proposer": self.name, "accepted": out,
         "rejections": _rejection_rows(rejections[-20:])})
@@ -531,7 +530,7 @@ class ReplayProposer:
     self._by_pos: dict[tuple, dict] = {}
     for e in entries:
       if e.get("kind", "attempt") == "attempt" and e.get("accepted"):
-        self._by_pos[(e["chain"], e["reset"], e["iteration"])] = e
+        self._by_pos[(record_chain(e), e["reset"], e["iteration"])] = e
     if not self._by_pos:
       raise runlog.RunLogError("the transcript has no accepted templates to "
                                "replay.")
@@ -546,7 +545,7 @@ class ReplayProposer:
                              context_check=state.context_check,
                              max_chars=self.config_max_chars(state))
     state.log_transcript({
-        "kind": "attempt", "chain": state.chain, "restart": state.chain,
+        "kind": "attempt", "chain": state.chain,
         "reset": state.reset, "iteration": state.iteration, "attempt": 0,
         "proposer": self.name, "call_id": entry.get("call_id"),
         "accepted": check.valid,

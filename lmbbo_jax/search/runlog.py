@@ -3,7 +3,8 @@
 Files in the workdir:
 * `prompts.jsonl`: one line per evaluated template, written (flush + fsync)
   the moment its score exists: template, accuracy, logprob, rejected, chain,
-  restart, reset, iteration, step, seq, proposer, call_id, eval_index, time.
+  reset, iteration, step, seq, proposer, call_id, eval_index, time (logs of
+  older versions also have `restart`, the chain again: they still resume).
 * `transcript.jsonl`: one line per proposer attempt (LLM request messages,
   reply, accepted templates, rejections with reasons, call id, usage).
 * `search_config.json`: the search configuration, checked on resume.
@@ -26,6 +27,7 @@ from absl import logging
 import orjson
 
 from lmbbo_jax import io as io_lib
+from lmbbo_jax.search.state import record_chain
 
 PROMPTS = "prompts.jsonl"
 TRANSCRIPT = "transcript.jsonl"
@@ -87,7 +89,7 @@ class RunLog:
           os.unlink(path)  # empty leftovers of a run that evaluated nothing
     self._logged: dict[tuple[int, int], dict] = {}
     for row in existing:
-      self._logged[(int(row["chain"]), int(row["seq"]))] = row
+      self._logged[(record_chain(row), int(row["seq"]))] = row
     self._transcript_keys = {self._tkey(r) for r in transcript}
     self.next_eval_index = 1 + max(
         (int(r.get("eval_index", -1)) for r in existing), default=-1)
@@ -97,7 +99,7 @@ class RunLog:
 
   @staticmethod
   def _tkey(row: Mapping) -> tuple:
-    return (row.get("chain"), row.get("reset"), row.get("iteration"),
+    return (row.get("chain", row.get("restart")), row.get("reset"), row.get("iteration"),
             row.get("attempt"), row.get("kind", "attempt"))
 
   # --- configuration ----------------------------------------------------------
@@ -138,7 +140,7 @@ class RunLog:
     row.setdefault("time", time.time())
     self.next_eval_index += 1
     self._prompts.write(row)
-    self._logged[(int(row["chain"]), int(row["seq"]))] = row
+    self._logged[(record_chain(row), int(row["seq"]))] = row
     return row
 
   def logged_rows(self) -> list[dict]:

@@ -43,6 +43,12 @@ def select_value(values: Mapping[str, float], select_by: str) -> float | None:
   raise SearchError(f"select_by={select_by!r} is not one of {SELECT_BY}.")
 
 
+def record_chain(row: Mapping[str, Any]) -> int:
+  """The chain of a logged row (evaluation or transcript entry); rows of older
+  versions also name it `restart`, which new rows no longer write."""
+  return int(row["chain"] if "chain" in row else row["restart"])
+
+
 @dataclasses.dataclass
 class EvalRecord:
   """One evaluated template and where in the search it came from.
@@ -74,10 +80,6 @@ class EvalRecord:
     return self.rejected is None
 
   @property
-  def restart(self) -> int:
-    return self.chain  # one chain per restart
-
-  @property
   def score(self) -> Score:
     return Score(template=self.template, accuracy=dict(self.accuracy),
                  logprob=dict(self.logprob), rejected=self.rejected)
@@ -88,7 +90,7 @@ class EvalRecord:
   def to_row(self) -> dict[str, Any]:
     return {"template": self.template, "accuracy": self.accuracy,
             "logprob": self.logprob, "rejected": self.rejected,
-            "chain": self.chain, "restart": self.restart, "reset": self.reset,
+            "chain": self.chain, "reset": self.reset,
             "iteration": self.iteration, "step": self.step, "seq": self.seq,
             "proposer": self.proposer, "call_id": self.call_id,
             "eval_index": self.eval_index, "time": self.time}
@@ -97,7 +99,7 @@ class EvalRecord:
   def from_row(cls, row: Mapping[str, Any]) -> "EvalRecord":
     return cls(template=row["template"], accuracy=dict(row.get("accuracy") or {}),
                logprob=dict(row.get("logprob") or {}),
-               rejected=row.get("rejected"), chain=int(row["chain"]),
+               rejected=row.get("rejected"), chain=record_chain(row),
                reset=row.get("reset"), iteration=row.get("iteration"),
                step=int(row["step"]), seq=int(row["seq"]),
                proposer=row.get("proposer", "?"), call_id=row.get("call_id"),
@@ -188,7 +190,7 @@ class ChainState:
   """Everything a proposer may read about its chain.
 
   Attributes:
-    chain: chain index (= restart index).
+    chain: chain index (a chain is one of the paper's restarts).
     config: the `SearchConfig`.
     rng: the chain's RNG, seeded from (seed, chain); the initial sample and
       the edit proposer draw from it, so a chain replays identically.
