@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from lmbbo_jax import tracking
 from lmbbo_jax.llm.client import LLMConfig
 from lmbbo_jax.search.optimizer import SearchConfig
 from lmbbo_jax.search.state import SearchError
@@ -25,7 +26,6 @@ PROPOSERS = ("auto", "llm", "ape", "iterative_ape", "edit", "replay")
 # reported, never used by the search).
 BASELINES = ("empty", "photo", "hand_best", "hand_oracle", "hand_ensemble", "pool_best")
 DTYPES = ("float32", "bfloat16")
-TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 # The paper's comparison (Table 1 and its ablations): each named method is the run's
 # config with these changes, run into <workdir>/<name> on the same tasks, model, cached
@@ -125,7 +125,7 @@ class ExperimentConfig:
       <workdir>/<name> with this run's other settings, then comparison.md, comparison.csv
       and efficiency.png in --workdir (also --methods).
     tracking: Where metrics go besides the files: tensorboard (event files under
-      <workdir>/tensorboard), wandb, mlflow (when installed); none for files only.
+      <workdir>/tracking), wandb, mlflow (when installed); none for files only.
     resume: Continue the run in --workdir (killed or finished).
     overwrite: Replace a finished run in --workdir.
     dry_run: Print the estimated LLM calls and cost, then exit.
@@ -186,12 +186,15 @@ class ExperimentConfig:
                                  ("proposer", (self.proposer,), PROPOSERS),
                                  ("dtype", (self.dtype,), DTYPES),
                                  ("baselines", self.baselines, BASELINES),
-                                 ("compare", self.compare, COMPARISON),
-                                 ("tracking", self.tracking, TRACKERS + ("none",))):
+                                 ("compare", self.compare, COMPARISON)):
       unknown = [v for v in value if v not in choices]
       if unknown:
         raise ConfigError(name, f"unknown {', '.join(map(repr, unknown))}; use "
                           f"{'some' if len(value) != 1 else 'one'} of {', '.join(choices)}")
+    try:
+      tracking.parse_kinds(self.tracking)
+    except tracking.TrackingError as e:
+      raise ConfigError("tracking", str(e).split(": ", 1)[-1]) from None
     for name in ("n_ctx", "batch_size"):
       if getattr(self.coop, name) < 1:
         raise ConfigError(f"coop_{name}", "must be >= 1")

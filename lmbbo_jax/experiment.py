@@ -6,7 +6,7 @@ paper's comparison. Layout of `workdir`:
   results.json        the machine-readable result (schema: `results.RESULTS_SCHEMA`)
   prompts.jsonl       every evaluated template of every seed (`seed` field added)
   transcript.jsonl    every LLM turn of every seed
-  prompts.csv, accuracy.png, summary.md, tensorboard/ (with --tracking=tensorboard)
+  prompts.csv, accuracy.png, summary.md, tracking/ (TensorBoard event files: --tracking)
   seed_<s>/           the durable per-seed search logs (resume reads these)
   feature_cache/      the image features (unless --feature_cache_dir)
   llm_cache/, llm_usage.jsonl   LLM responses and usage (when an LLM is used)
@@ -32,7 +32,6 @@ from lmbbo_jax.baselines import score_baselines
 from lmbbo_jax.config import ExperimentConfig, ExperimentError, comparison_config
 from lmbbo_jax.evaluator import multihost
 from lmbbo_jax.results import ExperimentResult
-from lmbbo_jax.search import estimate as estimate_search
 from lmbbo_jax.search.pool import builtin_corpus, load_caption_file, load_template_file
 from lmbbo_jax.search.proposers import LLM_PROPOSERS
 
@@ -132,7 +131,7 @@ def run_experiment(cfg: ExperimentConfig) -> ExperimentResult:
   if kind == "replay" and not cfg.replay_transcript:
     raise ExperimentError("--proposer=replay needs --replay_transcript=<run>/transcript.jsonl")
   if cfg.dry_run:
-    return ExperimentResult.from_json({"dry_run": dry_run(cfg)}, cfg.workdir)
+    return ExperimentResult.from_json({"dry_run": methods_lib.dry_run(cfg)}, cfg.workdir)
   local, local_error = None, None
   if kind in LLM_PROPOSERS and cfg.llm.local and multihost.is_leader():
     try:
@@ -234,22 +233,20 @@ def _run(cfg: ExperimentConfig, local, local_error: str | None) -> dict | None:
 
 
 def _final_metrics(results: dict) -> dict[str, float]:
-  """The scalars a tracker gets at the end: the chosen template's accuracies and the cost."""
+  """The scalars a tracker gets at the end (as final/<name>): the chosen template's
+  accuracies, the calls and cost, the scoring throughput."""
   best, llm, tp = results["best"], results["llm"], results["throughput"]
-  out = {f"final/best_{split}": best.get(f"{split}_acc") for split in ("train", "val", "test")}
-  out.update({"final/llm_calls": llm.get("calls"), "final/cost_usd": llm.get("cost_usd"),
-              "final/templates_scored": tp.get("templates_scored"),
-              "final/templates_per_s": tp.get("templates_per_s")})
+  out = {f"best_{split}": best.get(f"{split}_acc") for split in ("train", "val", "test")}
+  out.update({"llm_calls": llm.get("calls"), "cost_usd": llm.get("cost_usd"),
+              "templates_scored": tp.get("templates_scored"),
+              "templates_per_s": tp.get("templates_per_s")})
   return {k: float(v) for k, v in out.items() if isinstance(v, (int, float))}
 
 
 def _tracker(cfg: ExperimentConfig, workdir: pathlib.Path):
-  kinds = [k for k in cfg.tracking if k != "none"]
-  if not kinds:
-    return None
   from lmbbo_jax import tracking
   try:
-    return tracking.open_writer(kinds, str(workdir / "tensorboard"), run_name=workdir.name,
+    return tracking.open_writer(cfg.tracking, str(workdir / "tracking"), run_name=workdir.name,
                                 config=cfg.to_json())
   except tracking.TrackingError as e:
     raise ExperimentError(str(e)) from None
@@ -276,24 +273,6 @@ def run_comparison(cfg: ExperimentConfig, names: Sequence[str] | None = None
     report.write_comparison([pathlib.Path(c.workdir) for c in configs.values()],
                             pathlib.Path(cfg.workdir))
   return out
-
-
-def dry_run(cfg: ExperimentConfig) -> dict:
-  """The estimated LLM calls, tokens and cost of `cfg` (nothing runs, nothing is written)."""
-  from lmbbo_jax.llm import Ledger
-  if cfg.proposer_kind not in LLM_PROPOSERS:  # CoOp, edits, replay: no LLM call at all.
-    return {"calls": 0, "cost_usd": 0.0, "seeds": len(cfg.seeds), "proposer": cfg.proposer_kind}
-  if cfg.llm.local:  # the embedded model costs nothing
-    ledger = Ledger("local", prices={"local": (0.0, 0.0)})
-  else:
-    ledger = Ledger(cfg.llm.model, prices=cfg.llm.prices)
-  per_seed = estimate_search(cfg.search, ledger, max_tokens=cfg.llm.max_tokens)
-  n = len(cfg.seeds)
-  est = {k: (v * n if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
-         for k, v in per_seed.items()}  # tokens_per_turn stays per turn
-  est.update(seeds=n, model="local" if cfg.llm.local else cfg.llm.model,
-             proposer=cfg.proposer_kind)
-  return est
 
 
 def _profile(profile_dir: str):

@@ -21,10 +21,12 @@ from lmbbo_jax.config import ExperimentConfig, ExperimentError
 from lmbbo_jax.evaluator import multihost
 from lmbbo_jax.evaluator.types import Score
 from lmbbo_jax.llm import LLMFatalError, build_client
+from lmbbo_jax.search import estimate as estimate_search
 from lmbbo_jax.search import make_proposer_factory, run_search
 from lmbbo_jax.search.proposers import LLM_PROPOSERS
 from lmbbo_jax.search.runlog import RunLog, install_signal_handlers
 from lmbbo_jax.search.state import EvalRecord
+from lmbbo_jax.search.tracking import PrefixedWriter
 
 
 @dataclasses.dataclass
@@ -82,6 +84,24 @@ def run_method(cfg: ExperimentConfig, workdir: pathlib.Path, seeds: Sequence[See
 
 # --------------------------------------------------------------------------------------
 # The black-box search.
+
+def dry_run(cfg: ExperimentConfig) -> dict:
+  """The estimated LLM calls, tokens and cost of `cfg` (nothing runs, nothing is written)."""
+  from lmbbo_jax.llm import Ledger
+  if cfg.proposer_kind not in LLM_PROPOSERS:  # CoOp, edits, replay: no LLM call at all.
+    return {"calls": 0, "cost_usd": 0.0, "seeds": len(cfg.seeds), "proposer": cfg.proposer_kind}
+  if cfg.llm.local:  # the embedded model costs nothing
+    ledger = Ledger("local", prices={"local": (0.0, 0.0)})
+  else:
+    ledger = Ledger(cfg.llm.model, prices=cfg.llm.prices)
+  per_seed = estimate_search(cfg.search, ledger, max_tokens=cfg.llm.max_tokens)
+  n = len(cfg.seeds)
+  est = {k: (v * n if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+         for k, v in per_seed.items()}  # tokens_per_turn stays per turn
+  est.update(seeds=n, model="local" if cfg.llm.local else cfg.llm.model,
+             proposer=cfg.proposer_kind)
+  return est
+
 
 def search_method(cfg, workdir, seeds, local=None, tracker=None) -> MethodRun:
   """Process 0 searches; with several processes each scoring call is announced first and
@@ -168,11 +188,11 @@ async def _search_all(cfg: ExperimentConfig, workdir: pathlib.Path, seeds: Seque
     search_cfg = dataclasses.replace(s, seed=cfg.search_seed * 1000 + setup.seed)
     factory = make_proposer_factory(kind, search_cfg, client=client,
                                     transcript=cfg.replay_transcript, replay_seed=setup.seed)
-    extra = {"tracker": tracker.scope(f"seed_{setup.seed}")} if tracker is not None else {}
+    writer = PrefixedWriter(tracker, f"seed_{setup.seed}/") if tracker is not None else None
     with RunLog(workdir / f"seed_{setup.seed}", resume=cfg.resume) as log:
       result = await run_search(search_cfg, setup.scorer, factory, log, corpus=setup.corpus,
                                 progress=progress, stop_event=stop, ledger=ledger,
-                                label=f"seed {setup.seed}", **extra)
+                                label=f"seed {setup.seed}", writer=writer)
     outcomes[setup.seed] = _outcome(result)
 
   tasks = [asyncio.create_task(one(x)) for x in seeds]

@@ -459,3 +459,25 @@ def test_dry_run_of_the_comparison_estimates_each_method_and_writes_nothing(
     assert est["calls"] == (0 if name == "coop" else 192), name
   assert estimate["coop"]["cost_usd"] == 0.0 and estimate["ours_pn"]["cost_usd"] > 0
   assert not workdir.exists()
+
+
+def test_demo_edit_writes_tensorboard_events_with_the_best_so_far_series(tmp_path, jax_cache,
+                                                                         capsys):
+  """demo_edit.flags (one seed and a capped test split, to stay quick) with the default
+  --tracking=tensorboard: TensorBoard's own reader finds each seed's best-so-far series."""
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  workdir = tmp_path / "demo"
+  code, _, err = _command(["--flagfile=experiments/demo_edit.flags", f"--workdir={workdir}",
+                           "--seeds=2", "--max_test_per_class=10", "--tracking=tensorboard"],
+                          jax_cache, capsys)
+  assert code == 0, err[-3000:]
+  results = json.loads((workdir / "results.json").read_text())
+  events = EventAccumulator(str(workdir / "tracking"), size_guidance={"scalars": 0})
+  events.Reload()
+  series = events.Scalars("seed_2/search/best_train")
+  calls = results["per_seed"]["2"]["counts"]["proposals"]
+  assert [e.step for e in series] == list(range(1, calls + 1))
+  values = [e.value for e in series]
+  assert values == sorted(values)
+  assert values[-1] == pytest.approx(results["best"]["train_acc"])
+  assert events.Scalars("final/best_test")[-1].value == pytest.approx(results["best"]["test_acc"])
