@@ -377,3 +377,96 @@ def test_http_library_records_are_redacted_for_any_handler(monkeypatch):
     root.setLevel(old_level)
   assert len(seen) == 6 and all("***" in s for s in seen)
   assert_no_canary(*seen)
+
+
+class Billing:
+  """A server that bills what it reports: every 200 carries its usage.
+
+  Answers in turn with a refusal, tool calls, unparsable text, no choices,
+  null content and a usable reply, each after `delay_s` (so calls overlap);
+  prompt tokens are the request's words, completion tokens its max_tokens.
+  """
+
+  KINDS = ("refusal", "tool_calls", "junk", "no_choices", "null", "ok")
+
+  def __init__(self, prices, delay_s=0.1):
+    self.price_in, self.price_out = prices
+    self.delay_s = delay_s
+    self.lock = __import__("threading").Lock()
+    self.answers = 0
+    self.cost_usd = 0.0
+    self.inflight = self.max_inflight = 0
+
+  def behaviour(self):
+    return hs.dynamic(self._answer)
+
+  def _answer(self, req):
+    body = req.json
+    usage = {"prompt_tokens": sum(len(m["content"].split())
+                                  for m in body["messages"]),
+             "completion_tokens": body["max_tokens"]}
+    with self.lock:
+      kind = self.KINDS[self.answers % len(self.KINDS)]
+      self.answers += 1
+      self.cost_usd += (usage["prompt_tokens"] * self.price_in
+                        + usage["completion_tokens"] * self.price_out) / 1e6
+    reply = {"refusal": hs.completion(None, refusal="No.", usage=usage),
+             "tool_calls": hs.completion(None, tool_calls=[{"id": "t"}],
+                                         usage=usage),
+             "junk": hs.completion("}}{{ ## <td>", usage=usage),
+             "no_choices": {"choices": [], "usage": usage},
+             "null": hs.completion(None, usage=usage),
+             "ok": hs.completion(usage=usage)}[kind]
+    send = hs.json_answer(reply)
+
+    def slow(conn, request, server):
+      with self.lock:
+        self.inflight += 1
+        self.max_inflight = max(self.max_inflight, self.inflight)
+      server.stopped.wait(self.delay_s)
+      with self.lock:
+        self.inflight -= 1
+      send(conn, request, server)
+    return slow
+
+
+@pytest.mark.parametrize("limit", ["usd", "calls"])
+def test_limits_hold_against_billed_unusable_replies(limit, monkeypatch):
+  """12 chains at once against a server that bills refusals and junk: its
+  bill never passes the budget (or call limit) and the ledger matches it."""
+  from lmbbo_jax.llm import LLMBudgetExceeded
+  from lmbbo_jax.llm.client import prompt_token_bound
+  prices = {"m": (2.0, 8.0)}
+  bill = Billing(prices["m"])
+  worst = Ledger("m", prices=prices).cost_of(prompt_token_bound(MESSAGES), 50)
+  ledger = (Ledger("m", prices=prices, budget_usd=9.5 * worst)
+            if limit == "usd" else Ledger("m", prices=prices, max_calls=9))
+  with hs.HostileServer([bill.behaviour()], max_requests=200) as srv:
+    client = LLMClient(srv.base_url, "m", api_key_env=ENV, ledger=ledger,
+                       max_tokens=50, max_concurrency=12, max_retries=2,
+                       initial_backoff_s=0.01, max_backoff_s=0.02)
+
+    async def chain(i):
+      for k in range(6):
+        try:
+          await client.chat(MESSAGES, chain_id=f"c{i}", call_key=f"k{k}")
+        except LLMBudgetExceeded:
+          return
+        except LLMRetriesExhausted:
+          continue
+
+    async def all_chains():
+      try:
+        await asyncio.gather(*(chain(i) for i in range(12)))
+      finally:
+        await client.aclose()
+
+    asyncio.run(all_chains())
+  assert bill.max_inflight > 1  # answers really were billed concurrently
+  assert bill.answers == len(srv.requests) == ledger.billed == ledger.requests
+  assert ledger.cost_usd == pytest.approx(bill.cost_usd, rel=1e-9)
+  assert sum(ledger.unusable.values()) == ledger.billed - ledger.calls > 0
+  if limit == "usd":
+    assert bill.answers >= 9 and bill.cost_usd <= ledger.budget_usd
+  else:
+    assert bill.answers == 9
