@@ -178,6 +178,11 @@ LLM_BUDGET_USD = flags.DEFINE_float(
     "Never spend more: each call reserves its worst case before it is sent; the search stops "
     "cleanly when the next call might not fit.")
 LLM_MAX_CALLS = flags.DEFINE_integer("llm_max_calls", None, "Stop the search cleanly after this many calls.")
+LLM_MAX_SERVER_WAIT_S = flags.DEFINE_float(
+    "llm_max_server_wait_s", _LLM.max_server_wait_s,
+    "Cap on a wait the server asks for (retry-after, x-ratelimit-reset-*); capped waits are logged.")
+LLM_MAX_RESPONSE_BYTES = flags.DEFINE_integer(
+    "llm_max_response_bytes", _LLM.max_response_bytes, "Cap on one answer's body after decompression.")
 LLM_PRICES = flags.DEFINE_string(
     "llm_prices", None,
     "Price override, 'model=in_usd_per_1M:out_usd_per_1M[,model=...]'.")
@@ -304,7 +309,8 @@ def experiment_config() -> ExperimentConfig:
       structured=LLM_STRUCTURED.value, rpm=LLM_RPM.value, tpm=LLM_TPM.value,
       top_p=LLM_TOP_P.value, extra_params=_extra_params(LLM_EXTRA_PARAMS.value),
       local=LLM.value == "local", gguf=LLM_GGUF.value, chat_format=LLM_CHAT_FORMAT.value,
-      n_ctx=LLM_N_CTX.value)
+      n_ctx=LLM_N_CTX.value, max_server_wait_s=LLM_MAX_SERVER_WAIT_S.value,
+      max_response_bytes=LLM_MAX_RESPONSE_BYTES.value)
   return ExperimentConfig(
       dataset=DATASET.value, workdir=WORKDIR.value, shots=SHOTS.value,
       seeds=tuple(int(s) for s in SEEDS.value), data_dir=DATA_DIR.value,

@@ -1,7 +1,9 @@
 """Usage ledger: tokens, cost, latency, concurrency, faults and budget stops.
 
 One `Ledger` is shared by every chain of a run. It lives in one asyncio event
-loop, so it needs no locks.
+loop, so it needs no locks. Every HTTP 200 answer is charged, usable or not
+(`record_call` / `record_unusable`): its reported usage, else the worst case
+reserved for it.
 
 Prices are USD per 1M tokens (input, output). `DEFAULT_PRICES` holds OpenAI
 list prices as published on platform.openai.com/docs/pricing in 2025-2026
