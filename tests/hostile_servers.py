@@ -20,7 +20,6 @@ import functools
 import json
 import socket
 import threading
-import time
 import zlib
 from typing import Any, Callable
 

@@ -11,9 +11,11 @@ import asyncio
 import datetime
 import email.utils
 import glob
+import gzip
 import json
 import logging
 import os
+import threading
 import time
 import urllib.parse
 
@@ -23,6 +25,7 @@ import hostile_servers as hs
 from lmbbo_jax.llm import (Ledger, LLMClient, LLMError, LLMFatalError,
                            LLMRetriesExhausted, ResponseCache)
 from lmbbo_jax.llm import secrets
+from lmbbo_jax.llm.client import prompt_token_bound
 from lmbbo_jax.llm.ratelimit import RateLimiter, parse_wait
 
 CANARY = "sk-canary-7f3a9c2e41d8b6f0aa55"
@@ -74,7 +77,7 @@ CASES = {
                      ("error", LLMRetriesExhausted, "larger than")),
     "brotli_unasked": ([hs.compressed("br", b"\x8b\x02\x80" * 100)], {},
                        ("error", LLMRetriesExhausted, "gzip or deflate")),
-    "gzip_small_ok": ([hs.compressed("gzip", __import__("gzip").compress(
+    "gzip_small_ok": ([hs.compressed("gzip", gzip.compress(
         json.dumps(hs.completion(usage=USAGE)).encode()))], {},
                       ("ok", "text", '- "a photo of a {}."')),
     "trickled_body": ([hs.trickle(0.05)], {},
@@ -210,34 +213,34 @@ def test_hostile_server(name, tmp_path, monkeypatch, debug_logs):
     assert isinstance(outcome, cls), outcome
     assert words in str(outcome) and "\n" not in str(outcome)
     shown = str(outcome) + repr(outcome)
-  # Every 200 was charged, usable or not; nothing else was.
-  answered = [r for r in srv.requests]
-  assert ledger.requests == len(answered)
+  assert ledger.requests == len(srv.requests)
   assert_no_canary(shown, all_log_text(debug_logs), files_text(tmp_path))
   assert all(r.headers.get("authorization") == f"Bearer {CANARY}"
              for r in srv.requests)
 
 
-@pytest.mark.parametrize("name,billed,kind", [
-    ("refusal", 1, "refusal"), ("tool_calls", 1, "tool_calls"),
-    ("empty", 1, "empty"), ("content_filter", 1, "content_filter"),
-    ("junk_200", 2, "malformed_json"), ("gzip_bomb", 2, "body_too_large"),
-    ("brotli_unasked", 2, "bad_encoding"), ("trickled_body", 1, "cut_short"),
-    ("huge_retry_after", 0, None), ("echo_key_401", 0, None),
+@pytest.mark.parametrize("name,billed,kind,reported", [
+    ("refusal", 1, "refusal", True), ("tool_calls", 1, "tool_calls", True),
+    ("empty", 1, "empty", True), ("content_filter", 1, "content_filter", True),
+    ("junk_200", 2, "malformed_json", False),
+    ("gzip_bomb", 2, "body_too_large", False),
+    ("brotli_unasked", 2, "bad_encoding", False),
+    ("trickled_body", 1, "cut_short", False),
+    ("huge_retry_after", 0, None, True), ("echo_key_401", 0, None, True),
 ])
-def test_every_200_is_charged(name, billed, kind, tmp_path, monkeypatch):
+def test_every_200_is_charged(name, billed, kind, reported, tmp_path,
+                              monkeypatch):
+  """Usable or not, a 200 costs its usage, else the worst case reserved."""
   script, overrides, _ = CASES[name]
   _, _, _, ledger = run_case(script, overrides, tmp_path, monkeypatch)
   assert ledger.billed == billed + ledger.calls
-  if kind:
-    assert ledger.unusable == {kind: billed}
-  worst = ledger.cost_of(  # a 200 without usage costs the reserved bound
-      __import__("lmbbo_jax.llm.client", fromlist=["x"]).prompt_token_bound(
-          MESSAGES), 50)
+  assert ledger.unusable == ({kind: billed} if kind else {})
+  worst = ledger.cost_of(prompt_token_bound(MESSAGES), 50)
   with_usage = ledger.cost_of(USAGE["prompt_tokens"],
                               USAGE["completion_tokens"])
-  assert ledger.cost_usd > 0 or billed + ledger.calls == 0
-  assert ledger.cost_usd <= (billed + ledger.calls) * max(worst, with_usage)
+  expected = (billed * (with_usage if reported else worst)
+              + ledger.calls * with_usage)
+  assert ledger.cost_usd == pytest.approx(expected, rel=1e-12, abs=0)
   assert ledger.reserved_usd == 0 and ledger._reserved == 0
 
 
@@ -392,7 +395,7 @@ class Billing:
   def __init__(self, prices, delay_s=0.1):
     self.price_in, self.price_out = prices
     self.delay_s = delay_s
-    self.lock = __import__("threading").Lock()
+    self.lock = threading.Lock()
     self.answers = 0
     self.cost_usd = 0.0
     self.inflight = self.max_inflight = 0
@@ -435,7 +438,6 @@ def test_limits_hold_against_billed_unusable_replies(limit, monkeypatch):
   """12 chains at once against a server that bills refusals and junk: its
   bill never passes the budget (or call limit) and the ledger matches it."""
   from lmbbo_jax.llm import LLMBudgetExceeded
-  from lmbbo_jax.llm.client import prompt_token_bound
   prices = {"m": (2.0, 8.0)}
   bill = Billing(prices["m"])
   worst = Ledger("m", prices=prices).cost_of(prompt_token_bound(MESSAGES), 50)
