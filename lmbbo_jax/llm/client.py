@@ -930,7 +930,8 @@ class LLMClient:
   def _parse_ok(self, content: bytes, headers: httpx.Headers) -> "_Answer":
     """The answer in a 200 body; a `_Fault` (billed) when there is none."""
     streamed = (headers.get("content-type", "").lower().startswith(
-        "text/event-stream") or content.lstrip()[:5] == b"data:")
+        "text/event-stream")
+                or content.lstrip().startswith((b"data:", b"event:")))
     body = _sse_body(content) if streamed else _loads(content)
     if body is _NOT_JSON or not isinstance(body, dict):
       raise _Fault("malformed_json", "answer body is not a JSON object",
