@@ -1,7 +1,9 @@
 """Usage ledger: tokens, cost, latency, concurrency, faults and budget stops.
 
 One `Ledger` is shared by every chain of a run. It lives in one asyncio event
-loop, so it needs no locks.
+loop, so it needs no locks. Every HTTP 200 answer is charged, usable or not
+(`record_call` / `record_unusable`): its reported usage, else the worst case
+reserved for it.
 
 Prices are USD per 1M tokens (input, output). `DEFAULT_PRICES` holds OpenAI
 list prices as published on platform.openai.com/docs/pricing in 2025-2026
@@ -61,6 +63,15 @@ def price_for(model: str, prices: Mapping[str, tuple[float, float]]
   return tuple(prices[best]) if best is not None else None
 
 
+def _tokens(value: Any) -> int | None:
+  """A reported token count, or None when it is not a non-negative integer."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return None
+  if not math.isfinite(value) or value < 0 or value != int(value):
+    return None
+  return int(value)
+
+
 def _percentile(values: list[float], q: float) -> float | None:
   """Nearest-rank percentile (q in [0, 100]) of `values`, None when empty."""
   if not values:
@@ -79,8 +90,9 @@ class Ledger:
     budget_usd: stop starting new calls once this much is spent (None: no
       limit). Each call reserves its worst-case cost before it is sent, so
       the spend never exceeds the budget (given the server honours max_tokens).
-    max_calls: stop after this many paid (non-cached) calls; in-flight calls
-      are reserved, so this bound is exact.
+    max_calls: stop after this many paid requests: every HTTP 200 answer,
+      usable or not, plus each call that failed without one; requests in
+      flight are reserved, so this bound is exact.
     log_path: if given, one JSON line per call is appended there (no secrets).
   """
 
@@ -101,6 +113,9 @@ class Ledger:
           "No price known for LLM model %r: its cost is counted as 0 USD "
           "(pass prices= / --llm_prices to set one).", model)
     self.calls = 0  # paid calls that returned a usable body
+    self.billed = 0  # HTTP 200 answers charged, usable or not
+    self.unusable: dict[str, int] = {}  # billed answers that could not be used
+    self._unbilled_failures = 0  # failed calls that got no 200 answer
     self.cached_calls = 0
     self.failed_calls = 0  # calls that ended in an error after retries
     self.requests = 0  # HTTP attempts, retries included
@@ -131,19 +146,21 @@ class Ledger:
             + completion_tokens * self.price[1]) / 1e6
 
   def reserve(self, cost_bound_usd: float = 0.0) -> float:
-    """Claims one paid call whose cost is at most `cost_bound_usd`.
+    """Claims one paid request whose cost is at most `cost_bound_usd`.
 
-    The bound (the request's prompt-token bound plus its completion cap at the
-    model's price) is held until the call settles, so calls in flight can never
-    together push the spend past `budget_usd`. Returns the amount reserved (pass
-    it back to `record_call` / `record_failure` / `release`).
+    The client reserves before every HTTP attempt, retries included. The
+    bound (the request's prompt-token bound plus its completion cap at the
+    model's price) is held until the attempt settles, so requests in flight
+    can never together push the spend past `budget_usd`. Returns the amount
+    reserved (pass it back to `record_call` / `record_unusable` / `release`).
 
     Raises:
       LLMBudgetExceeded: the call limit is reached, or the budget cannot cover
         this call's worst case on top of what is spent and reserved.
     """
     if self.max_calls is not None and (
-        self.calls + self.failed_calls + self._reserved >= self.max_calls):
+        self.billed + self._unbilled_failures + self._reserved
+        >= self.max_calls):
       raise LLMBudgetExceeded(
           f"LLM call limit reached ({self.max_calls} calls); raise "
           "--llm_max_calls and rerun with --resume to continue.",
@@ -171,7 +188,7 @@ class Ledger:
             or self.cost_usd + cost_bound_usd <= self.budget_usd)
 
   def release(self, reserved_usd: float = 0.0) -> None:
-    """Returns a reservation (the call ended without a paid answer)."""
+    """Returns a reservation (the attempt ended without a 200 answer)."""
     self._reserved = max(0, self._reserved - 1)
     self._reserved_usd = max(0.0, self._reserved_usd - reserved_usd)
 
@@ -206,22 +223,12 @@ class Ledger:
                   fallback_tokens: tuple[int, int] | None = None) -> float:
     """Records a paid call that returned a usable answer; returns its cost.
 
-    `fallback_tokens` (prompt, completion upper bounds) is charged when the
-    server sent no usage, so a missing usage can never hide spending.
+    `fallback_tokens` (prompt, completion upper bounds: the client passes the
+    reserved worst case) is charged when the server sent no usage, so a
+    missing usage can never hide spending.
     """
-    self.release(reserved_usd)
-    usage = usage or {}
-    pt = int(usage.get("prompt_tokens") or 0)
-    ct = int(usage.get("completion_tokens") or 0)
-    if not usage:
-      self.missing_usage += 1
-      if fallback_tokens is not None:
-        pt, ct = fallback_tokens
-    cost = self.cost_of(pt, ct)
+    pt, ct, cost = self._charge(usage, reserved_usd, fallback_tokens)
     self.calls += 1
-    self.prompt_tokens += pt
-    self.completion_tokens += ct
-    self.cost_usd += cost
     self.latencies_s.append(latency_s)
     self.queue_s.append(queue_s)
     self.server_s.append(latency_s - queue_s if server_s is None else server_s)
@@ -233,16 +240,53 @@ class Ledger:
                "finish_reason": finish_reason, "time": time.time()})
     return cost
 
+  def record_unusable(self, *, call_id: str, chain_id: str, kind: str,
+                      usage: Mapping | None, reserved_usd: float = 0.0,
+                      fallback_tokens: tuple[int, int] | None = None) -> float:
+    """Charges an HTTP 200 answer that cannot be used; returns its cost.
+
+    A refusal, tool calls, junk, a body too large or cut at the deadline were
+    still billed: its reported usage is charged, else `fallback_tokens`.
+    """
+    pt, ct, cost = self._charge(usage, reserved_usd, fallback_tokens)
+    self.unusable[kind] = self.unusable.get(kind, 0) + 1
+    self._log({"call_id": call_id, "chain": chain_id, "cached": False,
+               "unusable": kind, "prompt_tokens": pt, "completion_tokens": ct,
+               "cost_usd": cost, "time": time.time()})
+    return cost
+
+  def _charge(self, usage: Mapping | None, reserved_usd: float,
+              fallback_tokens: tuple[int, int] | None
+              ) -> tuple[int, int, float]:
+    """Settles a reservation as one billed answer: (prompt, completion, cost)."""
+    self.release(reserved_usd)
+    usage = usage or {}
+    pt = _tokens(usage.get("prompt_tokens"))
+    ct = _tokens(usage.get("completion_tokens"))
+    if pt is None or ct is None:
+      self.missing_usage += 1
+      pt, ct = fallback_tokens or (pt or 0, ct or 0)
+    cost = self.cost_of(pt, ct)
+    self.billed += 1
+    self.prompt_tokens += pt
+    self.completion_tokens += ct
+    self.cost_usd += cost
+    return pt, ct, cost
+
   def record_cached(self, *, call_id: str, chain_id: str) -> None:
     self.cached_calls += 1
     self._log({"call_id": call_id, "chain": chain_id, "cached": True,
                "time": time.time()})
 
   def record_failure(self, *, call_id: str, chain_id: str, kind: str,
-                     reserved_usd: float = 0.0) -> None:
-    """Records a paid call that ended in an error (it still used the limit)."""
-    self.release(reserved_usd)
+                     billed: bool = False) -> None:
+    """Records a call that ended in an error (its attempts are settled).
+
+    One that got no billed answer (`billed`) still counts against
+    `max_calls`, so a failing server cannot be asked without end.
+    """
     self.failed_calls += 1
+    self._unbilled_failures += int(not billed)
     self._log({"call_id": call_id, "chain": chain_id, "error": kind,
                "time": time.time()})
 
@@ -265,6 +309,8 @@ class Ledger:
     return {
         "model": self.model,
         "calls": self.calls,
+        "billed_answers": self.billed,
+        "unusable_answers": dict(sorted(self.unusable.items())),
         "cached_calls": self.cached_calls,
         "failed_calls": self.failed_calls,
         "requests": self.requests,

@@ -8,44 +8,82 @@ OpenAI also counts against a token limit. A single request larger than `tpm`
 starts once the window is empty (it could never start otherwise).
 
 `observe(headers)` reads OpenAI-style `x-ratelimit-remaining-requests` /
-`-tokens` and `x-ratelimit-reset-requests` / `-tokens` ("1s", "6m0s", "20ms"):
-when the server says nothing is left, no request starts before its reset.
+`-tokens` and `x-ratelimit-reset-requests` / `-tokens` (any form
+`parse_wait` reads): when the server says nothing is left, no request starts
+before its reset. A server's wait is untrusted: it is capped at
+`max_server_wait_s` and logged (one WARNING per hold), and a wait that would
+pass the caller's deadline fails the call instead of holding it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import datetime
+import email.utils
+import math
 import re
 import time
 from typing import Callable, Mapping
 
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-_UNIT_S = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+from absl import logging
+
+from lmbbo_jax.llm.errors import LLMRetriesExhausted
+from lmbbo_jax.llm.secrets import clip
+
+_DURATION_RE = re.compile(r"(\d{1,12}(?:\.\d{1,9})?)(ms|us|h|m|s)")
+_UNIT_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+# A plain number above this is a Unix time, not a number of seconds.
+_EPOCH_MIN = 1e9
+# Longer header values are not waits (and are not worth parsing).
+_MAX_WAIT_CHARS = 64
 
 
-def parse_reset(value: str | None) -> float | None:
-  """Seconds in an `x-ratelimit-reset-*` value ("1s", "6m0s", "20ms", "0.5")."""
-  if not value:
+def parse_wait(value: str | None, now: float | None = None) -> float | None:
+  """Seconds to wait from a server's `retry-after` / `x-ratelimit-reset-*`.
+
+  Reads seconds ("0.5"), durations ("6m0s", "1.5s", "20ms"), Unix times in
+  seconds, HTTP dates and ISO 8601 times; a time in the past is 0 and an
+  infinite number is `math.inf` (the caller caps it). None: not a wait.
+  """
+  if not value or len(value) > _MAX_WAIT_CHARS:
     return None
   value = value.strip()
+  now = time.time() if now is None else now
   try:
-    return max(0.0, float(value))
+    number = float(value)
   except ValueError:
-    pass
-  parts = _DURATION_RE.findall(value)
-  if not parts or "".join(n + u for n, u in parts) != value.replace(" ", ""):
-    return None
-  return sum(float(n) * _UNIT_S[u] for n, u in parts)
+    number = None
+  if number is not None:
+    if math.isnan(number):
+      return None
+    if number > _EPOCH_MIN and math.isfinite(number):
+      number -= now
+    return max(0.0, number)
+  compact = value.replace(" ", "")
+  parts = _DURATION_RE.findall(compact)
+  if parts and "".join(n + u for n, u in parts) == compact:
+    return sum(float(n) * _UNIT_S[u] for n, u in parts)
+  for parse in (email.utils.parsedate_to_datetime,
+                lambda v: datetime.datetime.fromisoformat(
+                    v.replace("Z", "+00:00"))):
+    try:
+      when = parse(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+      continue
+    if when.tzinfo is None:
+      when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, when.timestamp() - now)
+  return None
 
 
 def _int_header(headers: Mapping[str, str], name: str) -> int | None:
   value = headers.get(name)
-  if value is None:
+  if value is None or len(value) > _MAX_WAIT_CHARS:
     return None
   try:
     return int(float(value))
-  except ValueError:
+  except (ValueError, OverflowError):
     return None
 
 
@@ -56,11 +94,12 @@ class RateLimiter:
     rpm: request starts per window (None: no limit).
     tpm: tokens per window (None: no limit).
     window_s: the window (60 s: per minute; tests use shorter ones).
+    max_server_wait_s: cap on a hold the server's headers ask for.
     clock: monotonic clock (tests).
   """
 
   def __init__(self, rpm: int | None = None, tpm: int | None = None, *,
-               window_s: float = 60.0,
+               window_s: float = 60.0, max_server_wait_s: float = 60.0,
                clock: Callable[[], float] = time.monotonic):
     if rpm is not None and rpm < 1:
       raise ValueError("--llm_rpm must be at least 1")
@@ -69,6 +108,7 @@ class RateLimiter:
     self.rpm = rpm
     self.tpm = tpm
     self.window_s = window_s
+    self.max_server_wait_s = max_server_wait_s
     self.clock = clock
     self._starts: collections.deque[tuple[float, int]] = collections.deque()
     self._hold_until = 0.0
@@ -97,8 +137,14 @@ class RateLimiter:
             break
     return wait
 
-  async def acquire(self, tokens: int = 0) -> float:
-    """Waits until a request of `tokens` may start; returns the seconds waited."""
+  async def acquire(self, tokens: int = 0,
+                    max_wait_s: float = math.inf) -> float:
+    """Waits until a request of `tokens` may start; returns the seconds waited.
+
+    Raises:
+      LLMRetriesExhausted: the start is more than `max_wait_s` away (the
+        caller's deadline); nothing is waited for then.
+    """
     waited = 0.0
     while True:
       now = self.clock()
@@ -109,22 +155,35 @@ class RateLimiter:
         self._last_tokens = tokens
         self.waited_s += waited
         return waited
+      if waited + wait > max_wait_s:
+        self.waited_s += waited
+        raise LLMRetriesExhausted(
+            f"the rate limit needs {wait:.1f} s more before the next request, "
+            "past this call's deadline (--llm_deadline_s; a server's hold is "
+            "capped by --llm_max_server_wait_s)", last_fault="rate_limit_wait")
       await asyncio.sleep(wait + 1e-3)
       waited += wait + 1e-3
 
   def observe(self, headers: Mapping[str, str]) -> None:
     """Honours a server's `x-ratelimit-*` headers (a hold until its reset)."""
     now = self.clock()
-    hold = None
+    hold, asked = None, None
     if _int_header(headers, "x-ratelimit-remaining-requests") == 0:
-      hold = parse_reset(headers.get("x-ratelimit-reset-requests"))
+      asked = headers.get("x-ratelimit-reset-requests")
+      hold = parse_wait(asked)
     left_tokens = _int_header(headers, "x-ratelimit-remaining-tokens")
     if left_tokens is not None and left_tokens < max(1, self._last_tokens):
-      reset = parse_reset(headers.get("x-ratelimit-reset-tokens"))
-      if reset is not None:
-        hold = max(hold or 0.0, reset)
+      reset = parse_wait(headers.get("x-ratelimit-reset-tokens"))
+      if reset is not None and reset > (hold or 0.0):
+        hold, asked = reset, headers.get("x-ratelimit-reset-tokens")
     if hold:
-      self._hold_until = max(self._hold_until, now + hold)
+      capped = min(hold, self.max_server_wait_s)
+      if now >= self._hold_until:  # a new hold, not the same one re-announced
+        logging.warning(
+            "The LLM server asks for a pause in new requests (rate-limit reset "
+            "%r); holding them for %.2f s%s.", clip(str(asked), 40), capped,
+            " (capped by --llm_max_server_wait_s)" if capped < hold else "")
+      self._hold_until = max(self._hold_until, now + capped)
       self.server_holds += 1
 
   def summary(self) -> dict:

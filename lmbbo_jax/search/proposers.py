@@ -271,10 +271,15 @@ class LLMProposer:
       out.truncated += int(result.finish_reason == "length")
       out.queue_s += result.queue_s
       out.latency_s += result.latency_s
+      # A refusal, tool calls or an empty reply was billed but holds nothing
+      # to parse: its reason is recorded as the reply's rejection.
+      reply_text = result.text if result.outcome == "text" else ""
       check = parsing.validate(
-          parsing.extract_candidates(result.text), seen=state.seen,
+          parsing.extract_candidates(reply_text), seen=state.seen,
           context_check=state.context_check, max_new=self.config.m_new,
           max_chars=self.config.max_template_chars, instructions=instructions)
+      if result.reason:
+        check.rejections.insert(0, (result.text[:120], result.reason))
       extra = sum(1 for _, r in check.rejections
                   if parsing.reason_kind(r) == "extra")
       out.valid_candidates += len(check.valid) + extra
@@ -287,7 +292,7 @@ class LLMProposer:
           "messages": request, "reply": result.text,
           "accepted": check.valid,
           "rejections": _rejection_rows(check.rejections),
-          "finish_reason": result.finish_reason,
+          "finish_reason": result.finish_reason, "outcome": result.outcome,
           "structured": result.structured,
           "usage": result.usage, "latency_s": round(result.latency_s, 4),
           "queue_s": round(result.queue_s, 4)})
