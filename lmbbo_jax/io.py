@@ -1,7 +1,7 @@
 """Files that survive a kill: atomic writes and a torn-line-safe JSONL reader.
 
-The one definition of each, used by every room (features cache, LLM response
-cache, run logs, results, checkpoints, model cache). Imports nothing of the
+The one definition of each, for every file that must survive a kill (the feature
+cache, the LLM response cache, run logs, results, checkpoints, the model cache). Imports nothing of the
 package, so any room may use it.
 """
 

@@ -256,8 +256,12 @@ def test_kill_minus_nine_then_resume_matches_an_uninterrupted_run(smoke_run):
           "--n_iter=4", "--n_reset=2", f"--feature_cache_dir={tmp / 'features'}",
           "--tracking=none"]
   full = tmp / "full"
-  proc = _main(args + [f"--workdir={full}"], tmp)
+  # A fresh matplotlib cache, as on a new machine: its font-cache lines stay quiet too.
+  proc = _main(args + [f"--workdir={full}"], tmp, MPLCONFIGDIR=str(tmp / "mpl"))
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (tmp / "mpl").exists()
+  for noise in ("fontManager", "Unable to initialize backend", "HTTP Request"):
+    assert noise not in proc.stderr, noise
 
   # Killed a third of the way through seed 1's evaluations, far from the end.
   kill_at = max(1, len((full / "seed_1" / "prompts.jsonl").read_text().splitlines()) // 3)

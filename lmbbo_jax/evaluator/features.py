@@ -64,7 +64,7 @@ class SplitFeatures:
     return int((self.labels >= 0).sum())
 
 
-def weights_hash(clip: Any) -> str:
+def clip_weights_hash(clip: Any) -> str:
   """The CLIP's weights hash, or `models.loading.weights_hash` of its variables when it has none."""
   return getattr(clip, "weights_hash", "") or loading.weights_hash(clip.variables)
 
@@ -74,7 +74,7 @@ def cache_key(clip: Any, task: Any, split: str) -> dict:
   cfg = clip.config
   return {
       "version": CACHE_VERSION,
-      "model": weights_hash(clip),
+      "model": clip_weights_hash(clip),
       "arch": clip.name,
       "dtype": jnp.dtype(clip.dtype).name,
       "task": getattr(task, "name", ""),

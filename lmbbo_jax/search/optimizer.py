@@ -82,7 +82,7 @@ class SearchConfig:
     n_iter: LLM turns (iterations) per conversation.
     k_pos: best templates shown as positives.
     k_neg: worst templates shown as negatives.
-    m_new: new templates asked for per iteration.
+    m_new: new templates scored per iteration, at most (m_ask sets how many are asked for).
     show_scores: show accuracies next to the listed templates.
     feedback: which lists the LLM sees: "pos_neg" (paper), "pos", "neg",
       "none" (no scorer information at all, also no numeric feedback).
