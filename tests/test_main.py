@@ -485,3 +485,39 @@ def test_demo_edit_writes_tensorboard_events_with_the_best_so_far_series(tmp_pat
   assert values == sorted(values)
   assert values[-1] == pytest.approx(results["best"]["train_acc"])
   assert events.Scalars("final/best_test")[-1].value == pytest.approx(results["best"]["test_acc"])
+
+
+def test_a_canary_key_reaches_no_file_log_line_or_error_at_v2(tmp_path):
+  """The real command at -v 2 (the HTTP libraries' DEBUG lines included) against a server
+  that echoes the key in headers, 200 replies and error texts, one cut mid-key."""
+  import urllib.parse
+  import hostile_servers as hs
+  canary = "sk-canary-5e1d7b93c0a24f68ee17"
+  usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+
+  def echo(req):
+    auth = req.headers.get("authorization", "")
+    key = auth.removeprefix("Bearer ")
+    n = len(server.requests)
+    if n % 3 == 1:
+      return hs.json_answer({"error": {"message": "x" * 190 + key}}, 503)
+    return hs.json_answer(hs.completion(
+        f'- "a photo of a {{}} seen {n}." {auth} {urllib.parse.quote(key)}', usage=usage),
+        headers={"X-Echo": auth, "X-Request-Id": key})
+
+  with hs.HostileServer([hs.dynamic(echo)], max_requests=60) as server:
+    proc = _main(["--flagfile=experiments/smoke.flags", f"--workdir={tmp_path / 'w'}",
+                  "--noprogress", "-v", "2", "--proposer=llm", "--n_iter=2", "--n_restart=1",
+                  f"--llm_base_url={server.base_url}", "--llm_api_key_env=LMBBO_CANARY",
+                  "--llm_max_retries=2", "--tracking=tensorboard"], tmp_path,
+                 LMBBO_CANARY=canary + "\r\n")
+    sent = [r.headers.get("authorization") for r in server.requests]
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert sent and all(a == f"Bearer {canary}" for a in sent)  # stripped, then sent
+  # -v 2 shows the HTTP libraries' own DEBUG lines (headers included), redacted.
+  assert "httpcore" in proc.stderr and "***" in proc.stderr
+  texts = [proc.stdout, proc.stderr]
+  texts += [p.read_bytes().decode("utf-8", "replace") for p in (tmp_path / "w").rglob("*")
+            if p.is_file()]
+  for text in texts:
+    assert canary not in text and canary[:12] not in text

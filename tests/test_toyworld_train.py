@@ -167,10 +167,14 @@ def test_training_command_writes_a_loadable_checkpoint_and_resumes(tmp_path):
 
   from lmbbo_jax.models import load_clip
 
+  import os
   cmd = [sys.executable, "-m", "lmbbo_jax.toyworld.train", f"--out={tmp_path}", "--steps=4",
          "--eval_every=2", "--embed_images=300", "--text_steps=2", "--text_eval_every=2",
          "--eval_images=100", "--text_batch=64", "--batch=16"]
-  subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+  # The rerun loads the first run's compiled programs from a persistent cache.
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path.parent / "train_jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  subprocess.run(cmd, check=True, capture_output=True, timeout=600, env=env)
   loaded = load_clip(str(tmp_path))  # The trained checkpoint loads as any CLIP.
   assert set(loaded.variables["params"]) == {"visual", "text", "logit_scale"}
   log = json.loads((tmp_path / "train_log.json").read_text())
@@ -187,7 +191,7 @@ def test_training_command_writes_a_loadable_checkpoint_and_resumes(tmp_path):
       train.scenes.STYLES)
   assert 0.0 <= log["gate"]["zero_shot_accuracy"] <= 1.0
   # A rerun resumes stage 1 from its checkpoint (no new stage-1 steps).
-  out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+  out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600, env=env)
   assert "resumed stage 1 at step 4" in out.stderr
   bad = subprocess.run(cmd[:3] + [f"--out={tmp_path}/x", "--class_head_groups=photo"],
                        capture_output=True, text=True, timeout=120)
