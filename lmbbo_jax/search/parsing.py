@@ -1,33 +1,60 @@
 """Reading candidate templates out of LLM replies, and validating them.
 
-LLM replies are untrusted text, in whatever style the model likes.
-`extract_candidates` reads, in order:
+LLM replies are untrusted text, in whatever style the model likes, and may be
+hostile. `read_reply` takes what a careful reader would take as templates, in
+worst-case time linear in the reply's length, and never raises:
 
-1. `<think>` / `<thinking>` / `<reasoning>` blocks are dropped (an unclosed
-   one hides the rest of the reply; a lone `</think>` hides what precedes it).
-2. JSON: a reply that is (or holds, in a code fence or between its first and
-   last bracket) a JSON object or array gives the strings under a
-   `templates`/`prompts`-like key, or the strings of the array (objects in it
-   give their `template`/`prompt`/`text` field).
-3. Otherwise line by line: list markers (any bullet or dash, `1.`, `1)`,
-   `(1)`, `#1`, `a)`, "Template 2:"), headings and markdown emphasis are
-   stripped; a quoted span (straight, curly, guillemet or backtick quotes,
-   single or double) that holds a slot is the template, several on one line
-   give several; an unquoted line keeps only the part with the slot, cut at
-   an explanation (" - ", ": ", " | ", a new sentence, a trailing remark in
-   parentheses) and a score annotation ("(accuracy 57.80%)").
+1. Caps: a reply longer than `MAX_REPLY_CHARS` is not read; a line longer than
+   `MAX_LINE_CHARS`, lines past `MAX_LINES` and JSON past `MAX_JSON_NODES` are
+   skipped; each cap hit is a rejection with its reason.
+2. The text is NFC-normalised and its invisible characters removed
+   (`templates.canonical`); reasoning is dropped: `<think>`, `<thinking>`,
+   `<thought>`, `<reasoning>`, `<reflection>`, `[THINK]`, `◁think▷`,
+   `<|begin_of_thought|>` blocks (an unclosed one hides the rest, a lone
+   closing tag what precedes it), gpt-oss harmony channels (only `final` is
+   read) and other special tokens (`<|im_end|>`, `</s>`, `[INST]`, ...).
+3. Structured replies: a reply that is, or holds (in a code fence or from its
+   first bracket), a JSON value or a Python literal (single quotes, trailing
+   commas; read by a small scanner, never `eval`) gives its strings under
+   template-like keys (`templates`, `prompts`, `candidates`, items'
+   `template`/`prompt`/`text`), or its list strings; fields such as `why` or
+   `reasoning` are never read. Structured text is used only when it holds a
+   slot or is the whole reply, so a stray `[]` or word list never empties or
+   replaces a reply.
+4. Otherwise line by line (and each structured string the same way): HTML tags
+   and entities, table pipes (the template column, never a `why` one),
+   headings, list markers of any style (bullets and emoji, check boxes, `1.`,
+   `1)`, `(1)`, `i.`, `a)`, `#1`, `①`, `1️⃣`, "Template 2:", "Step 1:"),
+   Markdown emphasis. Text addressed to the reader never becomes a template:
+   lead-ins ending in a colon, headings, labelled notes ("Why:", "Note:",
+   "Rationale:"), and prose that talks about templates, scores, the reader or
+   the writer, in English, French, German, Spanish, Chinese, Japanese or
+   Korean. A quoted span with a slot (straight, curly, guillemet, CJK corner,
+   backtick quotes) is a template; several quoted spans or parts split by
+   ` | ` or `; ` are several templates, never one. An unquoted part with the
+   slot is cut at an explanation (" - ", ": ", a new sentence, a trailing
+   remark in parentheses). Score annotations (`(score: 0.85)`, `[acc=0.9]`,
+   `- 85%`, `Score: 71.2`) are removed wherever they appear.
 
 Unambiguous placeholder variants (`{class}`, `{classname}`, `{class_name}`,
-`{object}`, `{label}`, `{category}`, `[CLASS]`, `<class>`, `{{}}`, `{ }`, any
-case) become `{}`. Lines of prose without a slot are ignored, but a list item
-without one is kept, so that `validate` reports it ("no {} slot") instead of
-dropping it silently.
+`{object}`, `{label}`, `{category}`, `[CLASS]`, `<class>`, `{{}}`, `{ }`,
+full-width `｛｝`, any case) become `{}`. A list item without a slot is kept, so
+that `validate` reports it ("no {} slot") instead of dropping it silently.
+
+Why the time is linear: the text is cut into lines once; each line of at most
+`MAX_LINE_CHARS` goes through a fixed number of passes of `str` methods and of
+regular expressions that either start at a fixed position, or start only at a
+distinctive character and scan a bounded or possessive (`*+`, never given back)
+run that ends at the next such character, so that no character is read more
+than a constant number of times; JSON is decoded by the standard C decoder and
+the literal scanner reads each token once.
 
 `validate` decides which candidates may be scored: at least one `{}`, no other
 `{...}` field (`templates.invalid_reason`, so `{0.__class__}` or `{name}` never
-reach `str.format` anywhere), a length bound, the scorer's context check, and
-no duplicate (by `templates.normalize`: whitespace and case) of anything the
-chain has already evaluated or of an earlier candidate in the same reply.
+reach `str.format` anywhere), writable as UTF-8, a length bound, the scorer's
+context check, and no duplicate (by `templates.normalize`: canonical form,
+whitespace and case) of anything the chain has already evaluated or of an
+earlier candidate in the same reply.
 
 Templates with several `{}` are accepted (the paper's own EuroSAT example has
 two); every slot is filled with the class name.
@@ -35,140 +62,612 @@ two); every slot is filled with the class name.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import html
 import json
 import re
+import unicodedata
 from typing import Any, Callable, Iterable
 
 from lmbbo_jax import templates as tpl
 
 DEFAULT_MAX_CHARS = 300
+# Caps on what one reply may cost to read (each hit is a rejection).
+MAX_REPLY_CHARS = 1_000_000
+MAX_LINE_CHARS = 2_000
+MAX_LINES = 1_000
+MAX_JSON_NODES = 5_000
+MAX_CANDIDATES = 500
+# A reply up to this long is parsed on the event loop; a longer one in a thread.
+INLINE_PARSE_CHARS = 16_384
+# The prefix of the rejection reason given when the parser itself fails.
+INTERNAL_ERROR = "the reply could not be read"
 
-_THINK_BLOCK_RE = re.compile(r"<(think|thinking|reasoning)>.*?</\1\s*>",
-                             re.S | re.I)
-_THINK_OPEN_RE = re.compile(r"<(think|thinking|reasoning)>.*\Z", re.S | re.I)
-_THINK_CLOSE_RE = re.compile(r"\A.*?</(think|thinking|reasoning)\s*>", re.S | re.I)
-_FENCE_LINE_RE = re.compile(r"^\s*(```|~~~)")
-_FENCED_RE = re.compile(r"(?:```|~~~)[A-Za-z0-9_-]*\s*\n(.*?)(?:```|~~~)", re.S)
+_PREVIEW_CHARS = 80
 
-_PLACEHOLDER_NAMES = r"(?:class[ _-]?name|class|object[ _-]?name|object|label|category)"
+# --- reasoning and special tokens ----------------------------------------------
+_REASONING_RE = re.compile(
+    r"<(/?)(?:think|thinking|thought|reasoning|reflection|seed:think)>"
+    r"|\[(/?)think\]|◁(/?)think▷|<\|(begin|end)_of_thought\|>", re.I)
+_HARMONY_RE = re.compile(r"<\|(channel|message|end|start|return|call)\|>")
+_SPECIAL_TOKEN_RE = re.compile(
+    r"<\|[A-Za-z0-9_:.-]{1,40}+\|>|</?s>|<(?:start|end)_of_turn>|\[/?INST\]"
+    r"|<(?:eos|bos|pad|unk|end_of_utterance)>", re.I)
+
+# --- placeholders, HTML, emphasis ----------------------------------------------
+_PLACEHOLDER_NAMES = (r"(?:class[ _-]?name|class|object[ _-]?name|object|label|category"
+                      r"|class[ _-]?label)")
+# Each alternative starts at a bracket and reads a possessive whitespace run
+# and a bounded name: linear.
 _PLACEHOLDER_RE = re.compile(
-    r"\{\{\s*\}\}|\{\s+\}|\{\{\s*" + _PLACEHOLDER_NAMES + r"\s*\}\}"
-    r"|\{\s*" + _PLACEHOLDER_NAMES + r"\s*\}|\[\s*" + _PLACEHOLDER_NAMES + r"\s*\]"
-    r"|<\s*" + _PLACEHOLDER_NAMES + r"\s*>", re.I)
+    r"\{\{\s*+\}\}|\{\s++\}|\{\{\s*+" + _PLACEHOLDER_NAMES + r"\s*+\}\}"
+    r"|\{\s*+" + _PLACEHOLDER_NAMES + r"\s*+\}|\[\s*+" + _PLACEHOLDER_NAMES + r"\s*+\]"
+    r"|<\s*+" + _PLACEHOLDER_NAMES + r"\s*+>", re.I)
+_TAG_RE = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9:-]{0,20}+)(?:\s[^<>]{0,300}+)?+/?>")
+_BLOCK_TAGS = frozenset("br p div ul ol li h1 h2 h3 h4 h5 h6 table thead tbody tfoot "
+                        "blockquote pre dl dt dd hr section article details summary "
+                        "answer output".split())
+_CELL_TAGS = frozenset(("td", "th"))
+_BRACED_RE = re.compile(r"(\{[^{}]*+\})")
+_EMPHASIS_RE = re.compile(r"\*\*|__|~~|(?<![^\W_])[*_]|[*_](?![^\W_])")
 
-_BULLETS = "-*•·+–—●▪◦‣→►✓✔>"
-_MARKER_RE = re.compile(
-    r"^\s*(?:"
-    r"[" + re.escape(_BULLETS) + r"]+\s*"                       # bullets, dashes
-    r"|\(?\d{1,3}[.):]\s*(?=\S)"                                # 1. 1) (1) 1:
-    r"|#\d{1,3}[.):]?\s+"                                       # #1
-    r"|\(?[a-zA-Z][.)]\s+"                                      # a) b.
-    r"|(?:new\s+)?(?:template|prompt|option|suggestion)\s*#?\d*\s*[:.)-]\s*"
-    r")", re.I)
-_HEADING_RE = re.compile(r"^\s*#{1,6}\s+")
-_EMPHASIS_RE = re.compile(r"\*\*|__|(?<![A-Za-z0-9])[*_](?=\S)|(?<=\S)[*_](?![A-Za-z0-9])")
-# Quoted spans that hold a slot, by quote style. Straight single quotes must
-# not be apostrophes: a letter may not touch them from outside.
-_QUOTED_RES = (
-    re.compile(r"\"([^\"\n]*\{\}[^\"\n]*)\""),
-    re.compile(r"“([^”\n]*\{\}[^”\n]*)”"),
-    re.compile(r"‘([^’\n]*\{\}[^’\n]*)’"),
-    re.compile(r"«\s*([^»\n]*\{\}[^»\n]*?)\s*»"),
-    re.compile(r"`([^`\n]*\{\}[^`\n]*)`"),
-    re.compile(r"(?<![A-Za-z0-9])'((?:[^'\n]|'(?=[a-z]))*\{\}(?:[^'\n]|'(?=[a-z]))*)'(?![A-Za-z0-9])"),
-)
-_QUOTES = "\"'“”‘’`«»"
-# Explanation separators after (or labels before) a template.
-_SEPARATORS = (" - ", " – ", " — ", " -- ", ": ", " | ", "\t", " → ", " => ")
-_SCORE_RE = re.compile(
-    r"\s*[\(\[]\s*(?:(?:accuracy|acc|score|train|test)\b[^()\[\]]*|~?\d+(?:\.\d+)?\s*%[^()\[\]]*)[\)\]]\s*$"
-    r"|\s*[-–—:,]?\s*(?:accuracy|acc|score)?\s*[:=]?\s*\d+(?:\.\d+)?\s*%"
-    r"(?:\s*(?:accuracy|acc))?\s*$", re.I)
-_INNER_SCORE_RE = re.compile(r"\s*\((?:accuracy|acc|score)\b[^()]*\)|\s*\(~?\d+(?:\.\d+)?\s*%\)",
-                             re.I)
-_TRAILING_PAREN_RE = re.compile(r"\s*\(([^(){}]*)\)\s*$")
-# A new sentence after the slot's sentence ("a {}. This one ..." ).
-_NEW_SENTENCE_RE = re.compile(r"(?<=[.!?])\s+(?=[A-Z(])")
-_JSON_KEYS = ("templates", "prompts", "new_templates", "new_prompts",
-              "suggestions", "candidates", "template", "prompt")
-_JSON_ITEM_KEYS = ("template", "prompt", "text", "value")
+# --- quotes ------------------------------------------------------------------------
+# Opening quote -> its possible closing quotes.
+_QUOTE_PAIRS = {'"': '"', "“": "”", "„": "“”", "‘": "’", "‚": "‘’", "«": "»",
+                "»": "«", "‹": "›", "「": "」", "『": "』", "`": "`", "'": "'"}
+_QUOTES = "\"'“”‘’`«»„‚‹›「」『』"
+_QUOTE_CHAR_RE = re.compile("[" + re.escape("".join(_QUOTE_PAIRS)) + "]")
+
+# --- list markers, labels, separators ----------------------------------------------
+_NUMBERING_RE = re.compile(
+    r"\(?\d{1,3}[.)\]:．）、](?!\d)"
+    r"|\(?(?:[ivxlc]{1,6}|[a-z])[.)\]](?=\s)"
+    r"|\(\s?(?:\d{1,3}|[ivxlc]{1,6}|[a-z])\s?\)"
+    r"|[#№]\s?\d{1,3}[.):]?(?=\s|$)"
+    r"|(?:no|nr)\.?\s?\d{1,3}[.):](?=\s)"
+    r"|\d\ufe0f?\u20e3"
+    r"|\[[ xX✓✔]\](?=\s)", re.I)
+_LABEL_RE = re.compile(
+    r"([^\W\d_]{1,20}+(?:[ \t][^\W\d_]{1,20}+){0,3})[ \t]?#?[ \t]?(?:\d{1,3}|[A-Za-z]\b)?"
+    r"[ \t]?(?::|：|\)|\.(?=\s)| -| –| —)")
+_BULLET_EXTRA = frozenset("\ufe0f\u20e3\u200d")
+_NOT_BULLETS = frozenset("\"'`“”‘’«»„‚‹›「」『』([{<#%@&$\\")
+_LIST_SEPARATORS = (" | ", " || ", "; ", "\t", " / ")
+_EXPLANATION_SEPARATORS = (" - ", " – ", " — ", " -- ", ": ", "： ", " → ", " => ", " -> ")
+_SENTENCE_END_RE = re.compile(r"[.!?]\s++(?=[A-Z(])|[。！？](?=.)")
+_BRACKET_GROUP_RE = re.compile(r"[(\[]([^()\[\]{}\n]{0,80}+)[)\]]")
+_WORD_RE = re.compile(r"[^\W_]+")
+_NUMBER_RE = re.compile(r"[~≈±+-]?\d++(?:[.,]\d++)?+%?(?:/\d++)?")
+_NONSPACE_RE = re.compile(r"\S++")
+_KEY_VALUE_RE = re.compile(r"[:=]")
+# Words before a trailing number that make it part of the template ("at 50%").
+_LINKING_WORDS = frozenset("at of in with by from to about over under than".split())
+
+_TEMPLATE_LABELS = frozenset(
+    "template templates prompt prompts option options candidate candidates suggestion "
+    "suggestions idea ideas step version variant variation example alternative answer "
+    "final output result proposal choice pick entry item new improved revised updated "
+    "suggested proposed my another one two three four five number no modèle nouveau "
+    "vorlage neue neuer plantilla nueva propuesta".split())
+_TEMPLATE_LABELS_CJK = ("模板", "提示", "答案", "回答", "テンプレート", "プロンプト", "案", "템플릿")
+_RATIONALE_LABELS = frozenset(
+    "why reason reasons reasoning rationale because explanation explanations note notes "
+    "nb tip tips justification comment comments analysis score scores accuracy expected "
+    "estimated previous original baseline current best worst observation observations "
+    "insight insights summary takeaway pros cons warning caveat remark pourquoi raison remarque "
+    "explication begründung grund hinweis anmerkung warum erklärung razón nota "
+    "explicación porque".split())
+_RATIONALE_LABELS_CJK = ("原因", "理由", "说明", "注意", "备注", "解释", "分析", "説明",
+                         "注", "ポイント", "解説", "为什么", "なぜ", "이유", "설명")
+# Words that never occur in a caption template but do in text about templates,
+# scores, the reader or the writer.
+_META_WORDS = frozenset(
+    "template templates prompt prompts placeholder placeholders slot slots accuracy "
+    "score scores scored scoring candidate candidates suggestion suggestions because "
+    "emphasizes emphasises emphasize emphasise emphasizing emphasising highlights "
+    "rationale explanation reasoning classname you your yours i we let hope hopefully "
+    "variations dataset datasets classifier classify classification modèle modèles "
+    "gabarit gabarits vous votre vos je j espère nous vorlage vorlagen ihnen ich wir "
+    "hoffe plantilla plantillas usted espero".split())
+_META_CJK = ("模板", "提示", "以下是", "这些", "希望", "您", "テンプレート", "プロンプト",
+             "以下は", "これらの", "템플릿", "프롬프트")
+_OPENERS = frozenset(
+    "here here's heres sure certainly okay ok note notes why these below following "
+    "remember tip hint thanks voici voilà voila hier gerne natürlich folgende aquí claro "
+    "estas".split())
+# "This one ...", "It keeps ...": the writer describing a template.
+_SUBJECTS = frozenset("this these that it they each both all".split())
+_SUBJECT_NOUNS = frozenset("one ones version versions variant variation first second "
+                           "third last option options idea".split())
+_RATIONALE_VERBS = frozenset(
+    "uses use places place keeps keep shows show adds add focuses focus emphasizes "
+    "emphasises makes make gives give helps help works work captures capture highlights "
+    "mirrors mirror removes remove avoids avoid targets target leans lean combines "
+    "combine tests test tries try describes describe matches match puts put stresses "
+    "stress should might may could will would".split())
+_RATIONALE_WORDS = frozenset(
+    "because since than unlike compared similar replace replaces replaced replacing "
+    "keeps keep slot placeholder accuracy score scored emphasizes emphasises highlights "
+    "focuses why reason rationale worked performed previous original earlier existing "
+    "baseline".split())
+_RATIONALE_OPENERS = frozenset("this these that it they why because since note each "
+                               "both all".split())
+_ANNOTATION_WORDS = frozenset(
+    "score acc accuracy est estimated estimate expected predicted pred conf confidence "
+    "val valid validation train test top p approx ca rating prob probability logprob "
+    "guess".split())
+# Words that mark a trailing number as a score (`Score: 71.2`).
+_SCORE_KEYS = frozenset("score acc accuracy est estimated expected predicted conf "
+                        "confidence rating prob probability logprob".split())
+_TEMPLATE_KEYS = ("templates", "prompts", "new_templates", "new_prompts", "candidates",
+                  "suggestions", "template", "prompt", "outputs", "output", "results",
+                  "result", "answers", "answer", "items", "captions", "caption",
+                  "variations", "variants", "text", "value", "content", "data", "response")
+_SKIPPED_KEYS = frozenset(
+    "why reason reasons reasoning rationale explanation explanations note notes analysis "
+    "thoughts thinking thought comment comments justification description score scores "
+    "accuracy confidence id index rank style category".split())
+
+
+@dataclasses.dataclass
+class Reading:
+  """What a reply holds: candidate templates (still to validate) and rejections."""
+
+  candidates: list[str] = dataclasses.field(default_factory=list)
+  rejections: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+
+def _preview(text: str) -> str:
+  head = printable(text[:_PREVIEW_CHARS])
+  return head + "…" if len(text) > _PREVIEW_CHARS else head
+
+
+def printable(text: str) -> str:
+  """`text` with lone surrogates replaced, so that it can be logged and sent."""
+  return text.encode("utf-8", "replace").decode("utf-8") if _has_surrogate(text) else text
+
+
+def _has_surrogate(text: str) -> bool:
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError:
+    return True
+  return False
 
 
 def normalize_placeholders(text: str) -> str:
-  """`{class}`, `[CLASS]`, `<class>`, `{{}}`, `{ }`, ... -> `{}`."""
+  """`{class}`, `[CLASS]`, `<class>`, `{{}}`, `{ }`, `｛｝`, ... -> `{}`."""
+  if "｛" in text or "｝" in text:
+    text = text.replace("｛", "{").replace("｝", "}")
   return _PLACEHOLDER_RE.sub(tpl.SLOT, text)
 
 
-_BRACED_RE = re.compile(r"\{[^{}]*\}")
+# --- reasoning ------------------------------------------------------------------------
+def _drop_reasoning(text: str) -> str:
+  """Text outside reasoning blocks; an unclosed block hides the rest, a lone close what precedes it."""
+  if "<" in text or "[" in text or "◁" in text:
+    kept, keep_from, inside = [], 0, False
+    for m in _REASONING_RE.finditer(text):
+      closing = bool(m.group(1) or m.group(2) or m.group(3)) or m.group(4) == "end"
+      if not inside and not closing:
+        kept.append(text[keep_from:m.start()])
+        inside = True
+      elif closing:
+        if not inside:
+          kept = []  # a lone close: what precedes it was reasoning
+        keep_from, inside = m.end(), False
+    if not inside:
+      kept.append(text[keep_from:])
+    text = "\n".join(kept)
+  if "<|" in text:
+    text = _harmony_final(text)
+  elif text.lstrip()[:8].lower() == "analysis" and "assistantfinal" in text:
+    # harmony with its special tokens stripped by the server
+    text = text[text.rfind("assistantfinal") + len("assistantfinal"):]
+  if "<" in text or "[" in text:
+    text = _SPECIAL_TOKEN_RE.sub("\n", text)
+  return text
+
+
+def _harmony_final(text: str) -> str:
+  """gpt-oss harmony: the `final` channel's messages, else the text outside any message."""
+  finals, outside = [], []
+  channel = channel_at = body_at = None
+  last = 0
+  for m in _HARMONY_RE.finditer(text):
+    kind = m.group(1)
+    if body_at is not None:  # any token ends a message
+      if channel is None or channel.startswith("final"):
+        finals.append(text[body_at:m.start()])
+      body_at = channel = None
+    elif channel_at is None:
+      outside.append(text[last:m.start()])
+    if kind == "channel":
+      channel_at = m.end()
+    elif kind == "message":
+      if channel_at is not None:
+        channel = text[channel_at:m.start()].strip().lower()
+      channel_at, body_at = None, m.end()
+    else:
+      channel_at = None
+    last = m.end()
+  if body_at is not None:
+    if channel is None or channel.startswith("final"):
+      finals.append(text[body_at:])
+  elif channel_at is None:
+    outside.append(text[last:])
+  return "\n".join(finals) if finals else "\n".join(outside)
+
+
+# --- structured replies (JSON, Python literals) -------------------------------------------
+_JSON = json.JSONDecoder()
+_LITERAL_TOKEN_RE = re.compile(
+    r"\s*+(?:(?P<s>[rRuU]?(?:'(?:[^'\\\n]|\\.)*+'|\"(?:[^\"\\\n]|\\.)*+\"))"
+    r"|(?P<p>[\[\]{}(),:])|(?P<n>[-+]?[0-9][0-9_.eE+-]*+)|(?P<w>[A-Za-z_]\w*+))", re.S)
+_ESCAPE_RE = re.compile(r"\\(u[0-9a-fA-F]{4}|x[0-9a-fA-F]{2}|.)", re.S)
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "\n": ""}
+_LITERAL_NAMES = frozenset(("True", "False", "None", "true", "false", "null"))
+_CLOSE = object()
+
+
+def _unescape(body: str, raw: bool) -> str:
+  if raw or "\\" not in body:
+    return body
+
+  def one(m: re.Match) -> str:
+    e = m.group(1)
+    if len(e) > 1:
+      return chr(int(e[1:], 16))
+    return _ESCAPES.get(e, e)
+
+  return _ESCAPE_RE.sub(one, body)
+
+
+def _literal(text: str, start: int) -> tuple[Any, int] | None:
+  """A Python/JSON literal (lists, tuples, dicts, strings, numbers) at `start`, or None.
+
+  Each token is matched once at a known position, so this reads `text` once.
+  """
+  stack: list[list | dict] = []
+  keys: list[Any] = []  # per dict on the stack: its pending key (or _CLOSE when none)
+  pos, tokens = start, 0
+  while True:
+    tokens += 1
+    if tokens > MAX_JSON_NODES or len(stack) > 64:
+      return None
+    m = _LITERAL_TOKEN_RE.match(text, pos)
+    if m is None:
+      return None
+    pos = m.end()
+    if m.group("p"):
+      p = m.group("p")
+      if p in "[({":
+        stack.append({} if p == "{" else [])
+        keys.append(_CLOSE)
+        continue
+      if p in "])}":
+        if not stack or (p == "}") != isinstance(stack[-1], dict):
+          return None
+        keys.pop()
+        value = stack.pop()
+      else:
+        if not stack:
+          return None
+        if p == ":" and (not isinstance(stack[-1], dict) or keys[-1] is _CLOSE):
+          return None
+        continue
+    elif m.group("s"):
+      s = m.group("s")
+      raw = s[0] in "rR"
+      if s[0] not in "'\"":
+        s = s[1:]
+      value = _unescape(s[1:-1], raw)
+    elif m.group("w"):
+      if m.group("w") not in _LITERAL_NAMES:
+        return None
+      value = None
+    else:
+      value = None  # a number: only strings matter here
+    if not stack:
+      return value, pos
+    top = stack[-1]
+    if isinstance(top, list):
+      top.append(value)
+    elif keys[-1] is _CLOSE:
+      keys[-1] = value if isinstance(value, (str, type(None))) else str(value)
+    else:
+      top[keys[-1]] = value
+      keys[-1] = _CLOSE
+
+
+def _decode(text: str, start: int) -> tuple[Any, int] | None:
+  try:
+    return _JSON.raw_decode(text, start)
+  except (ValueError, RecursionError):
+    return _literal(text, start)
+
+
+def _value_starts(text: str) -> list[int]:
+  """Where a JSON value or literal may start: a few places, each tried once."""
+  starts = {0} if text[:1] in "[{" else set()
+  for marker in ("[", "{\"", "{'", "[\"", "['", "\n[", "\n{"):
+    i = text.find(marker)
+    if i >= 0:
+      starts.add(i + (marker[0] == "\n"))
+  return sorted(starts)
+
+
+def _structured_strings(obj: Any, reading: Reading) -> list[str]:
+  """Strings a structured reply offers as templates, in document order."""
+  out: list[str] = []
+  nodes = 0
+  stack: list[tuple[Any, bool]] = [(obj, True)]
+  while stack:
+    node, any_string = stack.pop()
+    nodes += 1
+    if nodes > MAX_JSON_NODES:
+      reading.rejections.append(
+          ("(structured reply)", f"more than {MAX_JSON_NODES} JSON values; the rest was not read"))
+      break
+    if isinstance(node, str):
+      if any_string or tpl.SLOT in normalize_placeholders(node):
+        out.append(node)
+    elif isinstance(node, list):
+      stack.extend((item, any_string) for item in reversed(node))
+    elif isinstance(node, dict):
+      named = {str(k).strip().lower(): v for k, v in node.items()}
+      chosen = next((k for k in _TEMPLATE_KEYS if k in named), None)
+      if chosen is not None:
+        stack.append((named[chosen], True))
+      else:  # unknown fields: only strings that hold a slot
+        stack.extend((v, False) for k, v in reversed(named.items())
+                     if k not in _SKIPPED_KEYS)
+  return out
+
+
+def _structured(text: str, blocks: list[str], reading: Reading) -> list[str] | None:
+  """Candidates of a structured reply, or None when the reply is not one."""
+  whole = text.strip()
+  for piece in [whole, *blocks[:8]]:
+    piece = piece.strip()
+    for start in _value_starts(piece):
+      got = _decode(piece, start)
+      if got is None:
+        continue
+      obj, end = got
+      strings = _structured_strings(obj, reading)[:MAX_CANDIDATES]
+      is_whole = piece is whole and start == 0 and not piece[end:].strip()
+      if not is_whole and not any(tpl.SLOT in normalize_placeholders(s) for s in strings):
+        continue
+      cands = [c for s in strings for c in _text_candidates(s)]
+      if is_whole or any(tpl.SLOT in c for c in cands):
+        return cands
+  return None
+
+
+# --- lines --------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Context:
+  """What earlier lines tell about the next one."""
+
+  in_fence: bool = False
+  table_column: int | None = None  # the template column of the current table
+  table_skip: frozenset = frozenset()  # its rationale and number columns
+  table_header: bool = False
+  # A structured reply's string: the structure says it is a template, so it is
+  # read without the prose filter (markers, labels and annotations still go).
+  structured: bool = False
+
+  def prose(self, text: str) -> bool:
+    return not self.structured and _is_prose(text)
+
+  def rationale(self, text: str) -> bool:
+    return not self.structured and _is_rationale(text)
+
+
+def _fences(lines: list[str]) -> list[str]:
+  """Contents of the fenced code blocks among `lines`."""
+  blocks, current = [], None
+  for line in lines:
+    s = line.strip()
+    if s.startswith(("```", "~~~")) and (len(s) < 6 or s[3:].find("```") < 0):
+      if current is None:
+        current = []
+      else:
+        blocks.append("\n".join(current))
+        current = None
+    elif current is not None:
+      current.append(line)
+  return blocks
+
+
+def _convert_html(text: str) -> str:
+  """HTML entities decoded; block tags become line breaks, table cells pipes, the rest goes."""
+  if "&" in text:
+    text = normalize_placeholders(html.unescape(text))
+  if "<" not in text:
+    return text
+
+  def one(m: re.Match) -> str:
+    name = m.group(2).lower()
+    if name == "li" and not m.group(1):
+      return "\n- "
+    if name in _BLOCK_TAGS:
+      return "\n"
+    if name == "tr":
+      return "\n" if m.group(1) else "\n|"
+    if name in _CELL_TAGS:
+      return "|" if m.group(1) else ""
+    return ""
+
+  return _TAG_RE.sub(one, text)
 
 
 def _strip_emphasis(text: str) -> str:
-  """Markdown `**bold**`, `__bold__`, `*it*` removed; brace groups kept intact."""
-  kept: list[str] = []
-
-  def protect(m: re.Match) -> str:
-    kept.append(m.group(0))
-    return f"\x00{len(kept) - 1}\x00"
-
-  text = _EMPHASIS_RE.sub("", _BRACED_RE.sub(protect, text))
-  return re.sub(r"\x00(\d+)\x00", lambda m: kept[int(m.group(1))], text)
+  """Markdown `**bold**`, `__bold__`, `*it*`, `~~struck~~` removed; brace groups kept intact."""
+  parts = _BRACED_RE.split(text)  # odd parts are brace groups such as `{0.__class__}`
+  return "".join(p if i % 2 else _EMPHASIS_RE.sub("", p) for i, p in enumerate(parts))
 
 
-def _drop_thinking(reply: str) -> str:
-  reply = _THINK_BLOCK_RE.sub("\n", reply)
-  reply = _THINK_OPEN_RE.sub("\n", reply)
-  return _THINK_CLOSE_RE.sub("\n", reply)
+def _words(text: str) -> list[str]:
+  return _WORD_RE.findall(text.casefold())
 
 
-def _json_strings(obj: Any) -> list[str] | None:
-  """Template strings of a parsed JSON reply, None when it holds none."""
-  if isinstance(obj, str):
-    return [obj]
-  if isinstance(obj, list):
-    out = []
-    for item in obj:
-      if isinstance(item, str):
-        out.append(item)
-      elif isinstance(item, dict):
-        for k in _JSON_ITEM_KEYS:
-          if isinstance(item.get(k), str):
-            out.append(item[k])
-            break
-    return out if out or not obj else None
-  if isinstance(obj, dict):
-    lowered = {str(k).lower(): v for k, v in obj.items()}
-    for k in _JSON_KEYS:
-      if k in lowered:
-        got = _json_strings(lowered[k])
-        if got is not None:
-          return got
-    lists = [v for v in obj.values() if isinstance(v, list)]
-    if len(lists) == 1:
-      return _json_strings(lists[0])
-  return None
+def _is_prose(text: str) -> bool:
+  """Whether `text` talks to the reader or about templates rather than being one."""
+  words = _words(text)
+  if not words:
+    return False
+  if words[0] in _OPENERS or not _META_WORDS.isdisjoint(words):
+    return True
+  if words[0] in _SUBJECTS and (len(words) > 1 and words[1] in _SUBJECT_NOUNS
+                                or not _RATIONALE_VERBS.isdisjoint(words[1:3])):
+    return True  # "This one uses ...", "It keeps ...", "These place ..."
+  low = text.casefold()
+  return "e.g" in low or "i.e" in low or any(w in text for w in _META_CJK)
 
 
-def _json_candidates(reply: str) -> list[str] | None:
-  texts = [m.group(1) for m in _FENCED_RE.finditer(reply)] + [reply]
-  for text in texts:
-    text = text.strip()
-    pieces = [text]
-    for open_, close in (("{", "}"), ("[", "]")):
-      a, b = text.find(open_), text.rfind(close)
-      if 0 <= a < b:
-        pieces.append(text[a:b + 1])
-    for piece in pieces:
-      if not piece or piece[0] not in "{[\"":
-        continue
-      try:
-        obj = json.loads(piece)
-      except ValueError:
-        continue
-      got = _json_strings(obj)
-      if got is not None:
-        return [c for c in (_clean(s) for s in got) if c]
-  return None
+def _is_rationale(text: str) -> bool:
+  """Whether the text before a quoted template makes it a rationale, not an offer."""
+  words = _words(text)
+  if not words:
+    return False
+  return (words[0] in _RATIONALE_OPENERS or not _RATIONALE_WORDS.isdisjoint(words)
+          or any(w in text for w in _RATIONALE_LABELS_CJK))
+
+
+def _is_bullet(ch: str) -> bool:
+  if ch in _BULLET_EXTRA:
+    return True
+  if ch in _NOT_BULLETS or ch.isspace():
+    return False
+  category = unicodedata.category(ch)
+  if ch.isalnum():
+    return category == "No"  # ① ❶
+  # punctuation, symbols, emoji; never an opening or closing bracket or quote
+  return ch.isprintable() and category not in ("Ps", "Pe", "Pi", "Pf")
+
+
+def _strip_marker(s: str) -> tuple[str, bool]:
+  """`s` without one leading list marker, and whether there was one."""
+  j = 0
+  while j < len(s) and j < 8 and _is_bullet(s[j]):
+    j += 1
+  # ASCII bullets need a space after them ("-a" is no item); "・", "•", "①", emoji do not
+  if j and (j == len(s) or s[j].isspace() or not s[:j].isascii()):
+    return s[j:].lstrip(), True
+  m = _NUMBERING_RE.match(s)
+  if m:
+    return s[m.end():].lstrip(), True
+  return s, False
+
+
+def _strip_label(s: str) -> tuple[str, str | None]:
+  """`s` without a leading "Template 2:"-like label, and the label's kind."""
+  head = s[:60]
+  m = _LABEL_RE.match(head)
+  if m:
+    words = [w for w in _words(m.group(1)) if len(w) > 1]  # "Option B)": B is a number
+    if words and all(w in _TEMPLATE_LABELS for w in words):
+      return s[m.end():].lstrip(), "template"
+  cut = min((i for i in (head.find(":"), head.find("："), head.find(" -"), head.find(")"))
+             if i > 0), default=-1)
+  if cut > 0:
+    label = head[:cut]
+    words = _words(label)
+    if words and len(words) <= 4 and words[0] in _RATIONALE_LABELS:
+      return s, "rationale"
+    if any(w in label for w in _RATIONALE_LABELS_CJK) and len(label) <= 12:
+      return s, "rationale"
+    if any(w in label for w in _TEMPLATE_LABELS_CJK) and len(label) <= 12:
+      return s[cut + 1:].lstrip(), "template"
+  return s, None
+
+
+def _quoted_spans(s: str) -> list[tuple[int, int]]:
+  """(start, end) of the outermost quoted spans of `s`, quotes included.
+
+  A straight single quote counts only where it is no apostrophe (no letter
+  outside it). The closing positions are found with one forward pointer per
+  quote character (a later search starts where the last one ended), so the
+  scan is linear.
+  """
+  spans: list[tuple[int, int]] = []
+  next_at: dict[str, int] = {}
+
+  def close_after(c: str, after: int) -> int:
+    at = next_at.get(c, -2)
+    if at == -2 or (at != -1 and at <= after):
+      at = s.find(c, after + 1)
+      while c == "'" and at != -1 and at + 1 < len(s) and s[at + 1].isalnum():
+        at = s.find(c, at + 1)  # an apostrophe
+      next_at[c] = at
+    return at
+
+  m = _QUOTE_CHAR_RE.search(s)
+  while m:
+    i, ch = m.start(), m.group(0)
+    if ch == "'" and i > 0 and s[i - 1].isalnum():
+      m = _QUOTE_CHAR_RE.search(s, i + 1)
+      continue
+    ends = [e for e in (close_after(c, i) for c in _QUOTE_PAIRS[ch]) if e != -1]
+    if not ends:
+      m = _QUOTE_CHAR_RE.search(s, i + 1)
+      continue
+    end = min(ends)
+    spans.append((i, end + 1))
+    m = _QUOTE_CHAR_RE.search(s, end + 1)
+  return spans
+
+
+def _strip_annotations(s: str) -> str:
+  """`s` without score annotations: bracketed anywhere, or trailing words."""
+  if "(" in s or "[" in s:
+    s = _BRACKET_GROUP_RE.sub(lambda m: " " if _is_annotation(m.group(1)) else m.group(0), s)
+  offset = max(0, len(s) - 160)  # an annotation is short: only the tail is read
+  words = list(_NONSPACE_RE.finditer(s, offset))
+  kinds = [_annotation_kind(w.group(0)) for w in words]
+  cut, seen_score = len(words), False
+  while cut > 0:
+    kind = kinds[cut - 1]
+    if kind == "score" or (kind == "number" and cut > 1 and kinds[cut - 2] == "key"):
+      seen_score = True
+    elif not (seen_score and kind in ("key", "sep")):
+      break
+    cut -= 1
+  if not seen_score or (cut > 0 and words[cut - 1].group(0).casefold() in _LINKING_WORDS):
+    return s.strip()
+  return s[:words[cut].start()].strip()
+
+
+def _annotation_kind(word: str) -> str | None:
+  """'score' (`85%`, `0.85`, `acc=0.9`), 'number', 'key' (`Score:`), 'sep' or None."""
+  w = word.strip("()[],;*").casefold()
+  if w in ("-", "–", "—", ":", "=", "→", "|", "/", "~", "≈", "@"):
+    return "sep"
+  parts = [p for p in _KEY_VALUE_RE.split(w) if p]
+  if not parts:
+    return None
+  numbers = [p for p in parts if _NUMBER_RE.fullmatch(p)]
+  keys = [p for p in parts if p in _SCORE_KEYS]
+  if len(numbers) + len(keys) < len(parts):
+    return None
+  if numbers and (keys or any(c in p for p in numbers for c in "%./")):
+    return "score"
+  return "number" if numbers else "key"
+
+
+def _is_annotation(inner: str) -> bool:
+  low = inner.strip().casefold()
+  if not any(ch.isdigit() for ch in low):
+    return False
+  words = re.findall(r"[a-z]+", low)
+  if words and words[0] in ("accuracy", "acc", "score"):
+    return True
+  if words:
+    return all(w in _ANNOTATION_WORDS for w in words)
+  return all(ch.isdigit() or ch in " .,%~≈±+-/:=" for ch in low)
 
 
 def _strip_quotes(text: str) -> str:
@@ -183,98 +682,233 @@ def _strip_quotes(text: str) -> str:
   return text
 
 
-def _clean(text: str) -> str:
-  """Final tidying of one candidate: placeholders, quotes, list commas."""
-  text = normalize_placeholders(text.strip())
+def _finish(text: str) -> str:
+  """Final tidying of one candidate: annotations, quotes, list commas."""
+  text = _strip_annotations(text)
   text = _strip_quotes(text.rstrip(",;").strip())
-  return _strip_quotes(text).strip()
+  return _strip_quotes(text.rstrip(",;")).strip()
 
 
-def _cut_explanation(body: str) -> str:
-  """The part of an unquoted line that is the template."""
-  changed = True
-  while changed:
-    changed = False
-    for sep in _SEPARATORS:
-      i = body.find(sep)
-      if i < 0:
+def _cut_remark(body: str) -> str:
+  """`body` without a trailing remark in parentheses after the slot."""
+  if not body.endswith(")"):
+    return body
+  open_at = body.rfind("(")
+  inner = body[open_at + 1:-1]
+  if open_at < 0 or "(" in inner or "{" in inner or tpl.SLOT not in body[:open_at]:
+    return body
+  inner = inner.strip()
+  if inner[:1].isupper() or len(inner.split()) >= 4 or inner.casefold().startswith(
+      ("e.g", "i.e", "this", "focus", "emphas", "more ", "less ")) or _is_prose(inner):
+    return body[:open_at].rstrip()
+  return body
+
+
+def _sentences(body: str) -> list[str]:
+  parts, last = [], 0
+  for m in _SENTENCE_END_RE.finditer(body):
+    parts.append(body[last:m.start() + 1])
+    last = m.end()
+  parts.append(body[last:])
+  return [p.strip() for p in parts if p.strip()]
+
+
+def _unquoted(body: str, context: _Context) -> list[str]:
+  """Templates of an unquoted line with a slot: split, cut, filtered."""
+  out = []
+  parts = [_strip_annotations(body)]  # before "Score: 71.2" is taken for an explanation
+  for sep in _LIST_SEPARATORS:
+    parts = [q for p in parts for q in p.split(sep)]
+  for part in parts:
+    segments = [part]
+    for sep in _EXPLANATION_SEPARATORS:
+      segments = [q for p in segments for q in p.split(sep)]
+    for seg in segments:
+      if tpl.SLOT not in seg:
         continue
-      left, right = body[:i], body[i + len(sep):]
-      if tpl.SLOT in left and tpl.SLOT not in right:
-        body, changed = left, True
-      elif tpl.SLOT in right and tpl.SLOT not in left:
-        body, changed = right, True
-      if changed:
-        break
-  body = _SCORE_RE.sub("", _INNER_SCORE_RE.sub("", body))
-  paren = _TRAILING_PAREN_RE.search(body)
-  if paren and tpl.SLOT in body[:paren.start()]:
-    inner = paren.group(1).strip()
-    if inner[:1].isupper() or len(inner.split()) >= 4 or inner.lower().startswith(
-        ("e.g", "i.e", "this", "focus", "emphas")):
-      body = body[:paren.start()]
-  parts = _NEW_SENTENCE_RE.split(body)
-  if len(parts) > 1:
-    with_slot = [p for p in parts if tpl.SLOT in p]
-    if len(with_slot) == 1:
-      body = with_slot[0]
-  return body.strip()
+      seg = _cut_remark(_strip_annotations(seg))
+      sentences = [p for p in _sentences(seg) if tpl.SLOT in p and not context.prose(p)]
+      out.extend(_finish(p) for p in sentences)
+  return [c for c in out if c]
 
 
-def _line_candidates(line: str) -> list[str]:
-  heading = _HEADING_RE.match(line)
-  body = line[heading.end():] if heading else line
-  marker = _MARKER_RE.match(body)
-  if marker:
-    body = body[marker.end():]
-  body = normalize_placeholders(_strip_emphasis(body)).strip()
-  if not body:
+def _line_candidates(line: str, context: _Context, item_context: bool) -> list[str]:
+  """Candidate templates of one stripped, non-empty line."""
+  if line.startswith("|") or (context.table_column is not None and line.count("|") >= 2):
+    return _table_row(line, context)
+  context.table_column, context.table_skip, context.table_header = None, frozenset(), False
+  if line.startswith("#"):
+    hashes = len(line) - len(line.lstrip("#"))
+    if hashes <= 6 and line[hashes:hashes + 1].isspace():
+      return []  # a heading
+  body, item = line, item_context
+  for _ in range(3):
+    before = body
+    body, marked = _strip_marker(body)
+    if "*" in body or "_" in body or "~" in body:
+      body = _strip_emphasis(body).strip()
+    body, label = _strip_label(body)
+    if label == "rationale":
+      return []
+    item = item or marked or label == "template"
+    if body == before:
+      break
+  body = body.strip()
+  if not body or (not context.structured and body.rstrip(" *").endswith((":", "："))):
+    return []  # a lead-in or a heading
+  if body.startswith("(") and body.endswith(")") and "(" not in body[1:]:
+    body = body[1:-1].strip()  # a remark in parentheses: read inside, as prose
+    item = False
+  spans = _quoted_spans(body)
+  out, last = [], 0
+  for start, end in spans:
+    inner = body[start + 1:end - 1]
+    if tpl.SLOT not in inner:
+      continue
+    if context.rationale(body[last:start]):
+      break
+    last = end
+    cand = _finish(inner)
+    if cand and not context.prose(cand):
+      out.append(cand)
+  if out or any(tpl.SLOT in body[a + 1:b - 1] for a, b in spans):
+    return out
+  if "{" not in body and "}" not in body:
+    if item and not context.prose(body):
+      head = spans[0] if spans and spans[0][0] == 0 else None
+      cand = _finish(body[1:head[1] - 1] if head else body)
+      return [cand] if cand else []
     return []
-  quoted = sorted((m.start(), m.group(1)) for rx in _QUOTED_RES
-                  for m in rx.finditer(body))
-  if quoted:
-    out, end = [], -1
-    for start, text in quoted:  # nested quote styles: keep the outermost
-      if start > end:
-        out.append(text)
-        end = start + len(text) + 1
-    return [c for c in (_clean(t) for t in out) if c]
-  has_brace = "{" in body or "}" in body
-  plain = re.match(r"^[\"“‘`']([^\"”’`']+)[\"”’`']\s*(?:$|[:(|,–—-])", body)
-  if marker and plain:
-    # A list item whose quoted template forgot its slot: the quoted part (for
-    # the rejection), never the remark after it.
-    return [_clean(plain.group(1))]
-  fully_quoted = len(body) >= 2 and body[0] in _QUOTES and body[-1] in _QUOTES
-  if not has_brace and not (marker or fully_quoted):
-    return []  # prose
-  if body.rstrip().endswith(":") and (heading or not has_brace or
-                                      not _cut_explanation(body[:-1])):
-    return []  # a heading such as "- Templates:" or "### For {}:"
-  if heading:
-    return []  # a markdown heading is never a template
-  if tpl.SLOT in body:
-    body = _cut_explanation(body)
-  else:  # reported as a rejection: at least without its score annotation
-    body = _SCORE_RE.sub("", _INNER_SCORE_RE.sub("", body))
-  cand = _clean(body)
-  return [cand] if cand else []
+  if item and spans and spans[0][0] == 0:
+    rest = body[spans[0][1]:].lstrip()
+    if not rest or rest[0] in ":(|,–—-":
+      # A list item whose quoted template forgot its slot: the quoted part (for
+      # the rejection), never the remark after it.
+      return [_finish(body[1:spans[0][1] - 1])]
+  if tpl.SLOT not in body:
+    if item and not context.prose(body):  # reported as a rejection: a bad brace
+      cand = _finish(body)
+      return [cand] if cand else []
+    return []
+  return _unquoted(body, context)
+
+
+def _table_row(line: str, context: _Context) -> list[str]:
+  cells = [c.strip() for c in line.strip().strip("|").split("|")]
+  if all(set(c) <= set("-: ") for c in cells):
+    return []  # |---|:--:|
+  if tpl.SLOT not in line and context.table_column is None and not context.table_header:
+    names = [" ".join(_words(c)) for c in cells]
+    template = next((i for i, n in enumerate(names)
+                     if any(w in n for w in ("template", "prompt", "candidate", "modèle",
+                                             "vorlage", "plantilla"))
+                     or any(w in n for w in _TEMPLATE_LABELS_CJK)), None)
+    context.table_column = template if template is not None else -1
+    context.table_skip = frozenset(
+        i for i, n in enumerate(names)
+        if n in ("", "no", "number", "rank", "id") or (n.split() or [""])[0] in _RATIONALE_LABELS
+        or any(w in n for w in _RATIONALE_LABELS_CJK))
+    context.table_header = True
+    return []
+  if context.table_column is not None and 0 <= context.table_column < len(cells):
+    chosen = [cells[context.table_column]]
+  else:
+    chosen = [c for i, c in enumerate(cells) if i not in context.table_skip and tpl.SLOT in c]
+  if context.table_column is None:
+    context.table_column = -1
+  cell_context = _Context(structured=context.structured)
+  return [c for cell in chosen for c in _line_candidates(cell, cell_context, True)]
+
+
+def _text_candidates(text: str) -> list[str]:
+  """Candidates of a structured string (read as a list item, line by line)."""
+  text = tpl.canonical(normalize_placeholders(text))
+  if "<" in text or "&" in text:
+    text = _convert_html(text)
+  context = _Context(structured=True)
+  out = []
+  for raw in text.splitlines()[:MAX_LINES]:
+    s = raw.strip()
+    if s and len(s) <= MAX_LINE_CHARS:
+      out.extend(_line_candidates(s, context, True))
+  return out
+
+
+def _line_mode(lines: list[str], reading: Reading) -> list[str]:
+  out: list[str] = []
+  context = _Context()
+  read = 0
+  for raw in lines:
+    s = raw.strip()
+    if not s:
+      continue
+    read += 1
+    if read > MAX_LINES:
+      reading.rejections.append((_preview(s), f"more than {MAX_LINES} lines in the reply; "
+                                 "the rest was not read"))
+      break
+    if len(s) > MAX_LINE_CHARS:
+      if "{" in s:
+        reading.rejections.append((_preview(s), f"line longer than {MAX_LINE_CHARS} "
+                                   "characters"))
+      continue
+    if s.startswith(("```", "~~~")):
+      inline = s[3:].find("```") >= 0
+      if not inline:
+        context.in_fence = not context.in_fence
+        continue
+      s = s.strip("`~").strip()
+      if not s:
+        continue
+    if s in ("[", "]", "{", "}", "],", "},", "(", ")"):
+      continue
+    # a JSON line that could not be decoded (a cut reply): its strings are still templates
+    context.structured = s.startswith(('{"', '["', "['", "{'"))
+    out.extend(_line_candidates(s, context, context.in_fence))
+    if len(out) >= MAX_CANDIDATES:
+      reading.rejections.append(("(reply)", f"more than {MAX_CANDIDATES} candidates; "
+                                 "the rest was not read"))
+      break
+  return out
+
+
+def _read(reply: Any) -> Reading:
+  reading = Reading()
+  if not isinstance(reply, str):
+    reading.rejections.append((type(reply).__name__, "the reply is not text"))
+    return reading
+  if len(reply) > MAX_REPLY_CHARS:
+    reading.rejections.append((_preview(reply), f"reply longer than {MAX_REPLY_CHARS} "
+                               "characters (not read)"))
+    return reading
+  text = _drop_reasoning(tpl.canonical(reply.replace("\x00", "")))
+  lines = text.splitlines()
+  found = _structured(text, _fences(lines), reading)
+  if found is None:
+    found = _line_mode(_convert_html(normalize_placeholders(text)).splitlines(), reading)
+  reading.candidates = [tpl.canonical(c) for c in found[:MAX_CANDIDATES]]
+  return reading
+
+
+def read_reply(reply: str) -> Reading:
+  """Candidate templates and rejections of one LLM reply; never raises."""
+  try:
+    return _read(reply)
+  except Exception as e:  # a parser bug must cost one reply, never the run
+    return Reading([], [(_preview(reply) if isinstance(reply, str) else "(reply)",
+                         f"{INTERNAL_ERROR} ({type(e).__name__})")])
+
+
+async def read_reply_off_loop(reply: str) -> Reading:
+  """`read_reply`, in a worker thread when the reply is long, so that no reply holds the event loop."""
+  if isinstance(reply, str) and len(reply) > INLINE_PARSE_CHARS:
+    return await asyncio.to_thread(read_reply, reply)
+  return read_reply(reply)
 
 
 def extract_candidates(reply: str) -> list[str]:
   """Candidate templates in an LLM reply, in order, decoration removed."""
-  reply = _drop_thinking(reply.replace("\x00", ""))
-  from_json = _json_candidates(reply)
-  if from_json is not None:
-    return from_json
-  out: list[str] = []
-  for raw in reply.splitlines():
-    if _FENCE_LINE_RE.match(raw) or not raw.strip():
-      continue  # fence lines themselves; their content is read like any line
-    if raw.strip() in ("[", "]", "{", "}"):
-      continue
-    out.extend(_line_candidates(raw.strip()))
-  return out
+  return read_reply(reply).candidates
 
 
 @dataclasses.dataclass
@@ -305,7 +939,8 @@ def validate(candidates: Iterable[str], *, seen: set[str],
       template.
 
   Returns:
-    A `Validation`.
+    A `Validation`; rejected templates are `printable` (a lone surrogate is
+    replaced), so that every rejection can be logged and sent back.
   """
   result = Validation()
   local: set[str] = set()
@@ -327,7 +962,8 @@ def validate(candidates: Iterable[str], *, seen: set[str],
       result.valid.append(cand)
       local.add(key)
     else:
-      result.rejections.append((cand, reason))
+      result.rejections.append((printable(cand) if isinstance(cand, str) else repr(cand),
+                                reason))
   return result
 
 

@@ -272,10 +272,12 @@ class LLMProposer:
       out.truncated += int(result.finish_reason == "length")
       out.queue_s += result.queue_s
       out.latency_s += result.latency_s
+      reading = await parsing.read_reply_off_loop(result.text)
       check = parsing.validate(
-          parsing.extract_candidates(result.text), seen=state.seen,
+          reading.candidates, seen=state.seen,
           context_check=state.context_check, max_new=self.config.m_new,
           max_chars=self.config.max_template_chars, instructions=instructions)
+      check.rejections[:0] = reading.rejections  # caps hit while reading the reply
       extra = sum(1 for _, r in check.rejections
                   if parsing.reason_kind(r) == "extra")
       out.valid_candidates += len(check.valid) + extra
