@@ -65,20 +65,28 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import html
+import itertools
 import json
 import re
 import unicodedata
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from lmbbo_jax import templates as tpl
 
 DEFAULT_MAX_CHARS = 300
 # Caps on what one reply may cost to read (each hit is a rejection).
 MAX_REPLY_CHARS = 1_000_000
+# What is left once reasoning is dropped: more is never a list of templates.
+MAX_ANSWER_CHARS = 65_536
 MAX_LINE_CHARS = 2_000
 MAX_LINES = 1_000
 MAX_JSON_NODES = 5_000
-MAX_CANDIDATES = 500
+MAX_CANDIDATES = 200
+# Pieces of text (lines, quoted spans, separated parts, sentences, table cells)
+# looked at one by one, and HTML tags and entities converted: the bound on the
+# Python-level work of one reply whatever its shape.
+MAX_PIECES = 5_000
+MAX_MARKUP = 2_000
 # A reply up to this long is parsed on the event loop; a longer one in a thread.
 INLINE_PARSE_CHARS = 16_384
 # The prefix of the rejection reason given when the parser itself fails.
@@ -90,6 +98,9 @@ _PREVIEW_CHARS = 80
 _REASONING_RE = re.compile(
     r"<(/?)(?:think|thinking|thought|reasoning|reflection|seed:think)>"
     r"|\[(/?)think\]|◁(/?)think▷|<\|(begin|end)_of_thought\|>", re.I)
+# Literals one of which every special token holds (searched for before the pattern runs).
+_SPECIAL_TOKEN_HINTS = ("<|", "<s>", "</s>", "_of_turn>", "inst]", "<eos>", "<bos>", "<pad>",
+                        "<unk>", "<end_of_utterance>")
 _HARMONY_RE = re.compile(r"<\|(channel|message|end|start|return|call)\|>")
 _SPECIAL_TOKEN_RE = re.compile(
     r"<\|[A-Za-z0-9_:.-]{1,40}+\|>|</?s>|<(?:start|end)_of_turn>|\[/?INST\]"
@@ -104,12 +115,15 @@ _PLACEHOLDER_RE = re.compile(
     r"\{\{\s*+\}\}|\{\s++\}|\{\{\s*+" + _PLACEHOLDER_NAMES + r"\s*+\}\}"
     r"|\{\s*+" + _PLACEHOLDER_NAMES + r"\s*+\}|\[\s*+" + _PLACEHOLDER_NAMES + r"\s*+\]"
     r"|<\s*+" + _PLACEHOLDER_NAMES + r"\s*+>", re.I)
+# Something every placeholder variant holds: a double or spaced brace, or a name.
+_PLACEHOLDER_HINT_RE = re.compile(r"\{\{|\{\s|class|object|label|category", re.I)
 _TAG_RE = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9:-]{0,20}+)(?:\s[^<>]{0,300}+)?+/?>")
 _BLOCK_TAGS = frozenset("br p div ul ol li h1 h2 h3 h4 h5 h6 table thead tbody tfoot "
                         "blockquote pre dl dt dd hr section article details summary "
                         "answer output".split())
 _CELL_TAGS = frozenset(("td", "th"))
-_BRACED_RE = re.compile(r"(\{[^{}]*+\})")
+# A brace group with emphasis characters inside, such as `{0.__class__}`.
+_BRACED_EMPHASIS_RE = re.compile(r"\{[^{}*_~]*+[*_~][^{}]*+\}")
 _EMPHASIS_RE = re.compile(r"\*\*|__|~~|(?<![^\W_])[*_]|[*_](?![^\W_])")
 
 # --- quotes ------------------------------------------------------------------------
@@ -133,13 +147,17 @@ _LABEL_RE = re.compile(
     r"[ \t]?(?::|：|\)|\.(?=\s)| -| –| —)")
 _BULLET_EXTRA = frozenset("\ufe0f\u20e3\u200d")
 _NOT_BULLETS = frozenset("\"'`“”‘’«»„‚‹›「」『』([{<#%@&$\\")
-_LIST_SEPARATORS = (" | ", " || ", "; ", "\t", " / ")
-_EXPLANATION_SEPARATORS = (" - ", " – ", " — ", " -- ", ": ", "： ", " → ", " => ", " -> ")
+# Between several templates on one line, and between a template and its explanation.
+_LIST_SPLIT_RE = re.compile(r" \|\|? |; |\t| / ")
+_EXPLANATION_SPLIT_RE = re.compile(r" [-–—] | -- |: |： | → | => | -> ")
+_ENTITY_RE = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});?")
+_LINE_BREAK_RE = re.compile(r"\r\n?|[\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+_NONBLANK_LINE_RE = re.compile(r"^[^\S\n]*+\S[^\n]*+", re.M)
+_FENCE_LINE_RE = re.compile(r"^[^\S\n]*+(?:```|~~~)[^\n]*+", re.M)
 _SENTENCE_END_RE = re.compile(r"[.!?]\s++(?=[A-Z(])|[。！？](?=.)")
 _BRACKET_GROUP_RE = re.compile(r"[(\[]([^()\[\]{}\n]{0,80}+)[)\]]")
 _WORD_RE = re.compile(r"[^\W_]+")
 _NUMBER_RE = re.compile(r"[~≈±+-]?\d++(?:[.,]\d++)?+%?(?:/\d++)?")
-_NONSPACE_RE = re.compile(r"\S++")
 _KEY_VALUE_RE = re.compile(r"[:=]")
 # Words before a trailing number that make it part of the template ("at 50%").
 _LINKING_WORDS = frozenset("at of in with by from to about over under than".split())
@@ -240,15 +258,25 @@ def normalize_placeholders(text: str) -> str:
   """`{class}`, `[CLASS]`, `<class>`, `{{}}`, `{ }`, `｛｝`, ... -> `{}`."""
   if "｛" in text or "｝" in text:
     text = text.replace("｛", "{").replace("｝", "}")
-  return _PLACEHOLDER_RE.sub(tpl.SLOT, text)
+  return _PLACEHOLDER_RE.sub(tpl.SLOT, text) if _PLACEHOLDER_HINT_RE.search(text) else text
 
 
 # --- reasoning ------------------------------------------------------------------------
-def _drop_reasoning(text: str) -> str:
-  """Text outside reasoning blocks; an unclosed block hides the rest, a lone close what precedes it."""
-  if "<" in text or "[" in text or "◁" in text:
+def _drop_reasoning(text: str, reading: Reading) -> str:
+  """Text outside reasoning blocks; an unclosed block hides the rest, a lone close what precedes it.
+
+  Each pass runs only when a literal it needs is in the text (a fast search),
+  and after `MAX_MARKUP` reasoning tags the rest counts as reasoning.
+  """
+  low = text.lower()  # only searched in: a length change does not matter
+  if any(word in low for word in ("think", "reasoning", "reflection", "thought")):
     kept, keep_from, inside = [], 0, False
-    for m in _REASONING_RE.finditer(text):
+    for count, m in enumerate(_REASONING_RE.finditer(text)):
+      if count >= MAX_MARKUP:
+        reading.rejections.append((_preview(text[m.start():]), f"more than {MAX_MARKUP} "
+                                   "reasoning tags; the rest was not read"))
+        inside = True
+        break
       closing = bool(m.group(1) or m.group(2) or m.group(3)) or m.group(4) == "end"
       if not inside and not closing:
         kept.append(text[keep_from:m.start()])
@@ -260,12 +288,12 @@ def _drop_reasoning(text: str) -> str:
     if not inside:
       kept.append(text[keep_from:])
     text = "\n".join(kept)
-  if "<|" in text:
+  if "<|" in text and any(f"<|{t}|>" in text for t in ("channel", "message")):
     text = _harmony_final(text)
   elif text.lstrip()[:8].lower() == "analysis" and "assistantfinal" in text:
     # harmony with its special tokens stripped by the server
     text = text[text.rfind("assistantfinal") + len("assistantfinal"):]
-  if "<" in text or "[" in text:
+  if any(t in low for t in _SPECIAL_TOKEN_HINTS):
     text = _SPECIAL_TOKEN_RE.sub("\n", text)
   return text
 
@@ -275,7 +303,9 @@ def _harmony_final(text: str) -> str:
   finals, outside = [], []
   channel = channel_at = body_at = None
   last = 0
-  for m in _HARMONY_RE.finditer(text):
+  for count, m in enumerate(_HARMONY_RE.finditer(text)):
+    if count >= MAX_MARKUP:
+      break  # the rest is not read
     kind = m.group(1)
     if body_at is not None:  # any token ends a message
       if channel is None or channel.startswith("final"):
@@ -426,31 +456,47 @@ def _structured_strings(obj: Any, reading: Reading) -> list[str]:
   return out
 
 
-def _structured(text: str, blocks: list[str], reading: Reading) -> list[str] | None:
+def _structured(text: str, reading: Reading, budget: _Budget) -> list[str] | None:
   """Candidates of a structured reply, or None when the reply is not one."""
   whole = text.strip()
-  for piece in [whole, *blocks[:8]]:
+  for piece in [whole, *_fences(text)]:
     piece = piece.strip()
+    read_to = -1
     for start in _value_starts(piece):
+      if start < read_to:
+        continue  # inside a value already read
       got = _decode(piece, start)
       if got is None:
         continue
       obj, end = got
+      read_to = end
       strings = _structured_strings(obj, reading)[:MAX_CANDIDATES]
       is_whole = piece is whole and start == 0 and not piece[end:].strip()
       if not is_whole and not any(tpl.SLOT in normalize_placeholders(s) for s in strings):
         continue
-      cands = [c for s in strings for c in _text_candidates(s)]
+      cands = [c for s in strings for c in _text_candidates(s, reading, budget)]
       if is_whole or any(tpl.SLOT in c for c in cands):
         return cands
   return None
 
 
 # --- lines --------------------------------------------------------------------------------
+class _Budget:
+  """How many more pieces of one reply may be looked at (`MAX_PIECES` in all)."""
+
+  def __init__(self):
+    self.left = MAX_PIECES
+
+  def spend(self, n: int = 1) -> bool:
+    self.left -= n
+    return self.left >= 0
+
+
 @dataclasses.dataclass
 class _Context:
   """What earlier lines tell about the next one."""
 
+  budget: _Budget
   in_fence: bool = False
   table_column: int | None = None  # the template column of the current table
   table_skip: frozenset = frozenset()  # its rationale and number columns
@@ -466,48 +512,72 @@ class _Context:
     return not self.structured and _is_rationale(text)
 
 
-def _fences(lines: list[str]) -> list[str]:
-  """Contents of the fenced code blocks among `lines`."""
-  blocks, current = [], None
-  for line in lines:
-    s = line.strip()
-    if s.startswith(("```", "~~~")) and (len(s) < 6 or s[3:].find("```") < 0):
-      if current is None:
-        current = []
-      else:
-        blocks.append("\n".join(current))
-        current = None
-    elif current is not None:
-      current.append(line)
+def _fences(text: str) -> list[str]:
+  """Contents of the first fenced code blocks of `text`."""
+  blocks, opened = [], None
+  for m in _FENCE_LINE_RE.finditer(text):
+    if m.group(0).count("```") > 1:
+      continue  # a one-line code span
+    if opened is None:
+      opened = m.end()
+    else:
+      blocks.append(text[opened:m.start()])
+      opened = None
+      if len(blocks) >= 8:
+        break
   return blocks
 
 
-def _convert_html(text: str) -> str:
-  """HTML entities decoded; block tags become line breaks, table cells pipes, the rest goes."""
+def _convert_html(text: str, reading: Reading) -> str:
+  """HTML entities decoded; block tags become line breaks, table cells pipes, the rest goes.
+
+  After `MAX_MARKUP` entities or tags the rest of the text is not read.
+  """
   if "&" in text:
-    text = normalize_placeholders(html.unescape(text))
-  if "<" not in text:
-    return text
+    text = normalize_placeholders(_replace_capped(_ENTITY_RE, text, html.unescape, reading))
+  if "<" in text:
+    text = _replace_capped(_TAG_RE, text, _tag_replacement, reading)
+  return text
 
-  def one(m: re.Match) -> str:
-    name = m.group(2).lower()
-    if name == "li" and not m.group(1):
-      return "\n- "
-    if name in _BLOCK_TAGS:
-      return "\n"
-    if name == "tr":
-      return "\n" if m.group(1) else "\n|"
-    if name in _CELL_TAGS:
-      return "|" if m.group(1) else ""
-    return ""
 
-  return _TAG_RE.sub(one, text)
+def _tag_replacement(tag: str) -> str:
+  closing = tag[1:2] == "/"
+  name = _TAG_RE.match(tag).group(2).lower()
+  if name == "li" and not closing:
+    return "\n- "
+  if name in _BLOCK_TAGS:
+    return "\n"
+  if name == "tr":
+    return "\n" if closing else "\n|"
+  if name in _CELL_TAGS:
+    return "|" if closing else ""
+  return ""
+
+
+def _replace_capped(pattern: re.Pattern, text: str, replace: Callable[[str], str],
+                    reading: Reading) -> str:
+  out, last = [], 0
+  for count, m in enumerate(pattern.finditer(text)):
+    if count >= MAX_MARKUP:
+      reading.rejections.append((_preview(text[m.start():]), f"more than {MAX_MARKUP} HTML "
+                                 "tags or entities; the rest was not read"))
+      return "".join(out)
+    out.append(text[last:m.start()])
+    out.append(replace(m.group(0)))
+    last = m.end()
+  out.append(text[last:])
+  return "".join(out)
 
 
 def _strip_emphasis(text: str) -> str:
-  """Markdown `**bold**`, `__bold__`, `*it*`, `~~struck~~` removed; brace groups kept intact."""
-  parts = _BRACED_RE.split(text)  # odd parts are brace groups such as `{0.__class__}`
-  return "".join(p if i % 2 else _EMPHASIS_RE.sub("", p) for i, p in enumerate(parts))
+  """Markdown `**bold**`, `__bold__`, `*it*`, `~~struck~~` removed.
+
+  A line with a brace group such as `{0.__class__}` is left as it is: it is
+  rejected as a format field anyway, and its rejection must quote it intact.
+  """
+  if _BRACED_EMPHASIS_RE.search(text):
+    return text
+  return _EMPHASIS_RE.sub("", text)
 
 
 def _words(text: str) -> list[str]:
@@ -585,7 +655,7 @@ def _strip_label(s: str) -> tuple[str, str | None]:
   return s, None
 
 
-def _quoted_spans(s: str) -> list[tuple[int, int]]:
+def _quoted_spans(s: str, budget: _Budget) -> list[tuple[int, int]]:
   """(start, end) of the outermost quoted spans of `s`, quotes included.
 
   A straight single quote counts only where it is no apostrophe (no letter
@@ -606,7 +676,7 @@ def _quoted_spans(s: str) -> list[tuple[int, int]]:
     return at
 
   m = _QUOTE_CHAR_RE.search(s)
-  while m:
+  while m and budget.spend():
     i, ch = m.start(), m.group(0)
     if ch == "'" and i > 0 and s[i - 1].isalnum():
       m = _QUOTE_CHAR_RE.search(s, i + 1)
@@ -623,22 +693,26 @@ def _quoted_spans(s: str) -> list[tuple[int, int]]:
 
 def _strip_annotations(s: str) -> str:
   """`s` without score annotations: bracketed anywhere, or trailing words."""
-  if "(" in s or "[" in s:
-    s = _BRACKET_GROUP_RE.sub(lambda m: " " if _is_annotation(m.group(1)) else m.group(0), s)
-  offset = max(0, len(s) - 160)  # an annotation is short: only the tail is read
-  words = list(_NONSPACE_RE.finditer(s, offset))
-  kinds = [_annotation_kind(w.group(0)) for w in words]
+  if "(" in s or "[" in s:  # a template carries a few annotations at most
+    s = _BRACKET_GROUP_RE.sub(lambda m: " " if _is_annotation(m.group(1)) else m.group(0), s,
+                              count=8)
+  # An annotation is short: only the last few words are read, from the end.
+  words = s[-80:].split()[-12:]
   cut, seen_score = len(words), False
   while cut > 0:
-    kind = kinds[cut - 1]
-    if kind == "score" or (kind == "number" and cut > 1 and kinds[cut - 2] == "key"):
+    kind = _annotation_kind(words[cut - 1])
+    if kind == "score" or (kind == "number" and cut > 1
+                           and _annotation_kind(words[cut - 2]) == "key"):
       seen_score = True
     elif not (seen_score and kind in ("key", "sep")):
       break
     cut -= 1
-  if not seen_score or (cut > 0 and words[cut - 1].group(0).casefold() in _LINKING_WORDS):
-    return s.strip()
-  return s[:words[cut].start()].strip()
+  s = s.strip()
+  if not seen_score or (cut > 0 and words[cut - 1].casefold() in _LINKING_WORDS):
+    return s
+  for word in reversed(words[cut:]):
+    s = s[:len(s) - len(word)].rstrip()
+  return s
 
 
 def _annotation_kind(word: str) -> str | None:
@@ -646,6 +720,8 @@ def _annotation_kind(word: str) -> str | None:
   w = word.strip("()[],;*").casefold()
   if w in ("-", "–", "—", ":", "=", "→", "|", "/", "~", "≈", "@"):
     return "sep"
+  if w.rstrip(":=") not in _SCORE_KEYS and not any(c.isdigit() for c in w[:12]):
+    return None
   parts = [p for p in _KEY_VALUE_RE.split(w) if p]
   if not parts:
     return None
@@ -672,7 +748,9 @@ def _is_annotation(inner: str) -> bool:
 
 def _strip_quotes(text: str) -> str:
   text = text.strip()
-  while len(text) >= 2 and text[0] in _QUOTES and text[-1] in _QUOTES:
+  for _ in range(4):  # nested quotes, a few deep at most
+    if not (len(text) >= 2 and text[0] in _QUOTES and text[-1] in _QUOTES):
+      break
     text = text[1:-1].strip()
   # A lone leading/trailing quote left by e.g. `"a photo of a {}".`
   if text[:1] in _QUOTES and not any(q in text[1:] for q in _QUOTES):
@@ -704,9 +782,13 @@ def _cut_remark(body: str) -> str:
   return body
 
 
-def _sentences(body: str) -> list[str]:
+def _sentences(body: str, budget: _Budget) -> list[str]:
+  if not any(end in body for end in ".!?。！？"):
+    return [body.strip()]
   parts, last = [], 0
   for m in _SENTENCE_END_RE.finditer(body):
+    if not budget.spend():
+      break
     parts.append(body[last:m.start() + 1])
     last = m.end()
   parts.append(body[last:])
@@ -716,24 +798,23 @@ def _sentences(body: str) -> list[str]:
 def _unquoted(body: str, context: _Context) -> list[str]:
   """Templates of an unquoted line with a slot: split, cut, filtered."""
   out = []
-  parts = [_strip_annotations(body)]  # before "Score: 71.2" is taken for an explanation
-  for sep in _LIST_SEPARATORS:
-    parts = [q for p in parts for q in p.split(sep)]
-  for part in parts:
-    segments = [part]
-    for sep in _EXPLANATION_SEPARATORS:
-      segments = [q for p in segments for q in p.split(sep)]
-    for seg in segments:
+  # annotations first, before "Score: 71.2" is taken for an explanation
+  for part in _LIST_SPLIT_RE.split(_strip_annotations(body)):
+    for seg in _EXPLANATION_SPLIT_RE.split(part):
+      if not context.budget.spend():
+        return out
       if tpl.SLOT not in seg:
         continue
-      seg = _cut_remark(_strip_annotations(seg))
-      sentences = [p for p in _sentences(seg) if tpl.SLOT in p and not context.prose(p)]
-      out.extend(_finish(p) for p in sentences)
+      seg = _cut_remark(seg)
+      out.extend(_finish(p) for p in _sentences(seg, context.budget)
+                 if tpl.SLOT in p and not context.prose(p))
   return [c for c in out if c]
 
 
 def _line_candidates(line: str, context: _Context, item_context: bool) -> list[str]:
   """Candidate templates of one stripped, non-empty line."""
+  if not context.budget.spend():
+    return []
   if line.startswith("|") or (context.table_column is not None and line.count("|") >= 2):
     return _table_row(line, context)
   context.table_column, context.table_skip, context.table_header = None, frozenset(), False
@@ -759,7 +840,10 @@ def _line_candidates(line: str, context: _Context, item_context: bool) -> list[s
   if body.startswith("(") and body.endswith(")") and "(" not in body[1:]:
     body = body[1:-1].strip()  # a remark in parentheses: read inside, as prose
     item = False
-  spans = _quoted_spans(body)
+  has_brace = "{" in body or "}" in body
+  if not has_brace and not item:
+    return []  # prose without a slot
+  spans = _quoted_spans(body, context.budget) if has_brace or body[:1] in _QUOTES else []
   out, last = [], 0
   for start, end in spans:
     inner = body[start + 1:end - 1]
@@ -773,8 +857,8 @@ def _line_candidates(line: str, context: _Context, item_context: bool) -> list[s
       out.append(cand)
   if out or any(tpl.SLOT in body[a + 1:b - 1] for a, b in spans):
     return out
-  if "{" not in body and "}" not in body:
-    if item and not context.prose(body):
+  if not has_brace:
+    if not context.prose(body):
       head = spans[0] if spans and spans[0][0] == 0 else None
       cand = _finish(body[1:head[1] - 1] if head else body)
       return [cand] if cand else []
@@ -794,7 +878,7 @@ def _line_candidates(line: str, context: _Context, item_context: bool) -> list[s
 
 
 def _table_row(line: str, context: _Context) -> list[str]:
-  cells = [c.strip() for c in line.strip().strip("|").split("|")]
+  cells = [c.strip() for c in line.strip().strip("|").split("|", 64)]
   if all(set(c) <= set("-: ") for c in cells):
     return []  # |---|:--:|
   if tpl.SLOT not in line and context.table_column is None and not context.table_header:
@@ -816,34 +900,34 @@ def _table_row(line: str, context: _Context) -> list[str]:
     chosen = [c for i, c in enumerate(cells) if i not in context.table_skip and tpl.SLOT in c]
   if context.table_column is None:
     context.table_column = -1
-  cell_context = _Context(structured=context.structured)
+  cell_context = _Context(context.budget, structured=context.structured)
   return [c for cell in chosen for c in _line_candidates(cell, cell_context, True)]
 
 
-def _text_candidates(text: str) -> list[str]:
+def _nonblank_lines(text: str) -> Iterator[str]:
+  """The stripped non-blank lines of `text`, blank runs skipped without a Python step each."""
+  for m in _NONBLANK_LINE_RE.finditer(_LINE_BREAK_RE.sub("\n", text)):
+    yield m.group(0).strip()
+
+
+def _text_candidates(text: str, reading: Reading, budget: _Budget) -> list[str]:
   """Candidates of a structured string (read as a list item, line by line)."""
   text = tpl.canonical(normalize_placeholders(text))
   if "<" in text or "&" in text:
-    text = _convert_html(text)
-  context = _Context(structured=True)
+    text = _convert_html(text, reading)
+  context = _Context(budget, structured=True)
   out = []
-  for raw in text.splitlines()[:MAX_LINES]:
-    s = raw.strip()
-    if s and len(s) <= MAX_LINE_CHARS:
+  for s in itertools.islice(_nonblank_lines(text), MAX_LINES):
+    if len(s) <= MAX_LINE_CHARS:
       out.extend(_line_candidates(s, context, True))
   return out
 
 
-def _line_mode(lines: list[str], reading: Reading) -> list[str]:
+def _line_mode(text: str, reading: Reading, budget: _Budget) -> list[str]:
   out: list[str] = []
-  context = _Context()
-  read = 0
-  for raw in lines:
-    s = raw.strip()
-    if not s:
-      continue
-    read += 1
-    if read > MAX_LINES:
+  context = _Context(budget)
+  for read, s in enumerate(_nonblank_lines(text)):
+    if read >= MAX_LINES:
       reading.rejections.append((_preview(s), f"more than {MAX_LINES} lines in the reply; "
                                  "the rest was not read"))
       break
@@ -853,11 +937,10 @@ def _line_mode(lines: list[str], reading: Reading) -> list[str]:
                                    "characters"))
       continue
     if s.startswith(("```", "~~~")):
-      inline = s[3:].find("```") >= 0
-      if not inline:
+      if s[3:].find("```") < 0:
         context.in_fence = not context.in_fence
         continue
-      s = s.strip("`~").strip()
+      s = s.strip("`~").strip()  # a one-line code block
       if not s:
         continue
     if s in ("[", "]", "{", "}", "],", "},", "(", ")"):
@@ -881,11 +964,19 @@ def _read(reply: Any) -> Reading:
     reading.rejections.append((_preview(reply), f"reply longer than {MAX_REPLY_CHARS} "
                                "characters (not read)"))
     return reading
-  text = _drop_reasoning(tpl.canonical(reply.replace("\x00", "")))
-  lines = text.splitlines()
-  found = _structured(text, _fences(lines), reading)
+  text = _drop_reasoning(tpl.canonical(reply.replace("\x00", "")), reading)
+  if len(text) > MAX_ANSWER_CHARS:
+    reading.rejections.append((_preview(text[MAX_ANSWER_CHARS:]), "reply longer than "
+                               f"{MAX_ANSWER_CHARS} characters without its reasoning; the "
+                               "rest was not read"))
+    text = text[:MAX_ANSWER_CHARS]
+  budget = _Budget()
+  found = _structured(text, reading, budget)
   if found is None:
-    found = _line_mode(_convert_html(normalize_placeholders(text)).splitlines(), reading)
+    found = _line_mode(_convert_html(normalize_placeholders(text), reading), reading, budget)
+  if budget.left < 0:
+    reading.rejections.append(("(reply)", f"more than {MAX_PIECES} pieces of text to read; "
+                               "the rest was not read"))
   reading.candidates = [tpl.canonical(c) for c in found[:MAX_CANDIDATES]]
   return reading
 
