@@ -148,8 +148,10 @@ _LABEL_RE = re.compile(
 _BULLET_EXTRA = frozenset("\ufe0f\u20e3\u200d")
 _NOT_BULLETS = frozenset("\"'`“”‘’«»„‚‹›「」『』([{<#%@&$\\")
 # Between several templates on one line, and between a template and its explanation.
-_LIST_SPLIT_RE = re.compile(r" \|\|? |; |\t| / ")
-_EXPLANATION_SPLIT_RE = re.compile(r" [-–—] | -- |: |： | → | => | -> ")
+_LIST_SPLIT_RE = re.compile(r" \|\|? |; |；|\t| / ")
+_EXPLANATION_SPLIT_RE = re.compile(r" [-–—] | -- |: |： | [→←] | => | -> | <- ")
+# Joins that split a part only when every piece holds a slot ("a {} or a {}").
+_JOIN_SPLIT_RE = re.compile(r", (?:or |and )?| or ")
 _ENTITY_RE = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});?")
 _LINE_BREAK_RE = re.compile(r"\r\n?|[\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
 _NONBLANK_LINE_RE = re.compile(r"^[^\S\n]*+\S[^\n]*+", re.M)
@@ -159,6 +161,7 @@ _BRACKET_GROUP_RE = re.compile(r"[(\[]([^()\[\]{}\n]{0,80}+)[)\]]")
 _WORD_RE = re.compile(r"[^\W_]+")
 _NUMBER_RE = re.compile(r"[~≈±+-]?\d++(?:[.,]\d++)?+%?(?:/\d++)?")
 _KEY_VALUE_RE = re.compile(r"[:=]")
+_DECIMAL_RE = re.compile(r"\d[.,]\d")
 # Words before a trailing number that make it part of the template ("at 50%").
 _LINKING_WORDS = frozenset("at of in with by from to about over under than".split())
 
@@ -741,6 +744,8 @@ def _is_annotation(inner: str) -> bool:
   words = re.findall(r"[a-z]+", low)
   if words and words[0] in ("accuracy", "acc", "score"):
     return True
+  if len(words) <= 4 and ("%" in low or _DECIMAL_RE.search(low)):
+    return True  # "(↑ from 81%)", "(+2.3 pts)"
   if words:
     return all(w in _ANNOTATION_WORDS for w in words)
   return all(ch.isdigit() or ch in " .,%~≈±+-/:=" for ch in low)
@@ -795,12 +800,24 @@ def _sentences(body: str, budget: _Budget) -> list[str]:
   return [p.strip() for p in parts if p.strip()]
 
 
+def _joined_templates(segments: list[str]) -> list[str]:
+  """`segments`, each one that is several templates joined by ", " or " or " split."""
+  out = []
+  for seg in segments:
+    pieces = _JOIN_SPLIT_RE.split(seg) if seg.count(tpl.SLOT) >= 2 else [seg]
+    if len(pieces) > 1 and all(tpl.SLOT in p for p in pieces):
+      out.extend(pieces)
+    else:
+      out.append(seg)
+  return out
+
+
 def _unquoted(body: str, context: _Context) -> list[str]:
   """Templates of an unquoted line with a slot: split, cut, filtered."""
   out = []
   # annotations first, before "Score: 71.2" is taken for an explanation
   for part in _LIST_SPLIT_RE.split(_strip_annotations(body)):
-    for seg in _EXPLANATION_SPLIT_RE.split(part):
+    for seg in _joined_templates(_EXPLANATION_SPLIT_RE.split(part)):
       if not context.budget.spend():
         return out
       if tpl.SLOT not in seg:
@@ -818,6 +835,8 @@ def _line_candidates(line: str, context: _Context, item_context: bool) -> list[s
   if line.startswith("|") or (context.table_column is not None and line.count("|") >= 2):
     return _table_row(line, context)
   context.table_column, context.table_skip, context.table_header = None, frozenset(), False
+  if line.startswith(("//", "/*", "*/")):
+    return []  # a code comment
   if line.startswith("#"):
     hashes = len(line) - len(line.lstrip("#"))
     if hashes <= 6 and line[hashes:hashes + 1].isspace():
