@@ -188,7 +188,7 @@ _META_WORDS = frozenset(
     "score scores scored scoring candidate candidates suggestion suggestions because "
     "emphasizes emphasises emphasize emphasise emphasizing emphasising highlights "
     "rationale explanation reasoning classname you your yours i we let hope hopefully "
-    "variations dataset datasets classifier classify classification modèle modèles "
+    "feel variations dataset datasets classifier classify classification modèle modèles "
     "gabarit gabarits vous votre vos je j espère nous vorlage vorlagen ihnen ich wir "
     "hoffe plantilla plantillas usted espero".split())
 _META_CJK = ("模板", "提示", "以下是", "这些", "希望", "您", "テンプレート", "プロンプト",
@@ -218,6 +218,10 @@ _ANNOTATION_WORDS = frozenset(
     "score acc accuracy est estimated estimate expected predicted pred conf confidence "
     "val valid validation train test top p approx ca rating prob probability logprob "
     "guess".split())
+# Bracketed remarks that tag a template rather than describe the image.
+_TAG_REMARKS = frozenset(("new", "updated", "revised", "improved", "alt", "alternative",
+                          "variant", "baseline", "best", "top pick", "my top pick",
+                          "recommended", "favorite", "favourite", "original", "safe", "bold"))
 # Words that mark a trailing number as a score (`Score: 71.2`).
 _SCORE_KEYS = frozenset("score acc accuracy est estimated expected predicted conf "
                         "confidence rating prob probability logprob".split())
@@ -739,6 +743,8 @@ def _annotation_kind(word: str) -> str | None:
 
 def _is_annotation(inner: str) -> bool:
   low = inner.strip().casefold()
+  if low in _TAG_REMARKS:
+    return True  # "(new)", "[NEW]", "(top pick)"
   if not any(ch.isdigit() for ch in low):
     return False
   words = re.findall(r"[a-z]+", low)
@@ -766,10 +772,15 @@ def _strip_quotes(text: str) -> str:
 
 
 def _finish(text: str) -> str:
-  """Final tidying of one candidate: annotations, quotes, list commas."""
+  """Final tidying of one candidate: annotations, quotes, list commas, trailing emoji."""
   text = _strip_annotations(text)
   text = _strip_quotes(text.rstrip(",;").strip())
-  return _strip_quotes(text.rstrip(",;")).strip()
+  text = _strip_quotes(text.rstrip(",;")).strip()
+  end = len(text)
+  while end > 0 and end > len(text) - 8 and (
+      text[end - 1] in _BULLET_EXTRA or unicodedata.category(text[end - 1]) == "So"):
+    end -= 1  # a decorative emoji ("a photo of a {} 🐶")
+  return text[:end].rstrip()
 
 
 def _cut_remark(body: str) -> str:
@@ -822,7 +833,7 @@ def _unquoted(body: str, context: _Context) -> list[str]:
         return out
       if tpl.SLOT not in seg:
         continue
-      seg = _cut_remark(seg)
+      seg = _cut_remark(_strip_marker(seg.strip())[0])  # "1) a {}, 2) a {}": inline numbers
       out.extend(_finish(p) for p in _sentences(seg, context.budget)
                  if tpl.SLOT in p and not context.prose(p))
   return [c for c in out if c]
@@ -859,6 +870,8 @@ def _line_candidates(line: str, context: _Context, item_context: bool) -> list[s
   if body.startswith("(") and body.endswith(")") and "(" not in body[1:]:
     body = body[1:-1].strip()  # a remark in parentheses: read inside, as prose
     item = False
+    if context.prose(body):
+      return []
   has_brace = "{" in body or "}" in body
   if not has_brace and not item:
     return []  # prose without a slot
