@@ -19,6 +19,8 @@ SLOT = "{}"
 # A format field: a brace pair with something inside (`{0}`, `{name}`, `{ }`).
 _FIELD_RE = re.compile(r"\{[^{}]+\}")
 _WS_RE = re.compile(r"\s+")
+# Control characters (Unicode category Cc) other than the tab.
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 # Characters that change a string but not what a reader sees: zero-width
 # spaces and joiners, bidi controls, word joiners, BOM, soft hyphen, Mongolian
 # vowel separator, invisible operators. Removed before any comparison.
@@ -70,7 +72,7 @@ def invalid_reason(template: str) -> str | None:
   rest = template.replace(SLOT, "")
   if "{" in rest or "}" in rest:
     return "unbalanced brace (only {} slots are allowed)"
-  if any(unicodedata.category(ch) == "Cc" and ch not in "\t" for ch in template):
+  if _CONTROL_RE.search(template):
     return "control character in template"
   return None
 

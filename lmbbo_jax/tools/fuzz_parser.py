@@ -22,7 +22,6 @@ import json
 import multiprocessing as mp
 import pathlib
 import random
-import sys
 import time
 
 from absl import app, flags
