@@ -167,3 +167,19 @@ def test_a_long_reply_is_read_off_the_event_loop():
   assert reading.candidates == parsing.read_reply(reply).candidates
   assert len(reading.candidates) == 150 and not reading.rejections
   assert during > 0  # the loop kept running while the reply was read
+
+
+# Replies that held the old parser (regular expressions backtracking over runs
+# of spaces, braces and brackets): 3 s, 81 s and 22 s on this machine.
+_OLD_STALLS = [
+    "1. " + "</think>" * 5 + "\ufeff\ufeff: " + "}" * 53 + " " * 117 + "\udfff" * 145,
+    '1. **A pixel art image of a {}**: captures the blocky look\n2. 一幅{}的素描。 "a photo of'
+    ' a {}." | a rendering of a {}; a doodle of a {}\n1. 一张[<|channel|><|channel|><a'
+    + " " * 200 + "的照片。\n2. 一幅{}的素描。",
+    "}" * 144 + "\u3000" * 160 + "[acc=" * 10 + "[",
+]
+
+
+@pytest.mark.parametrize("reply", _OLD_STALLS)
+def test_replies_that_stalled_the_old_parser(reply):
+  _check_reply(reply)
