@@ -148,10 +148,13 @@ _LABEL_RE = re.compile(
 _BULLET_EXTRA = frozenset("\ufe0f\u20e3\u200d")
 _NOT_BULLETS = frozenset("\"'`“”‘’«»„‚‹›「」『』([{<#%@&$\\")
 # Between several templates on one line, and between a template and its explanation.
-_LIST_SPLIT_RE = re.compile(r" \|\|? |; |；|\t| / ")
+_LIST_SPLIT_RE = re.compile(r" \|\|? |; |；|\t| / | [•·] ")
 _EXPLANATION_SPLIT_RE = re.compile(r" [-–—] | -- |: |： | [→←] | => | -> | <- ")
 # Joins that split a part only when every piece holds a slot ("a {} or a {}").
-_JOIN_SPLIT_RE = re.compile(r", (?:or |and )?| or ")
+# A number starts only after a non-space, so a run of spaces is read once.
+_JOIN_SPLIT_RE = re.compile(r", (?:or |and )?| or |(?<!\s)\s++(?=\(?\d{1,2}[.)]\s)")
+# A Markdown link: its text is kept.
+_LINK_RE = re.compile(r"\[([^\[\]\n]{1,300}+)\]\([^()\s]{0,300}+\)")
 _ENTITY_RE = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});?")
 _LINE_BREAK_RE = re.compile(r"\r\n?|[\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
 _NONBLANK_LINE_RE = re.compile(r"^[^\S\n]*+\S[^\n]*+", re.M)
@@ -194,7 +197,8 @@ _META_WORDS = frozenset(
 _META_CJK = ("模板", "提示", "以下是", "这些", "希望", "您", "テンプレート", "プロンプト",
              "以下は", "これらの", "템플릿", "프롬프트")
 _OPENERS = frozenset(
-    "here here's heres sure certainly okay ok note notes why these below following "
+    "here here's heres sure certainly okay ok note notes why these below following useful "
+    "ideal helpful "
     "remember tip hint thanks voici voilà voila hier gerne natürlich folgende aquí claro "
     "estas".split())
 # "This one ...", "It keeps ...": the writer describing a template.
@@ -601,6 +605,10 @@ def _is_prose(text: str) -> bool:
   if words[0] in _SUBJECTS and (len(words) > 1 and words[1] in _SUBJECT_NOUNS
                                 or not _RATIONALE_VERBS.isdisjoint(words[1:3])):
     return True  # "This one uses ...", "It keeps ...", "These place ..."
+  if words[0] in _RATIONALE_VERBS and words[0].endswith("s") or (
+      len(words) > 1 and words[1] == "for" and words[0] in ("good", "great", "best", "ideal",
+                                                            "useful")):
+    return True  # "Shows the {} in low light", "Good for close-ups of a {}"
   low = text.casefold()
   return "e.g" in low or "i.e" in low or any(w in text for w in _META_CJK)
 
@@ -826,8 +834,9 @@ def _joined_templates(segments: list[str]) -> list[str]:
 def _unquoted(body: str, context: _Context) -> list[str]:
   """Templates of an unquoted line with a slot: split, cut, filtered."""
   out = []
-  # annotations first, before "Score: 71.2" is taken for an explanation
-  for part in _LIST_SPLIT_RE.split(_strip_annotations(body)):
+  # annotations and a trailing remark first, before "Score: 71.2" or "(why: ...)" is
+  # taken for an explanation
+  for part in _LIST_SPLIT_RE.split(_cut_remark(_strip_annotations(body))):
     for seg in _joined_templates(_EXPLANATION_SPLIT_RE.split(part)):
       if not context.budget.spend():
         return out
@@ -865,6 +874,8 @@ def _line_candidates(line: str, context: _Context, item_context: bool) -> list[s
     if body == before:
       break
   body = body.strip()
+  if "](" in body:
+    body = _LINK_RE.sub(r"\1", body)
   if not body or (not context.structured and body.rstrip(" *").endswith((":", "："))):
     return []  # a lead-in or a heading
   if body.startswith("(") and body.endswith(")") and "(" not in body[1:]:
