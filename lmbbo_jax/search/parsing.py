@@ -149,7 +149,7 @@ _BULLET_EXTRA = frozenset("\ufe0f\u20e3\u200d")
 _NOT_BULLETS = frozenset("\"'`“”‘’«»„‚‹›「」『』([{<#%@&$\\")
 # Between several templates on one line, and between a template and its explanation.
 _LIST_SPLIT_RE = re.compile(r" \|\|? |; |；|\t| / | [•·] ")
-_EXPLANATION_SPLIT_RE = re.compile(r" [-–—] | -- |: |： | [→←] | => | -> | <- ")
+_EXPLANATION_SPLIT_RE = re.compile(r" [-–—] | -- |: |： | [→←] | => | -> | <- | // | # ")
 # Joins that split a part only when every piece holds a slot ("a {} or a {}").
 # A number starts only after a non-space, so a run of spaces is read once.
 _JOIN_SPLIT_RE = re.compile(r", (?:or |and )?| or |(?<!\s)\s++(?=\(?\d{1,2}[.)]\s)")
@@ -792,12 +792,20 @@ def _finish(text: str) -> str:
 
 
 def _cut_remark(body: str) -> str:
-  """`body` without a trailing remark in parentheses after the slot."""
+  """`body` without a trailing remark in parentheses after the slot.
+
+  A remark that holds a slot itself is a gloss ("une photo d'un {} (a photo of
+  a {})"): it goes too, so that the two are never merged.
+  """
   if not body.endswith(")"):
     return body
   open_at = body.rfind("(")
   inner = body[open_at + 1:-1]
-  if open_at < 0 or "(" in inner or "{" in inner or tpl.SLOT not in body[:open_at]:
+  if open_at < 0 or "(" in inner or tpl.SLOT not in body[:open_at]:
+    return body
+  if tpl.SLOT in inner:
+    return body[:open_at].rstrip()
+  if "{" in inner or "}" in inner:
     return body
   inner = inner.strip()
   if inner[:1].isupper() or len(inner.split()) >= 4 or inner.casefold().startswith(
