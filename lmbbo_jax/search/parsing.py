@@ -4,50 +4,62 @@ LLM replies are untrusted text, in whatever style the model likes, and may be
 hostile. `read_reply` takes what a careful reader would take as templates, in
 worst-case time linear in the reply's length, and never raises:
 
-1. Caps: a reply longer than `MAX_REPLY_CHARS` is not read; a line longer than
-   `MAX_LINE_CHARS`, lines past `MAX_LINES` and JSON past `MAX_JSON_NODES` are
-   skipped; each cap hit is a rejection with its reason.
-2. The text is NFC-normalised and its invisible characters removed
-   (`templates.canonical`); reasoning is dropped: `<think>`, `<thinking>`,
-   `<thought>`, `<reasoning>`, `<reflection>`, `[THINK]`, `◁think▷`,
-   `<|begin_of_thought|>` blocks (an unclosed one hides the rest, a lone
-   closing tag what precedes it), gpt-oss harmony channels (only `final` is
-   read) and other special tokens (`<|im_end|>`, `</s>`, `[INST]`, ...).
-3. Structured replies: a reply that is, or holds (in a code fence or from its
-   first bracket), a JSON value or a Python literal (single quotes, trailing
-   commas; read by a small scanner, never `eval`) gives its strings under
+1. Caps, each hit a rejection with its reason: a reply longer than
+   `MAX_REPLY_CHARS` is not read; of what is left once reasoning is dropped,
+   `MAX_ANSWER_CHARS`; lines longer than `MAX_LINE_CHARS` and past
+   `MAX_LINES`, JSON past `MAX_JSON_NODES`, markup past `MAX_MARKUP` tags,
+   candidates past `MAX_CANDIDATES` and pieces of text past `MAX_PIECES` are
+   not read.
+2. The text is NFC-normalised, its invisible characters and terminal colours
+   removed (`templates.canonical`); reasoning is dropped: `<think>`,
+   `<thinking>`, `<thought>`, `<reasoning>`, `<reflection>`, `[THINK]`,
+   `◁think▷`, `<|begin_of_thought|>` blocks (an unclosed one hides the rest, a
+   lone closing tag what precedes it), gpt-oss harmony channels (only `final`
+   is read, also when the server stripped the tokens) and other special
+   tokens (`<|im_end|>`, `</s>`, `[INST]`, `<end_of_turn>`, ...).
+3. Structured replies: a reply that is, or holds (in a code fence or from a
+   bracket), a JSON value or a Python literal (single quotes, trailing commas;
+   read by a token scanner, never `eval`) gives its strings under
    template-like keys (`templates`, `prompts`, `candidates`, items'
-   `template`/`prompt`/`text`), or its list strings; fields such as `why` or
-   `reasoning` are never read. Structured text is used only when it holds a
-   slot or is the whole reply, so a stray `[]` or word list never empties or
-   replaces a reply.
-4. Otherwise line by line (and each structured string the same way): HTML tags
-   and entities, table pipes (the template column, never a `why` one),
-   headings, list markers of any style (bullets and emoji, check boxes, `1.`,
-   `1)`, `(1)`, `i.`, `a)`, `#1`, `①`, `1️⃣`, "Template 2:", "Step 1:"),
-   Markdown emphasis. Text addressed to the reader never becomes a template:
-   lead-ins ending in a colon, headings, labelled notes ("Why:", "Note:",
-   "Rationale:"), and prose that talks about templates, scores, the reader or
-   the writer, in English, French, German, Spanish, Chinese, Japanese or
-   Korean. A quoted span with a slot (straight, curly, guillemet, CJK corner,
-   backtick quotes) is a template; several quoted spans or parts split by
-   ` | ` or `; ` are several templates, never one. An unquoted part with the
-   slot is cut at an explanation (" - ", ": ", a new sentence, a trailing
-   remark in parentheses). Score annotations (`(score: 0.85)`, `[acc=0.9]`,
-   `- 85%`, `Score: 71.2`) are removed wherever they appear.
+   `template`/`prompt`/`text`, at any depth), or its list strings; fields such
+   as `why` or `reasoning` are never read. Structured text is used only when
+   it holds a slot or is the whole reply, so a stray `[]` or word list never
+   empties or replaces a reply. Its strings are read as list items, without
+   the prose filter (the structure says they are templates).
+4. Otherwise line by line: HTML tags and entities (block tags break lines,
+   cells become table pipes), tables (the template column, never a `why` one),
+   headings, code comments, list markers of any style (bullets and emoji,
+   check boxes, `1.`, `1)`, `(1)`, `i.`, `a)`, `#1`, `①`, `1️⃣`, `１．`,
+   "Template 2:", "Step 1:"), Markdown emphasis and links. Text addressed to
+   the reader never becomes a template: lead-ins ending in a colon, headings,
+   labelled notes ("Why:", "Note:", "Rationale:"), remarks in parentheses, and
+   prose about templates, scores, the reader or the writer ("This one keeps
+   ...", "Shows the {} ...") in English, French, German, Spanish, Chinese,
+   Japanese or Korean. A quoted span with a slot (straight, curly, guillemet,
+   CJK corner, backtick quotes) is a template unless what precedes it on the
+   line is a rationale; several quoted spans, parts split by ` | `, `; `,
+   ` • `, or joined by ", ", " or " or inline numbers with a slot in each, are
+   several templates, never one. An unquoted part with the slot is cut at an
+   explanation (" - ", ": ", " → ", " // ", a new sentence, a trailing remark
+   or gloss in parentheses). Score annotations (`(score: 0.85)`, `[acc=0.9]`,
+   `- 85%`, `Score: 71.2`, `(new)`) are removed wherever they appear,
+   structured strings included.
 
 Unambiguous placeholder variants (`{class}`, `{classname}`, `{class_name}`,
 `{object}`, `{label}`, `{category}`, `[CLASS]`, `<class>`, `{{}}`, `{ }`,
 full-width `｛｝`, any case) become `{}`. A list item without a slot is kept, so
 that `validate` reports it ("no {} slot") instead of dropping it silently.
 
-Why the time is linear: the text is cut into lines once; each line of at most
-`MAX_LINE_CHARS` goes through a fixed number of passes of `str` methods and of
-regular expressions that either start at a fixed position, or start only at a
-distinctive character and scan a bounded or possessive (`*+`, never given back)
-run that ends at the next such character, so that no character is read more
-than a constant number of times; JSON is decoded by the standard C decoder and
-the literal scanner reads each token once.
+Why the time is linear: every regular expression applied to the reply either
+starts at a fixed position, or starts only at a distinctive character and reads
+a bounded or possessive (`*+`, never given back) run that ends at the next such
+character (a run of spaces is entered only at its start), so no character is
+read more than a constant number of times; whole-text passes run only when a
+fast literal search finds what they need; JSON is decoded by the standard C
+decoder; and every Python-level step (a line, a quoted span, a split part, a
+sentence, a tag, a JSON value) is counted against a cap. A reply longer than
+`INLINE_PARSE_CHARS` is read in a worker thread (`read_reply_off_loop`), so
+that even the bounded worst case never holds the event loop.
 
 `validate` decides which candidates may be scored: at least one `{}`, no other
 `{...}` field (`templates.invalid_reason`, so `{0.__class__}` or `{name}` never
@@ -156,6 +168,7 @@ _JOIN_SPLIT_RE = re.compile(r", (?:or |and )?| or |(?<!\s)\s++(?=\(?\d{1,2}[.)]\
 # A Markdown link: its text is kept.
 _LINK_RE = re.compile(r"\[([^\[\]\n]{1,300}+)\]\([^()\s]{0,300}+\)")
 _ENTITY_RE = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});?")
+_ANSI_RE = re.compile(r"\x1b\[[0-9;?]{0,20}+[A-Za-z]")
 _LINE_BREAK_RE = re.compile(r"\r\n?|[\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
 _NONBLANK_LINE_RE = re.compile(r"^[^\S\n]*+\S[^\n]*+", re.M)
 _FENCE_LINE_RE = re.compile(r"^[^\S\n]*+(?:```|~~~)[^\n]*+", re.M)
@@ -1015,7 +1028,10 @@ def _read(reply: Any) -> Reading:
     reading.rejections.append((_preview(reply), f"reply longer than {MAX_REPLY_CHARS} "
                                "characters (not read)"))
     return reading
-  text = _drop_reasoning(tpl.canonical(reply.replace("\x00", "")), reading)
+  text = reply.replace("\x00", "")
+  if "\x1b" in text:
+    text = _ANSI_RE.sub("", text)  # terminal colours
+  text = _drop_reasoning(tpl.canonical(text), reading)
   if len(text) > MAX_ANSWER_CHARS:
     reading.rejections.append((_preview(text[MAX_ANSWER_CHARS:]), "reply longer than "
                                f"{MAX_ANSWER_CHARS} characters without its reasoning; the "
