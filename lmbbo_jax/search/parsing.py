@@ -10,8 +10,8 @@ worst-case time linear in the reply's length, and never raises:
    `MAX_LINES`, JSON past `MAX_JSON_NODES`, markup past `MAX_MARKUP` tags,
    candidates past `MAX_CANDIDATES` and pieces of text past `MAX_PIECES` are
    not read.
-2. The text is NFC-normalised, its invisible characters and terminal colours
-   removed (`templates.canonical`); reasoning is dropped: `<think>`,
+2. Terminal colour codes go, the text is NFC-normalised and its invisible
+   characters removed (`templates.canonical`); reasoning is dropped: `<think>`,
    `<thinking>`, `<thought>`, `<reasoning>`, `<reflection>`, `[THINK]`,
    `◁think▷`, `<|begin_of_thought|>` blocks (an unclosed one hides the rest, a
    lone closing tag what precedes it), gpt-oss harmony channels (only `final`
