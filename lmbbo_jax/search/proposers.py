@@ -274,10 +274,12 @@ class LLMProposer:
       # A refusal, tool calls or an empty reply was billed but holds nothing
       # to parse: its reason is recorded as the reply's rejection.
       reply_text = result.text if result.outcome == "text" else ""
+      reading = await parsing.read_reply_off_loop(reply_text)
       check = parsing.validate(
-          parsing.extract_candidates(reply_text), seen=state.seen,
+          reading.candidates, seen=state.seen,
           context_check=state.context_check, max_new=self.config.m_new,
           max_chars=self.config.max_template_chars, instructions=instructions)
+      check.rejections[:0] = reading.rejections  # caps hit while reading the reply
       if result.reason:
         check.rejections.insert(0, (result.text[:120], result.reason))
       extra = sum(1 for _, r in check.rejections

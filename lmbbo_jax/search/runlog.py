@@ -47,7 +47,14 @@ class _Appender:
     self._f = open(path, "ab")
 
   def write(self, row: Mapping[str, Any]) -> None:
-    self._f.write(orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n")
+    try:
+      line = orjson.dumps(row, option=orjson.OPT_SERIALIZE_NUMPY)
+    except TypeError as e:  # orjson.JSONEncodeError: e.g. a lone surrogate from a reply
+      # One record the log cannot write as is costs its odd characters, never the run.
+      logging.warning("%s: a record holds what JSON cannot write (%s); written with it "
+                      "replaced.", os.path.basename(self.path), e)
+      line = orjson.dumps(_writable(row), option=orjson.OPT_SERIALIZE_NUMPY)
+    self._f.write(line + b"\n")
     self._f.flush()
     if self.fsync:
       os.fsync(self._f.fileno())
@@ -56,6 +63,22 @@ class _Appender:
     if not self._f.closed:
       self._f.flush()
       self._f.close()
+
+
+def _writable(value: Any) -> Any:
+  """`value` with lone surrogates replaced and unknown types as their repr (JSON-writable)."""
+  if isinstance(value, str):
+    return value.encode("utf-8", "replace").decode("utf-8")
+  if isinstance(value, Mapping):
+    return {_writable(k if isinstance(k, str) else str(k)): _writable(v)
+            for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_writable(v) for v in value]
+  try:
+    orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
+  except TypeError:
+    return _writable(repr(value))
+  return value
 
 
 class RunLog:
