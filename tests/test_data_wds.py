@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import io
 import json
 import logging
 import os
@@ -18,78 +17,13 @@ import threading
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from lmbbo_jax.data import DatasetError, build_task, registry, wds
+from lmbbo_jax.data import DatasetError, build_task, hand_templates, registry, wds
 
-CLASSES = ["café ünïcode", "brace {} x", "quote ' and \"", "Zebra", "日本語"]
-TEMPLATES_TXT = ["a photo of a {c}.", "itap of my {c}!", "no slot here", "a {0} bad {c}",
-                 "  a {c} with spaces.  ", "a photo of a {c}."]
-FORMATS = ("png", "webp", "jpg")
+from data_helpers import WDS_CLASSES as CLASSES
+from data_helpers import make_wds, write_tar
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
-
-
-def image_bytes(seed: int, fmt: str) -> tuple[bytes, np.ndarray]:
-  array = np.random.default_rng(seed).integers(0, 256, size=(9, 12, 3), dtype=np.uint8)
-  out = io.BytesIO()
-  kwargs = {"lossless": True} if fmt == "webp" else {}
-  Image.fromarray(array).save(out, format={"jpg": "JPEG"}.get(fmt, fmt.upper()), **kwargs)
-  return out.getvalue(), array
-
-
-def write_tar(path: pathlib.Path, members: list[tuple[str, bytes]]) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with tarfile.open(path, "w") as tar:
-    for name, data in members:
-      info = tarfile.TarInfo(name)
-      info.size = len(data)
-      tar.addfile(info, io.BytesIO(data))
-
-
-def write_split(root: pathlib.Path, split: str, shards: list[list[tuple[str, bytes]]]) -> None:
-  for i, members in enumerate(shards):
-    write_tar(root / split / f"{i}.tar", members)
-  (root / split / "nshards.txt").write_text(f"{len(shards)}\n")
-
-
-def make_wds(root: pathlib.Path, per_class: dict[str, int], *, corrupt: bool = True,
-             templates: bool = True) -> dict[str, dict[str, tuple[int, np.ndarray | None]]]:
-  """A CLIP_benchmark wds folder: `per_class` good samples per class and split (over two
-  train shards), plus one sample of each corrupt kind in train and a bad image in test.
-
-  Returns split -> ref -> (label, pixels; None for lossy JPEG) of the good samples.
-  """
-  root.mkdir(parents=True, exist_ok=True)
-  (root / "classnames.txt").write_text("\n".join(CLASSES) + "\n", encoding="utf-8")
-  if templates:
-    (root / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES_TXT) + "\n")
-  (root / "dataset_type.txt").write_text("classification\n")
-  good: dict[str, dict] = {}
-  seed = 0
-  for split, count in per_class.items():
-    shards: list[list[tuple[str, bytes]]] = [[], []] if split == "train" else [[]]
-    good[split] = {}
-    for label in range(len(CLASSES)):
-      for i in range(count):
-        seed += 1
-        fmt = FORMATS[seed % len(FORMATS)]
-        data, pixels = image_bytes(seed, fmt)
-        key = f"s{seed:07d}"
-        shard = seed % len(shards)
-        shards[shard] += [(f"{key}.{fmt}", data), (f"{key}.cls", f"{label}\n".encode())]
-        good[split][f"{split}/{shard}.tar/{key}"] = (label, None if fmt == "jpg" else pixels)
-    if corrupt and split == "train":
-      png, _ = image_bytes(999, "png")
-      shards[0] += [("bad_bytes.png", b"\x89PNG not really"), ("bad_bytes.cls", b"0"),
-                    ("no_label.png", png),
-                    ("no_image.cls", b"1"),
-                    ("text_label.png", png), ("text_label.cls", b"one"),
-                    ("big_label.png", png), ("big_label.cls", b"5"),
-                    ("readme.txt", b"ignored member")]
-    if corrupt and split == "test":
-      shards[0] += [("bad_test.webp", b"RIFF....WEBPjunk"), ("bad_test.cls", b"2")]
-    write_split(root, split, shards)
-  return good
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +168,9 @@ def test_registry_knows_wds_repos_and_lead_metrics():
   assert registry.lead_metric("flowers") == "mean_per_class_recall"
   assert registry.lead_metric("stanford_cars") == "accuracy"
   assert registry.lead_metric("toy:blurry_noisy") == "accuracy"
+  # CLIP's hand-engineered templates follow the benchmark a source reads.
+  assert hand_templates("wds:hf:clip-benchmark/wds_cars") == hand_templates("stanford_cars")
+  assert hand_templates("coop:/data/DATA/fgvc_aircraft") == hand_templates("fgvc_aircraft")
   repos = {i.wds_repo for i in registry.DATASETS.values() if i.wds_repo}
   assert all(r.startswith("clip-benchmark/wds_") for r in repos) and len(repos) == 9
 

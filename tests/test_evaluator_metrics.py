@@ -172,3 +172,32 @@ def test_score_metric_names_and_json():
   assert {info.lead_metric for info in registry.DATASETS.values()} <= set(METRICS)
   per_class = {n for n, i in registry.DATASETS.items() if i.lead_metric != "accuracy"}
   assert per_class == {"fgvc_aircraft", "oxford_pets", "caltech101", "oxford_flowers"}
+
+
+def test_a_wds_task_scores_and_writes_clip_benchmark_json(clip, tmp_path):
+  """Generated CLIP_benchmark shards -> task -> image features -> scorer -> the JSON."""
+  from lmbbo_jax.data import build_task
+  from lmbbo_jax.evaluator import features as features_lib
+  from lmbbo_jax.io import write_json
+  from data_helpers import make_wds
+  root = tmp_path / "wds_toy"
+  make_wds(root, {"train": 2, "test": 2})
+  task = build_task(f"wds:{root}", shots=1, seed=1)
+  feats = features_lib.encode_task(clip, task, batch_size=4, progress=False)
+  by_split, labels = features_lib.scorer_inputs(feats)
+  scorer = PromptScorer(clip, by_split, labels, task.class_names, rows_per_call=8)
+  scores = scorer.score([TEMPLATE, *task.dataset_templates])
+  ensemble = scorer.score_ensemble([task.dataset_templates])[0]
+  for s in (*scores, ensemble):
+    assert s.ok and set(s.accuracy) == set(s.acc5) == set(s.mean_per_class_recall) == {
+        "train", "val", "test"}
+    # 5 classes: the true class is always among the top 5.
+    assert s.acc5["test"] == 1.0 and 0.0 <= s.mean_per_class_recall["test"] <= 1.0
+  out = metrics.clip_benchmark_result(ensemble, dataset="wds/toy", model="test-tiny",
+                                      pretrained="random", templates=task.dataset_templates)
+  write_json(tmp_path / "wds_toy_random_test-tiny_en_zeroshot_classification.json", out)
+  written = json.loads((tmp_path / "wds_toy_random_test-tiny_en_zeroshot_classification.json")
+                       .read_text())
+  assert written["metrics"] == {"acc1": ensemble.accuracy["test"], "acc5": 1.0,
+                                "mean_per_class_recall": ensemble.mean_per_class_recall["test"]}
+  assert written["task"] == "zeroshot_classification" and written["language"] == "en"

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
-import os
 import pathlib
 import re
 import tarfile
