@@ -109,6 +109,11 @@ def test_scorer_reports_known_acc1_acc5_and_per_class_recall(clip, template, row
   # One template as an ensemble classifies exactly as the template (the weights path).
   ens = scorer.score_ensemble([[template]])[0]
   assert {m: ens.metric(m) for m in METRICS} == {m: score.metric(m) for m in METRICS}
+  # Without acc5 (one reduction round): the same top-1 and per-class recall.
+  top1 = PromptScorer(clip, feats, {"test": test_labels, "train": train_labels}, CLASS_NAMES,
+                      text_encoder=encoder, precompile=False, acc5=False).score([template])[0]
+  assert top1.acc5 == {} and top1.accuracy == score.accuracy
+  assert top1.mean_per_class_recall == score.mean_per_class_recall
 
 
 def test_equal_logits_rank_by_class_index_in_top5(clip):

@@ -62,7 +62,8 @@ class _Partial:
   true: np.ndarray
 
 
-def _segment_partials(text, seg_class, seg_slot, images, labels, scale, *, num_slots):
+def _segment_partials(text, seg_class, seg_slot, images, labels, scale, *, num_slots,
+                      top_k=metrics.TOP_K):
   """Per-image reductions of the logits over each slot's segments (classes).
 
   Args:
@@ -73,10 +74,11 @@ def _segment_partials(text, seg_class, seg_slot, images, labels, scale, *, num_s
     images: float32 [N, E] normalised image features.
     labels: int32 [N] (-1 = padding image).
     scale: float32 scalar logit scale.
+    top_k: K, how many of each slot's highest logits to keep (1: top-1 only).
 
   Returns:
-    top [S, K, N] (the K = metrics.TOP_K highest scaled logits of each slot, best
-    first; -inf past the slot's last class), top_class [S, K, N] (their classes,
+    top [S, K, N] (the K highest scaled logits of each slot, best first; -inf
+    past the slot's last class), top_class [S, K, N] (their classes,
     the lowest index first among equal logits; _NO_CLASS past the last), lse
     [S, N] (log-sum-exp of the scaled logits), true [S, N] (scaled logit of the
     true class if the slot has it, else -inf), S = num_slots.
@@ -89,7 +91,7 @@ def _segment_partials(text, seg_class, seg_slot, images, labels, scale, *, num_s
   # The top K by K rounds of (max, its lowest class, take that class out); a class has
   # one segment per slot.
   top, top_class, rest = [], [], logits
-  for _ in range(metrics.TOP_K):
+  for _ in range(top_k):
     best = jax.ops.segment_max(rest, slot, n)
     at_best = (rest == best[slot]) & (rest > -jnp.inf)
     best_class = jax.ops.segment_min(jnp.where(at_best, seg_class[:, None], _NO_CLASS),
@@ -106,7 +108,7 @@ def _segment_partials(text, seg_class, seg_slot, images, labels, scale, *, num_s
           lse[:num_slots], true[:num_slots])
 
 
-segment_partials = jax.jit(_segment_partials, static_argnames=("num_slots",))
+segment_partials = jax.jit(_segment_partials, static_argnames=("num_slots", "top_k"))
 
 
 class PromptScorer:
@@ -119,7 +121,8 @@ class PromptScorer:
                labels_by_split: Mapping[str, Any], class_names: Sequence[str], *,
                mesh: jax.sharding.Mesh | None = None, dtype: Any = None,
                per_class: bool = False, text_encoder: PackedTextEncoder | None = None,
-               rows_per_call: int | None = None, precompile: bool = True):
+               rows_per_call: int | None = None, precompile: bool = True,
+               acc5: bool = True):
     """Places the image features on the mesh and starts compiling in the background.
 
     Args:
@@ -135,6 +138,8 @@ class PromptScorer:
         across seeds, so its programs compile once); default: a new one.
       rows_per_call: the new encoder's largest call (see PackedTextEncoder).
       precompile: compile every program ahead of time in a background thread.
+      acc5: also report top-5 accuracy (the partials program then runs 5 rounds of
+        per-slot max instead of 1; False: `Score.acc5` stays empty).
     """
     if not class_names:
       raise ScorerError("no class names; the task must have at least one class")
@@ -148,6 +153,7 @@ class PromptScorer:
     self.class_names = [str(c) for c in class_names]
     self.num_classes = len(self.class_names)
     self.per_class = per_class
+    self._top_k = metrics.TOP_K if acc5 else 1
     if text_encoder is None:
       text_encoder = PackedTextEncoder(clip, self.class_names, mesh=mesh, dtype=dtype,
                                        rows_per_call=rows_per_call)
@@ -218,21 +224,21 @@ class PromptScorer:
 
   # -- programs ----------------------------------------------------------------------
   def _partials_key(self, shape: CallShape):
-    return ("partials", shape.segments, shape.slots, len(self._labels))
+    return ("partials", shape.segments, shape.slots, len(self._labels), self._top_k)
 
   def _build_partials(self, shape: CallShape):
     rep = sharding.replicated(self.mesh)
     e = self.clip.embed_dim
     program = segment_partials
     if not rep.is_fully_addressable:  # Several processes: every host reads the results.
-      program = jax.jit(_segment_partials, static_argnames=("num_slots",),
+      program = jax.jit(_segment_partials, static_argnames=("num_slots", "top_k"),
                         out_shardings=(rep,) * 4)
     return program.lower(
         jax.ShapeDtypeStruct((shape.segments, e), jnp.float32, sharding=rep),
         jax.ShapeDtypeStruct((shape.segments,), jnp.int32, sharding=rep),
         jax.ShapeDtypeStruct((shape.segments,), jnp.int32, sharding=rep),
         self._images, self._labels_dev, jnp.float32(self.logit_scale),
-        num_slots=shape.slots).compile()
+        num_slots=shape.slots, top_k=self._top_k).compile()
 
   def _partials_program(self, shape: CallShape):
     return self.text_encoder.programs.get(self._partials_key(shape),
@@ -316,7 +322,8 @@ class PromptScorer:
     logp = true.astype(np.float64) - lse
     # CLIP_benchmark has no acc5 below 5 classes.
     top_hit = (metrics.top_k_hits(top, top_class, true, self._labels)
-               if self.num_classes >= metrics.TOP_K else None)
+               if self._top_k == metrics.TOP_K and self.num_classes >= metrics.TOP_K
+               else None)
     by_metric: dict[str, dict[str, float]] = {name: {} for name in METRICS}
     logprob, per_class = {}, {}
     for split, (lo, hi) in self.splits.items():
