@@ -10,7 +10,8 @@ scorer's async front (their evaluations are batched together by it) and a
 memo, so a template two chains both propose is scored once.
 
 Selection: by train accuracy (`select_by="train"`) or train+val
-(`"train_val"`); equal accuracies rank by the same split's mean
+(`"train_val"`), or by the metric `select_metric` names (acc5, mean per-class
+recall); equal accuracies rank by the same split's mean
 log-probability (`tie_break="logprob"`) or not at all (`"none"`), then by the
 earliest evaluation in the deterministic order (step, chain, seq): the one
 rule, `state.selection_key`, used by the experiment and the report too.
