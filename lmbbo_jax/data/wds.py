@@ -76,6 +76,8 @@ class _Sample:
 class _SplitIndex:
   samples: list[_Sample]
   skipped: Counter
+  # (ref, fully decoded?) -> whether PIL read the image: each is checked once per process.
+  readable: dict[tuple[str, bool], bool] = dataclasses.field(default_factory=dict)
 
 
 _INDEX_CACHE: dict[tuple, _SplitIndex] = {}
@@ -241,7 +243,7 @@ def _index_split(shards: list[pathlib.Path], split: str, num_classes: int,
     return index
 
 
-def read_image_bytes(sample: _Sample) -> bytes:
+def _read_image_bytes(sample: _Sample) -> bytes:
   with open(sample.shard, "rb") as f:
     f.seek(sample.offset)
     data = f.read(sample.size)
@@ -253,7 +255,7 @@ def read_image_bytes(sample: _Sample) -> bytes:
 def _readable(sample: _Sample, *, full: bool) -> bool:
   """Whether PIL reads the image: fully decoded (`full`) or its header identified."""
   try:
-    data = read_image_bytes(sample)
+    data = _read_image_bytes(sample)
     if full:
       decode_image(data)
     else:
@@ -262,6 +264,14 @@ def _readable(sample: _Sample, *, full: bool) -> bool:
     return True
   except Exception:  # pylint: disable=broad-except  # Any decoder failure: a bad image.
     return False
+
+
+def _checked(index: _SplitIndex, sample: _Sample, *, full: bool) -> bool:
+  """`_readable`, remembered in the split's index (one task per seed checks once)."""
+  key = (sample.ref, full)
+  if key not in index.readable:
+    index.readable[key] = _readable(sample, full=full)
+  return index.readable[key]
 
 
 # -- sources ------------------------------------------------------------------------------
@@ -365,7 +375,8 @@ def build_wds_task(spec: str, shots: int, seed: int, *,
   while True:
     train, val = sampling.sample_few_shot(train_pool, val_pool, dataset=dataset_key,
                                           shots=shots, seed=seed, key_fn=key_fn)
-    bad = {it.ref for it in train + val if not _readable(by_ref[it.ref], full=True)}
+    bad = {it.ref for it in train + val
+           if not _checked(indexes[it.ref.split("/", 1)[0]], by_ref[it.ref], full=True)}
     if not bad:
       break
     skipped["unreadable image"] += len(bad)
@@ -376,7 +387,7 @@ def build_wds_task(spec: str, shots: int, seed: int, *,
       val_pool = [it for it in val_pool if it.ref not in bad]
   test = sampling.cap_per_class(test_pool, max_test_per_class, dataset=dataset_key,
                                 key_fn=key_fn)
-  readable = [it for it in test if _readable(by_ref[it.ref], full=False)]
+  readable = [it for it in test if _checked(indexes["test"], by_ref[it.ref], full=False)]
   if len(readable) < len(test):
     skipped["unreadable image"] += len(test) - len(readable)
     test = readable
@@ -388,7 +399,7 @@ def build_wds_task(spec: str, shots: int, seed: int, *,
   needed = {it.ref: by_ref[it.ref] for it in train + val + test}
 
   def loader(item: Item) -> bytes:
-    return read_image_bytes(needed[item.ref])
+    return _read_image_bytes(needed[item.ref])
 
   return FewShotTask(
       name, classes, train, val, test, shots=shots, seed=seed, loader=loader, source="wds",
