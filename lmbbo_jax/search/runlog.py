@@ -3,7 +3,8 @@
 Files in the workdir:
 * `prompts.jsonl`: one line per evaluated template, written (flush + fsync)
   the moment its score exists: template, accuracy, logprob, rejected, chain,
-  restart, reset, iteration, step, seq, proposer, call_id, eval_index, time.
+  restart, reset, iteration, step, seq, proposer, call_id, eval_index, time,
+  acc5, mean_per_class_recall.
 * `transcript.jsonl`: one line per proposer attempt (LLM request messages,
   reply, accepted templates, rejections with reasons, call id, usage).
 * `search_config.json`: the search configuration, checked on resume.
