@@ -40,7 +40,7 @@ from PIL import Image
 
 from lmbbo_jax import templates as templates_lib
 from lmbbo_jax.data import sampling
-from lmbbo_jax.data.task import DatasetError, FewShotTask, Item, decode_image
+from lmbbo_jax.data.task import SPLITS, DatasetError, FewShotTask, Item, decode_image
 
 HUB_PREFIX = "hf:"
 CLASSNAMES_FILE = "classnames.txt"
@@ -52,12 +52,11 @@ WDS_SLOT = "{c}"
 # Image extensions in CLIP_benchmark's preference order (`to_tuple(["webp", "png", ...])`).
 IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
 LABEL_EXTENSION = "cls"
-_LABEL_RE = re.compile(r"[0-9]{1,9}")
+_DIGITS_RE = re.compile(r"[0-9]{1,9}")
 _MAX_LABEL_BYTES = 64
-_SPLITS = ("train", "val", "test")
 # Files a hub download fetches (everything else in the repo is left on the hub).
 HUB_PATTERNS = (CLASSNAMES_FILE, TEMPLATES_FILE, TYPE_FILE,
-                *(f"{split}/*" for split in _SPLITS))
+                *(f"{split}/*" for split in SPLITS))
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +142,7 @@ def _shard_paths(root: pathlib.Path, split: str) -> list[pathlib.Path] | None:
   if not (folder / NSHARDS_FILE).is_file():
     return None
   text = _read_text(folder / NSHARDS_FILE, "shard count").strip()
-  if not _LABEL_RE.fullmatch(text) or int(text) < 1:
+  if not _DIGITS_RE.fullmatch(text) or int(text) < 1:
     raise DatasetError(f"{folder / NSHARDS_FILE} holds {text[:20]!r}, not a shard count "
                        ">= 1; re-download the dataset")
   shards = [folder / f"{i}.tar" for i in range(int(text))]
@@ -158,7 +157,7 @@ def _shard_paths(root: pathlib.Path, split: str) -> list[pathlib.Path] | None:
 def _parse_label(raw: bytes, num_classes: int) -> int | str:
   """The label, or why it cannot be used."""
   text = raw.decode("ascii", errors="replace").strip()
-  if not _LABEL_RE.fullmatch(text):
+  if not _DIGITS_RE.fullmatch(text):
     return "unparsable label"
   label = int(text)
   return label if label < num_classes else "label out of range"
@@ -350,7 +349,7 @@ def build_wds_task(spec: str, shots: int, seed: int, *,
   if dropped:
     log.warning("%s: dropped %d template line(s) that are not valid templates, e.g. %r",
                 name, len(dropped), dropped[0][:80])
-  shards = {split: _shard_paths(root, split) for split in _SPLITS}
+  shards = {split: _shard_paths(root, split) for split in SPLITS}
   for split in ("train", "test"):
     if shards[split] is None:
       raise DatasetError(f"{name} has no {split} split ({root / split / NSHARDS_FILE}); "
