@@ -6,6 +6,8 @@ folders and the toy world; class names, OpenAI's templates and CLIP preprocessin
 - `coop:/path/to/DATA/<dataset dir>` -> CoOp's folders and split files (the reference
   protocol; `coop:<name>` with `data_dir=DATA` works too);
 - `folder:/path` -> `path/<class name>/*.jpg`;
+- `wds:/path` or `wds:hf:<owner>/<name>` -> CLIP_benchmark's webdataset shards (a folder,
+  or a hub dataset repo such as `clip-benchmark/wds_cars`), with the dataset's templates;
 - `toy:<task>` -> `lmbbo_jax.toyworld.tasks.build_toy_task`.
 """
 
@@ -22,7 +24,7 @@ __all__ = [
     "build_task", "class_names", "hand_templates",
 ]
 
-_PREFIXES = ("coop:", "folder:", "toy:", "tfds:")
+_PREFIXES = ("coop:", "folder:", "toy:", "tfds:", "wds:")
 
 
 def _check_int(name: str, value: object, minimum: int | None = None) -> int:
@@ -46,7 +48,8 @@ def build_task(dataset: str, shots: int, seed: int, *, data_dir: str | None = No
   """Builds the few-shot task that `dataset` names.
 
   Args:
-    dataset: a benchmark name, `coop:PATH`, `folder:PATH`, `tfds:NAME` or `toy:TASK`.
+    dataset: a benchmark name, `coop:PATH`, `folder:PATH`, `tfds:NAME`, `wds:PATH`,
+      `wds:hf:OWNER/NAME` or `toy:TASK`.
     shots: train images per class (val gets min(4, shots)).
     seed: few-shot seed; the same (dataset, shots, seed) gives the same images anywhere.
     data_dir: the TFDS data dir for benchmark names, or CoOp's DATA root for `coop:NAME`.
@@ -60,10 +63,11 @@ def build_task(dataset: str, shots: int, seed: int, *, data_dir: str | None = No
   """
   # Imported here so that `import lmbbo_jax.data` stays light (no TFDS import).
   # pylint: disable-next=g-import-not-at-top
-  from lmbbo_jax.data import coop, folder, registry, sampling, tfds_source
+  from lmbbo_jax.data import coop, folder, registry, sampling, tfds_source, wds
   if not isinstance(dataset, str) or not dataset.strip():
     raise DatasetError("--dataset is empty; give a benchmark name (e.g. caltech101), "
-                       "coop:/path/to/DATA/<dir>, folder:/path or toy:<task>")
+                       "coop:/path/to/DATA/<dir>, folder:/path, wds:/path, "
+                       "wds:hf:<owner>/<name> or toy:<task>")
   shots = _check_int("shots", shots, 1)
   seed = _check_int("seed", seed)
   if max_test_per_class is not None:
@@ -81,6 +85,8 @@ def build_task(dataset: str, shots: int, seed: int, *, data_dir: str | None = No
   if spec.startswith("coop:"):
     return coop.build_coop_task(rest, shots, seed, data_dir=data_dir,
                                 max_test_per_class=max_test_per_class)
+  if spec.startswith("wds:"):
+    return wds.build_wds_task(rest, shots, seed, max_test_per_class=max_test_per_class)
   if spec.startswith("folder:"):
     return folder.build_folder_task(rest, shots, seed,
                                     max_test_per_class=max_test_per_class)
@@ -90,6 +96,7 @@ def build_task(dataset: str, shots: int, seed: int, *, data_dir: str | None = No
     known = ", ".join(registry.DATASETS)
     hint = " (a path? use folder:PATH or coop:PATH)" if "/" in name else ""
     raise DatasetError(f"unknown dataset {name!r}{hint}; use one of {known}, "
-                       "coop:/path/to/DATA/<dir>, folder:/path or toy:<task>")
+                       "coop:/path/to/DATA/<dir>, folder:/path, wds:/path, "
+                       "wds:hf:<owner>/<name> or toy:<task>")
   return tfds_source.build_tfds_task(info, shots, seed, data_dir=data_dir,
                                      max_test_per_class=max_test_per_class)

@@ -14,7 +14,9 @@ from absl import flags
 from absl import logging
 
 _DATASET = flags.DEFINE_string(
-    "dataset", None, "Benchmark name, coop:/path/to/DATA/<dir>, folder:/path or toy:<task>.")
+    "dataset", None,
+    "Benchmark name, coop:/path/to/DATA/<dir>, folder:/path, wds:/path, wds:hf:<owner>/<name> "
+    "or toy:<task>.")
 _SHOTS = flags.DEFINE_integer("shots", 1, "Train images per class.")
 _SEED = flags.DEFINE_integer("seed", 1, "Few-shot seed.")
 _DATA_DIR = flags.DEFINE_string(

@@ -32,7 +32,8 @@ def _load(parts: tuple[str, ...]) -> dict[str, list[str]]:
 
 
 def _key(dataset: str) -> str:
-  info = registry.lookup(dataset)
+  # A benchmark name, or a --dataset value that reads one (`coop:`, `tfds:`, `wds:`).
+  info = registry.lookup(dataset) or registry.for_dataset(dataset)
   if info is None:
     known = ", ".join(registry.DATASETS)
     raise DatasetError(f"no shipped class names for {dataset!r}; known: {known}")
@@ -50,6 +51,9 @@ def class_names(dataset: str) -> list[str]:
 
 def hand_templates(dataset: str) -> list[str]:
   """OpenAI's hand-engineered CLIP templates for a benchmark, with `{}` slots.
+
+  `dataset` may be a `--dataset` value that reads a benchmark (`coop:PATH`,
+  `wds:hf:clip-benchmark/wds_cars`, ...; `registry.for_dataset`).
 
   A dataset prefix registered under the extension kind "hand_templates" (the toy
   world's `toy:`) gives its own list.

@@ -78,6 +78,7 @@ class FewShotTask:
       loader: Callable[[Item], Any] | None = None,
       source: str = "",
       info: dict[str, Any] | None = None,
+      templates: Sequence[str] = (),
   ):
     """Builds a task; items are checked against the class list.
 
@@ -93,6 +94,8 @@ class FewShotTask:
         a path).
       source: short source kind for `describe()` ("tfds", "coop", "folder", ...).
       info: extra facts for `describe()` (JSON-serialisable).
+      templates: the source's own zero-shot templates with `{}` slots (a CLIP_benchmark
+        wds folder's), kept as `dataset_templates`; empty when it has none.
     """
     self.name = name
     self.class_names = [str(c) for c in class_names]
@@ -103,6 +106,7 @@ class FewShotTask:
     self.seed = seed
     self.source = source
     self.info = dict(info or {})
+    self.dataset_templates = list(templates)
     self._loader = loader
     if not self.class_names:
       raise DatasetError(f"{name}: no classes found; check the dataset path")

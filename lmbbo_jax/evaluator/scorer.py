@@ -11,9 +11,10 @@ How one `score(templates)` call runs:
    (model, classes), compiled ahead of time in a background thread).
 3. Per call, a second small program multiplies the normalised class features
    with all images of all splits and reduces over each template's classes in
-   the call to per-image partial results (best logit and its class,
+   the call to per-image partial results (the 5 best logits and their classes,
    log-sum-exp, true-class logit). The host merges the partials of a template's
-   calls into accuracy and log-probability per split.
+   calls into exact top-1 and top-5 accuracy, mean per-class recall and
+   log-probability per split (`metrics.py`).
 
 Arrays are placed on a 1-D device mesh: images split over the data axis, token
 rows split over the same axis, weights replicated.
@@ -36,10 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmbbo_jax import templates as templates_lib
-from lmbbo_jax.evaluator import sharding
+from lmbbo_jax.evaluator import metrics, sharding
 from lmbbo_jax.evaluator.text_encoder import (_NO_CLASS, CallShape, PackedTemplate,
                                               PackedTextEncoder, l2_normalize)
-from lmbbo_jax.evaluator.types import Score
+from lmbbo_jax.evaluator.types import METRICS, Score
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +51,19 @@ class ScorerError(ValueError):
 
 @dataclasses.dataclass
 class _Partial:
-  """Per-image partial results of one template over some of its classes (host, [N])."""
-  best: np.ndarray
-  best_class: np.ndarray
+  """Per-image partial results of one template over some of its classes (host).
+
+  top, top_class: [TOP_K, N] the best logits among these classes, best first, and their
+  classes (-inf and _NO_CLASS past the last class); lse, true: [N].
+  """
+  top: np.ndarray
+  top_class: np.ndarray
   lse: np.ndarray
   true: np.ndarray
 
 
-def _segment_partials(text, seg_class, seg_slot, images, labels, scale, *, num_slots):
+def _segment_partials(text, seg_class, seg_slot, images, labels, scale, *, num_slots,
+                      top_k=metrics.TOP_K):
   """Per-image reductions of the logits over each slot's segments (classes).
 
   Args:
@@ -68,28 +74,41 @@ def _segment_partials(text, seg_class, seg_slot, images, labels, scale, *, num_s
     images: float32 [N, E] normalised image features.
     labels: int32 [N] (-1 = padding image).
     scale: float32 scalar logit scale.
+    top_k: K, how many of each slot's highest logits to keep (1: top-1 only).
 
   Returns:
-    best [S, N], best_class [S, N] (lowest class index among ties), lse [S, N]
-    (log-sum-exp of the scaled logits), true [S, N] (scaled logit of the true
-    class if the slot has it, else -inf), S = num_slots.
+    top [S, K, N] (the K highest scaled logits of each slot, best first; -inf
+    past the slot's last class), top_class [S, K, N] (their classes,
+    the lowest index first among equal logits; _NO_CLASS past the last), lse
+    [S, N] (log-sum-exp of the scaled logits), true [S, N] (scaled logit of the
+    true class if the slot has it, else -inf), S = num_slots.
   """
   n = num_slots + 1
   valid = seg_class >= 0
   slot = jnp.where(valid, seg_slot, num_slots)
   logits = scale * jnp.einsum("me,ne->mn", text, images, preferred_element_type=jnp.float32)
   logits = jnp.where(valid[:, None], logits, -jnp.inf)
-  best = jax.ops.segment_max(logits, slot, n)
-  at_best = logits == best[slot]
-  best_class = jax.ops.segment_min(jnp.where(at_best, seg_class[:, None], _NO_CLASS), slot, n)
+  # The top K by K rounds of (max, its lowest class, take that class out); a class has
+  # one segment per slot.
+  top, top_class, rest = [], [], logits
+  for _ in range(top_k):
+    best = jax.ops.segment_max(rest, slot, n)
+    at_best = (rest == best[slot]) & (rest > -jnp.inf)
+    best_class = jax.ops.segment_min(jnp.where(at_best, seg_class[:, None], _NO_CLASS),
+                                     slot, n)
+    top.append(best)
+    top_class.append(best_class)
+    rest = jnp.where(seg_class[:, None] == best_class[slot], -jnp.inf, rest)
+  best = top[0]
   safe = jnp.where(jnp.isfinite(best), best, 0.0)
   lse = safe + jnp.log(jax.ops.segment_sum(jnp.exp(logits - safe[slot]), slot, n))
   is_true = seg_class[:, None] == labels[None, :]
   true = jax.ops.segment_max(jnp.where(is_true, logits, -jnp.inf), slot, n)
-  return best[:num_slots], best_class[:num_slots], lse[:num_slots], true[:num_slots]
+  return (jnp.stack(top, 1)[:num_slots], jnp.stack(top_class, 1)[:num_slots],
+          lse[:num_slots], true[:num_slots])
 
 
-segment_partials = jax.jit(_segment_partials, static_argnames=("num_slots",))
+segment_partials = jax.jit(_segment_partials, static_argnames=("num_slots", "top_k"))
 
 
 class PromptScorer:
@@ -102,7 +121,8 @@ class PromptScorer:
                labels_by_split: Mapping[str, Any], class_names: Sequence[str], *,
                mesh: jax.sharding.Mesh | None = None, dtype: Any = None,
                per_class: bool = False, text_encoder: PackedTextEncoder | None = None,
-               rows_per_call: int | None = None, precompile: bool = True):
+               rows_per_call: int | None = None, precompile: bool = True,
+               acc5: bool = True):
     """Places the image features on the mesh and starts compiling in the background.
 
     Args:
@@ -118,6 +138,8 @@ class PromptScorer:
         across seeds, so its programs compile once); default: a new one.
       rows_per_call: the new encoder's largest call (see PackedTextEncoder).
       precompile: compile every program ahead of time in a background thread.
+      acc5: also report top-5 accuracy (the partials program then runs 5 rounds of
+        per-slot max instead of 1; False: `Score.acc5` stays empty).
     """
     if not class_names:
       raise ScorerError("no class names; the task must have at least one class")
@@ -131,6 +153,7 @@ class PromptScorer:
     self.class_names = [str(c) for c in class_names]
     self.num_classes = len(self.class_names)
     self.per_class = per_class
+    self._top_k = metrics.TOP_K if acc5 else 1
     if text_encoder is None:
       text_encoder = PackedTextEncoder(clip, self.class_names, mesh=mesh, dtype=dtype,
                                        rows_per_call=rows_per_call)
@@ -201,21 +224,21 @@ class PromptScorer:
 
   # -- programs ----------------------------------------------------------------------
   def _partials_key(self, shape: CallShape):
-    return ("partials", shape.segments, shape.slots, len(self._labels))
+    return ("partials", shape.segments, shape.slots, len(self._labels), self._top_k)
 
   def _build_partials(self, shape: CallShape):
     rep = sharding.replicated(self.mesh)
     e = self.clip.embed_dim
     program = segment_partials
     if not rep.is_fully_addressable:  # Several processes: every host reads the results.
-      program = jax.jit(_segment_partials, static_argnames=("num_slots",),
+      program = jax.jit(_segment_partials, static_argnames=("num_slots", "top_k"),
                         out_shardings=(rep,) * 4)
     return program.lower(
         jax.ShapeDtypeStruct((shape.segments, e), jnp.float32, sharding=rep),
         jax.ShapeDtypeStruct((shape.segments,), jnp.int32, sharding=rep),
         jax.ShapeDtypeStruct((shape.segments,), jnp.int32, sharding=rep),
         self._images, self._labels_dev, jnp.float32(self.logit_scale),
-        num_slots=shape.slots).compile()
+        num_slots=shape.slots, top_k=self._top_k).compile()
 
   def _partials_program(self, shape: CallShape):
     return self.text_encoder.programs.get(self._partials_key(shape),
@@ -282,35 +305,44 @@ class PromptScorer:
           keep = (seg_slot == slot) & (seg_class >= 0)
           results[t].append((seg_class[keep], feats[keep]))
       else:
-        best, best_class, lse, true = (sharding.to_host(a) for a in out)
+        top, top_class, lse, true = (sharding.to_host(a) for a in out)
         for slot, t in template_of.items():
-          results[t].append(_Partial(best[slot], best_class[slot], lse[slot], true[slot]))
+          results[t].append(_Partial(top[slot], top_class[slot], lse[slot], true[slot]))
     for prep in preps:
       self._stats["token_rows_real"] += prep.tokens
     return results
 
   # -- merging ---------------------------------------------------------------------------
   def _merge(self, template: str, partials: list[_Partial]) -> Score:
-    best = np.stack([p.best for p in partials])
-    top = best.max(axis=0)
-    pred = np.where(best == top, np.stack([p.best_class for p in partials]), _NO_CLASS).min(0)
+    top = np.concatenate([p.top for p in partials])  # [calls * TOP_K, N]
+    top_class = np.concatenate([p.top_class for p in partials])
+    pred = np.where(top == top.max(axis=0), top_class, _NO_CLASS).min(axis=0)
     lse = np.logaddexp.reduce(np.stack([p.lse for p in partials]).astype(np.float64), axis=0)
-    true = np.stack([p.true for p in partials]).max(axis=0).astype(np.float64)
-    logp = true - lse
-    accuracy, logprob, per_class = {}, {}, {}
+    true = np.stack([p.true for p in partials]).max(axis=0)
+    logp = true.astype(np.float64) - lse
+    # CLIP_benchmark has no acc5 below 5 classes.
+    top_hit = (metrics.top_k_hits(top, top_class, true, self._labels)
+               if self._top_k == metrics.TOP_K and self.num_classes >= metrics.TOP_K
+               else None)
+    by_metric: dict[str, dict[str, float]] = {name: {} for name in METRICS}
+    logprob, per_class = {}, {}
     for split, (lo, hi) in self.splits.items():
       y = self._labels[lo:hi]
       keep = y >= 0
       y = y[keep]
-      correct = (pred[lo:hi][keep] == y)
-      accuracy[split] = float(correct.mean()) if y.size else float("nan")
+      values = metrics.split_metrics(pred[lo:hi][keep], None if top_hit is None
+                                     else top_hit[lo:hi][keep], y, self.num_classes)
+      for name, value in values.items():
+        by_metric[name][split] = value
       logprob[split] = float(logp[lo:hi][keep].mean()) if y.size else float("nan")
       if self.per_class:
+        correct = pred[lo:hi][keep] == y
         hits = np.bincount(y, weights=correct, minlength=self.num_classes)
         counts = np.bincount(y, minlength=self.num_classes)
         with np.errstate(invalid="ignore", divide="ignore"):
           per_class[split] = [float(v) for v in hits / counts]
-    return Score(template, accuracy, logprob, per_class if self.per_class else None)
+    return Score(template, logprob=logprob, per_class=per_class if self.per_class else None,
+                 **by_metric)
 
   # -- public API ------------------------------------------------------------------------
   def score(self, templates: Sequence[str]) -> list[Score]:
@@ -435,9 +467,9 @@ class PromptScorer:
         at += 1
       rep = functools.partial(sharding.put_replicated, mesh=self.mesh)
       out = fn(rep(text), rep(seg_class), rep(seg_slot), self._images, self._labels_dev, scale)
-      best, best_class, lse, true = (np.asarray(a) for a in out)
+      top, top_class, lse, true = (np.asarray(a) for a in out)
       for g, slot in slot_of.items():
-        results[g].append(_Partial(best[slot], best_class[slot], lse[slot], true[slot]))
+        results[g].append(_Partial(top[slot], top_class[slot], lse[slot], true[slot]))
       self._stats["calls"] += 1
     return results
 

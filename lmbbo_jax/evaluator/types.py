@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
+# The per-split metrics a `Score` reports, by field name: top-1 accuracy, top-5 accuracy
+# (CLIP_benchmark's acc5) and mean per-class recall (CLIP_benchmark's
+# mean_per_class_recall, the CLIP paper's metric for some benchmarks).
+METRICS = ("accuracy", "acc5", "mean_per_class_recall")
+
 
 @dataclasses.dataclass(frozen=True)
 class Score:
@@ -19,6 +24,12 @@ class Score:
     per_class: split name -> per-class accuracy (class order of the task), when
       asked for.
     rejected: why the template could not be scored (then `accuracy` is empty).
+    acc5: split name -> top-5 accuracy (the true class among the 5 highest logits,
+      equal logits ordered by class index as for top-1); absent for tasks of fewer
+      than 5 classes (CLIP_benchmark reports NaN there).
+    mean_per_class_recall: split name -> the mean over the split's classes of the
+      fraction of their images classified correctly (classes without images left out,
+      as sklearn's balanced accuracy, which CLIP_benchmark uses).
   """
 
   template: str
@@ -26,14 +37,26 @@ class Score:
   logprob: dict[str, float] = dataclasses.field(default_factory=dict)
   per_class: dict[str, list[float]] | None = None
   rejected: str | None = None
+  acc5: dict[str, float] = dataclasses.field(default_factory=dict)
+  mean_per_class_recall: dict[str, float] = dataclasses.field(default_factory=dict)
 
   @property
   def ok(self) -> bool:
     return self.rejected is None
 
+  def metric(self, name: str) -> dict[str, float]:
+    """Split -> value of the metric called `name` (one of `METRICS`)."""
+    if name not in METRICS:
+      raise ValueError(f"unknown metric {name!r}; use one of {', '.join(METRICS)}")
+    return getattr(self, name)
+
   def to_json(self) -> dict:
     out = {"template": self.template, "accuracy": dict(self.accuracy),
            "logprob": dict(self.logprob)}
+    if self.acc5:
+      out["acc5"] = dict(self.acc5)
+    if self.mean_per_class_recall:
+      out["mean_per_class_recall"] = dict(self.mean_per_class_recall)
     if self.per_class is not None:
       out["per_class"] = {k: list(v) for k, v in self.per_class.items()}
     if self.rejected is not None:

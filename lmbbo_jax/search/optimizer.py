@@ -10,7 +10,8 @@ scorer's async front (their evaluations are batched together by it) and a
 memo, so a template two chains both propose is scored once.
 
 Selection: by train accuracy (`select_by="train"`) or train+val
-(`"train_val"`); equal accuracies rank by the same split's mean
+(`"train_val"`), or by the metric `select_metric` names (acc5, mean per-class
+recall); equal accuracies rank by the same split's mean
 log-probability (`tie_break="logprob"`) or not at all (`"none"`), then by the
 earliest evaluation in the deterministic order (step, chain, seq): the one
 rule, `state.selection_key`, used by the experiment and the report too.
@@ -67,8 +68,8 @@ from lmbbo_jax.search.proposers import (CONVERSATIONS, FEEDBACK_MODES, LLM_PROPO
                                         REPLY_FORMATS, EditProposer,
                                         LLMProposer, ReplayProposer)
 from lmbbo_jax.search.runlog import RunLog
-from lmbbo_jax.search.state import (SELECT_BY, TIE_BREAKS, ChainState, EvalRecord, Proposal,
-                                    Proposer, SearchError, Turn, best_of)
+from lmbbo_jax.search.state import (SELECT_BY, SELECT_METRICS, TIE_BREAKS, ChainState,
+                                    EvalRecord, Proposal, Proposer, SearchError, Turn, best_of)
 from lmbbo_jax.search.tracking import MetricWriter, SearchTracker
 
 
@@ -91,6 +92,9 @@ class SearchConfig:
     select_by: "train" or "train_val"; test accuracy is never used.
     tie_break: how equal accuracies rank ("logprob" or "none": accuracy
       only, the strict black box; `state.selection_key`).
+    select_metric: the metric that selects and that the LLM is shown:
+      "accuracy" (top-1, the paper's), "acc5" (top-5; tasks of 5 or more
+      classes) or "mean_per_class_recall" (`state.SELECT_METRICS`).
     init_pool_size: initial templates sampled per chain.
     seed: seeds every chain's RNG (with the chain index) and the LLM cache keys.
     max_failed_attempts: proposer attempts per iteration that may yield no
@@ -124,6 +128,8 @@ class SearchConfig:
   conversation: str = "single_turn"
   select_by: str = "train"
   tie_break: str = "logprob"
+  # Which metric selects: accuracy (paper), acc5 or mean_per_class_recall.
+  select_metric: str = "accuracy"
   init_pool_size: int = 80
   seed: int = 0
   max_failed_attempts: int = 5
@@ -151,7 +157,7 @@ class SearchConfig:
                         f"{self.m_new} (it asks for extra candidates).")
     for name, choices in (("feedback", FEEDBACK_MODES), ("conversation", CONVERSATIONS),
                           ("reply_format", REPLY_FORMATS), ("select_by", SELECT_BY),
-                          ("tie_break", TIE_BREAKS)):
+                          ("tie_break", TIE_BREAKS), ("select_metric", SELECT_METRICS)):
       if getattr(self, name) not in choices:
         raise SearchError(f"{name}={getattr(self, name)!r}: use one of "
                           f"{', '.join(choices)}.")
@@ -356,6 +362,8 @@ class _Search:
             template=t,
             accuracy=dict(s.accuracy) if s is not None else {},
             logprob=dict(s.logprob) if s is not None else {},
+            acc5=dict(s.acc5) if s is not None else {},
+            mean_per_class_recall=dict(s.mean_per_class_recall) if s is not None else {},
             rejected=s.rejected if s is not None else precheck[t],
             chain=state.chain,
             reset=None if proposer == "init" else state.reset,
@@ -363,9 +371,12 @@ class _Search:
             step=state.step, seq=seq, proposer=proposer, call_id=call_id,
             time=time.time())
         if rec.ok and state.value(rec) is None:
+          few = (" (acc5 needs a task of 5 or more classes: use another "
+                 "select_metric)" if self.config.select_metric == "acc5" else "")
           raise SearchError(
-              f"the scorer gave no {self.config.select_by!r} accuracy for "
-              f"{t!r}; it must report the splits used for selection.")
+              f"the scorer gave no {self.config.select_by!r} "
+              f"{self.config.select_metric} for {t!r}{few}; it must report the "
+              "splits and metric used for selection.")
         rec.eval_index = self.runlog.append_eval(rec.to_row())["eval_index"]
       records.append(rec)
       self.records.append(rec)
@@ -562,7 +573,7 @@ async def run_search(config: SearchConfig, scorer: Any,
     for w in watchers:
       w.cancel()
   records = sorted(search.records, key=lambda r: r.order())
-  rule = (config.select_by, config.tie_break)
+  rule = (config.select_by, config.tie_break, config.select_metric)
   best = best_of(records, *rule)
   initial_best = best_of([r for r in records if r.step == 0], *rule)
   per_chain = {}

@@ -3,8 +3,9 @@
 Files in the workdir:
 * `prompts.jsonl`: one line per evaluated template, written (flush + fsync)
   the moment its score exists: template, accuracy, logprob, rejected, chain,
-  reset, iteration, step, seq, proposer, call_id, eval_index, time (logs of
-  older versions also have `restart`, the chain again: they still resume).
+  reset, iteration, step, seq, proposer, call_id, eval_index, time, acc5,
+  mean_per_class_recall (logs of older versions also have `restart`, the chain
+  again: they still resume).
 * `transcript.jsonl`: one line per proposer attempt (LLM request messages,
   reply, accepted templates, rejections with reasons, call id, usage).
 * `search_config.json`: the search configuration, checked on resume.

@@ -1,7 +1,8 @@
 """Data shared by the optimizer and the proposers: records, chain state, proposals.
 
-Kept free of scoring internals: a record holds whatever per-split accuracies
-and log-probabilities the injected scorer returned.
+Kept free of scoring internals: a record holds whatever per-split metrics
+(accuracy, acc5, mean per-class recall) and log-probabilities the injected
+scorer returned.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import math
 import random
 from typing import Any, Callable, Mapping, Protocol
 
-from lmbbo_jax.evaluator.types import Score
+from lmbbo_jax.evaluator.types import METRICS, Score
 
 SELECT_BY = ("train", "train_val")
+# Which metric selects (`SearchConfig.select_metric`): "accuracy" (top-1, the paper's),
+# "acc5" or "mean_per_class_recall" (`evaluator.types.METRICS`).
+SELECT_METRICS = METRICS
 # How equal selection accuracies are ordered: "logprob", by the mean log-probability
 # of the true class on the same split (reads the logits); "none", by accuracy alone
 # (strict black box, as the paper's premise), then the earliest evaluation.
@@ -74,6 +78,8 @@ class EvalRecord:
   eval_index: int = -1
   time: float = 0.0
   replayed: bool = False
+  acc5: dict[str, float] = dataclasses.field(default_factory=dict)
+  mean_per_class_recall: dict[str, float] = dataclasses.field(default_factory=dict)
 
   @property
   def ok(self) -> bool:
@@ -82,7 +88,8 @@ class EvalRecord:
   @property
   def score(self) -> Score:
     return Score(template=self.template, accuracy=dict(self.accuracy),
-                 logprob=dict(self.logprob), rejected=self.rejected)
+                 logprob=dict(self.logprob), rejected=self.rejected, acc5=dict(self.acc5),
+                 mean_per_class_recall=dict(self.mean_per_class_recall))
 
   def order(self) -> tuple[int, int, int]:
     return (self.step, self.chain, self.seq)
@@ -93,7 +100,8 @@ class EvalRecord:
             "chain": self.chain, "reset": self.reset,
             "iteration": self.iteration, "step": self.step, "seq": self.seq,
             "proposer": self.proposer, "call_id": self.call_id,
-            "eval_index": self.eval_index, "time": self.time}
+            "eval_index": self.eval_index, "time": self.time, "acc5": self.acc5,
+            "mean_per_class_recall": self.mean_per_class_recall}
 
   @classmethod
   def from_row(cls, row: Mapping[str, Any]) -> "EvalRecord":
@@ -104,35 +112,51 @@ class EvalRecord:
                step=int(row["step"]), seq=int(row["seq"]),
                proposer=row.get("proposer", "?"), call_id=row.get("call_id"),
                eval_index=int(row.get("eval_index", -1)),
-               time=float(row.get("time", 0.0)), replayed=True)
+               time=float(row.get("time", 0.0)), replayed=True,
+               acc5=dict(row.get("acc5") or {}),
+               mean_per_class_recall=dict(row.get("mean_per_class_recall") or {}))
 
 
-def selection_key(accuracy: Mapping[str, float], logprob: Mapping[str, float] | None,
+def metric_values(scored: Score | EvalRecord, select_metric: str) -> Mapping[str, float]:
+  """Split -> value of the selecting metric of a `Score` or an `EvalRecord`."""
+  if select_metric not in SELECT_METRICS:
+    raise SearchError(f"select_metric={select_metric!r} is not one of {SELECT_METRICS}.")
+  return getattr(scored, select_metric)
+
+
+def selection_key(values: Mapping[str, float], logprob: Mapping[str, float] | None,
                   select_by: str, tie_break: str = "logprob") -> tuple[float, float]:
   """The one selection rule, as a sort key (smaller is better).
 
-  Accuracy on the selection split (`select_value`) first; equal accuracies by
-  log-probability under `tie_break="logprob"`, or not at all under "none".
-  Callers append their own deterministic order (`rank_key`: earliest first).
+  `values` are the selecting metric's per-split values (`metric_values`: accuracy
+  unless `SearchConfig.select_metric` says otherwise). Its value on the selection
+  split (`select_value`) first; equal values by log-probability under
+  `tie_break="logprob"`, or not at all under "none". Callers append their own
+  deterministic order (`rank_key`: earliest first).
   """
   if tie_break not in TIE_BREAKS:
     raise SearchError(f"tie_break={tie_break!r} is not one of {TIE_BREAKS}.")
-  acc = select_value(accuracy, select_by)
+  acc = select_value(values, select_by)
   lp = (select_value(logprob, select_by)
         if tie_break == "logprob" and logprob else None)
   return (-acc if acc is not None else math.inf,
           -lp if lp is not None else math.inf)
 
 
-def rank_key(record: EvalRecord, select_by: str, tie_break: str = "logprob") -> tuple:
-  """Sort key of a record, best first: `selection_key`, then the earliest evaluation."""
-  return (*selection_key(record.accuracy, record.logprob, select_by, tie_break),
+def rank_key(record: EvalRecord, select_by: str, tie_break: str = "logprob",
+             select_metric: str = "accuracy") -> tuple:
+  """Sort key of a record, best first: `selection_key` of the selecting metric, then
+  the earliest evaluation."""
+  return (*selection_key(metric_values(record, select_metric), record.logprob, select_by,
+                         tie_break),
           *record.order())
 
 
-def best_of(records, select_by: str, tie_break: str = "logprob") -> EvalRecord | None:
+def best_of(records, select_by: str, tie_break: str = "logprob",
+            select_metric: str = "accuracy") -> EvalRecord | None:
   ok = [r for r in records if r.ok]
-  return min(ok, key=lambda r: rank_key(r, select_by, tie_break)) if ok else None
+  return (min(ok, key=lambda r: rank_key(r, select_by, tie_break, select_metric))
+          if ok else None)
 
 
 @dataclasses.dataclass
@@ -228,10 +252,13 @@ class ChainState:
   def ranked(self) -> list[EvalRecord]:
     """The chain's pool, best first (deterministic)."""
     return sorted(self.pool, key=lambda r: rank_key(r, self.config.select_by,
-                                                  self.config.tie_break))
+                                                  self.config.tie_break,
+                                                  self.config.select_metric))
 
   def value(self, record: EvalRecord) -> float | None:
-    return select_value(record.accuracy, self.config.select_by)
+    """The record's selecting metric on the selection split (what the LLM is shown)."""
+    return select_value(metric_values(record, self.config.select_metric),
+                        self.config.select_by)
 
 
 class Proposer(Protocol):
