@@ -23,8 +23,10 @@ METHODS = ("search", "coop")
 PROPOSERS = ("auto", "llm", "ape", "iterative_ape", "edit", "replay")
 # Baselines a run can score beside the search. hand_best is picked by the selection split;
 # hand_oracle by test accuracy, as the paper's hand-engineered row was (an oracle:
-# reported, never used by the search).
-BASELINES = ("empty", "photo", "hand_best", "hand_oracle", "hand_ensemble", "pool_best")
+# reported, never used by the search). dataset_*: the templates a source ships
+# (CLIP_benchmark's zeroshot_classification_templates.txt), when it has them.
+BASELINES = ("empty", "photo", "hand_best", "hand_oracle", "hand_ensemble", "pool_best",
+             "dataset_best", "dataset_ensemble")
 DTYPES = ("float32", "bfloat16")
 
 # The paper's comparison (Table 1 and its ablations): each named method is the run's
@@ -118,7 +120,9 @@ class ExperimentConfig:
     baselines: Baselines scored in the same run: empty ({}), photo (a photo of a {}.),
       hand_best (CLIP's hand-engineered templates, picked by the selection split),
       hand_oracle (the same, picked by test accuracy), hand_ensemble (their ensemble),
-      pool_best (initial pool's best).
+      pool_best (initial pool's best), dataset_best and dataset_ensemble (the templates the
+      dataset ships, e.g. CLIP_benchmark's, picked by the selection split or ensembled:
+      CLIP_benchmark's own protocol).
     transfer_to: Other CLIPs (as --model takes them, e.g. RN101,ViT-B/32) on which each
       seed's chosen template and the baselines are scored as chosen, without re-selecting.
     compare: Run the paper's comparison instead of one run: each named method into

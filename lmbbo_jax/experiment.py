@@ -196,7 +196,7 @@ def _run(cfg: ExperimentConfig, local, local_error: str | None) -> dict | None:
         batch_size=cfg.image_batch_size, progress=cfg.progress)
     logging.info("seed %d: %d images encoded in %.1fs", seed, n_images, encode_s)
     seeds.append(methods_lib.SeedSetup(seed, task, scorer, corpora.get(seed, []), inputs,
-                                       score_baselines(cfg, scorer), n_images, encode_s))
+                                       score_baselines(cfg, scorer, task), n_images, encode_s))
 
   tracker = _tracker(cfg, workdir) if multihost.is_leader() else None
   try:

@@ -27,6 +27,8 @@ METHOD_LABELS = {
     "hand_oracle": "hand-engineered, picked by test accuracy (oracle, as the paper's row)",
     "hand_ensemble": "hand-engineered ensemble", "pool_best": "initial pool's best",
     "initial_best": "initial pool's best",
+    "dataset_best": "the dataset's templates, picked by the selection split",
+    "dataset_ensemble": "the dataset's templates, ensembled (CLIP_benchmark's protocol)",
 }
 
 
@@ -46,11 +48,12 @@ def write_prompts_csv(records: Iterable[dict], path: str | pathlib.Path) -> None
       writer.writerow(row)
 
 
-def _best_so_far(records: Sequence[dict], select_by: str, tie_break: str = "logprob"):
+def _best_so_far(records: Sequence[dict], select_by: str, tie_break: str = "logprob",
+                 select_metric: str = "accuracy"):
   """Per record (in order), the template chosen so far by the search's selection rule."""
   best, best_key, out = None, None, []
   for r in records:
-    key = rank_key(EvalRecord.from_row(r), select_by, tie_break)
+    key = rank_key(EvalRecord.from_row(r), select_by, tie_break, select_metric)
     if best is None or key < best_key:
       best, best_key = r, key
     out.append(best)
@@ -59,7 +62,7 @@ def _best_so_far(records: Sequence[dict], select_by: str, tie_break: str = "logp
 
 def plot_accuracy(records: Sequence[dict], path: str | pathlib.Path, *,
                   title: str = "", select_by: str = "train",
-                  tie_break: str = "logprob") -> None:
+                  tie_break: str = "logprob", select_metric: str = "accuracy") -> None:
   """accuracy.png: train and test accuracy of each new template and the best-so-far.
 
   x = proposer (LLM) calls made by that chain so far (its `step`: 0 is the
@@ -84,7 +87,7 @@ def plot_accuracy(records: Sequence[dict], path: str | pathlib.Path, *,
       continue
     colour = cmap(chain % 10)
     style = styles[seeds.index(seed) % len(styles)]
-    best = _best_so_far(rs, select_by, tie_break)
+    best = _best_so_far(rs, select_by, tie_break, select_metric)
     # Best-so-far after each step (the last record of each step).
     steps, best_at = [], []
     for r, b in zip(rs, best):
@@ -171,11 +174,10 @@ def summary_markdown(results: dict) -> str:
   title = (f"{results.get('dataset', '')}, {results.get('shots', '?')}-shot, model "
            f"{results.get('model', {}).get('name', '')}")
   lines = []
-  for split, what in (("test", "test accuracy (%), the paper's metric"),
-                      ("train", "train accuracy (%), the selection split")):
+  for split, key, what in _tables(results, methods):
     lines += [f"## {title}: {what}", "", head, "|" + "---|" * (len(seeds) + 3)]
     for name, by_seed in methods.items():
-      vals = [(by_seed.get(s) or {}).get(f"{split}_acc") for s in seeds]
+      vals = [(by_seed.get(s) or {}).get(key) for s in seeds]
       m, sd = mean_std(vals)
       lines.append(f"| {name} | " + " | ".join(_fmt(v) for v in vals)
                    + f" | {_fmt(m)} | {_fmt(sd)} |")
@@ -197,6 +199,33 @@ def summary_markdown(results: dict) -> str:
   lines += _proposer_section(results)
   lines += _transfer_section(results)
   return "\n".join(lines) + "\n"
+
+
+METRIC_NAMES = {"accuracy": "accuracy", "acc5": "top-5 accuracy",
+                "mean_per_class_recall": "mean per-class recall"}
+
+
+def _tables(results: dict, methods: dict) -> list[tuple[str, str, str]]:
+  """(split, row key, title) of summary.md's tables: the test split in the dataset's lead
+  metric first (the CLIP paper's convention: mean per-class recall for Aircraft, Pets,
+  Caltech101 and Flowers), the test split's other metrics the rows have, then the
+  selection split's accuracy."""
+  lead = results.get("lead_metric") or "accuracy"
+  order = [lead] + [m for m in METRIC_NAMES if m != lead]
+  out = []
+  for metric in order:
+    key = "test_acc" if metric == "accuracy" else f"test_{metric}"
+    if metric != "accuracy" and not any(key in (e or {}) for by in methods.values()
+                                         for e in by.values()):
+      continue
+    what = f"test {METRIC_NAMES[metric]} (%)"
+    if metric == "accuracy":
+      what += ", the paper's metric"
+    if metric == lead and lead != "accuracy":
+      what += ", the CLIP paper's metric for this dataset"
+    out.append(("test", key, what))
+  out.append(("train", "train_acc", "train accuracy (%), the selection split"))
+  return out
 
 
 def _transfer_section(results: dict) -> list[str]:
@@ -408,13 +437,14 @@ def _efficiency_curves(workdir: pathlib.Path, results: dict) -> list[list[float]
   config = results.get("config") or {}
   select_by = config.get("select_by", "train")
   tie_break = (config.get("search") or {}).get("tie_break", "logprob")
+  select_metric = (config.get("search") or {}).get("select_metric", "accuracy")
   records = [r for r in io_lib.read_jsonl(workdir / "prompts.jsonl") if not r.get("rejected")]
   curves = []
   for seed in sorted({r.get("seed") for r in records}, key=str):
     # The initial pool first, then the proposals in the order they were scored.
     rs = sorted((r for r in records if r.get("seed") == seed),
                 key=lambda r: (r.get("step", 0) > 0, r.get("eval_index", 0)))
-    best = _best_so_far(rs, select_by, tie_break)
+    best = _best_so_far(rs, select_by, tie_break, select_metric)
     calls, curve = set(), []
     for i, r in enumerate(rs):
       call = r.get("call_id") if r.get("step", 0) > 0 else None
@@ -479,7 +509,8 @@ def main(argv=None):
   config = results.get("config") or {}
   plot_accuracy([r for r in records if not r.get("rejected")], workdir / "accuracy.png",
                 title=results.get("dataset", ""), select_by=config.get("select_by", "train"),
-                tie_break=(config.get("search") or {}).get("tie_break", "logprob"))
+                tie_break=(config.get("search") or {}).get("tie_break", "logprob"),
+                select_metric=(config.get("search") or {}).get("select_metric", "accuracy"))
   (workdir / "summary.md").write_text(summary_markdown(results), encoding="utf-8")
   print(f"wrote prompts.csv, accuracy.png, summary.md in {workdir}")
   return 0

@@ -19,12 +19,15 @@ import orjson
 
 from lmbbo_jax import io as io_lib
 from lmbbo_jax import report
-from lmbbo_jax.evaluator.types import Score
+from lmbbo_jax.data.registry import lead_metric
+from lmbbo_jax.evaluator.types import METRICS, Score
 from lmbbo_jax.search.proposers import LLM_PROPOSERS
-from lmbbo_jax.search.state import selection_key
+from lmbbo_jax.search.state import metric_values, selection_key
 
 RESULTS_SCHEMA = 1
 SPLITS = ("train", "val", "test")
+# Metrics besides accuracy in each row: `<split>_<metric>`.
+OTHER_METRICS = tuple(m for m in METRICS if m != "accuracy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,15 +38,27 @@ class Entry:
   val_acc: float | None = None
   test_acc: float | None = None
   extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  # The score it was made from (for CLIP_benchmark's layout); not in results.json.
+  score: Score | None = dataclasses.field(default=None, compare=False, repr=False)
 
   @classmethod
   def of(cls, score: Score | None, **extra) -> "Entry":
+    """A row of `score`: accuracy per split, and `<split>_acc5` and
+    `<split>_mean_per_class_recall` (and the train log-probability) in `extra`."""
     if score is None:
       return cls(None, extra=extra)
+    metrics = {f"{split}_{name}": value for name in OTHER_METRICS
+               for split, value in score.metric(name).items()}
     if score.logprob:
-      extra = {"train_logprob": score.logprob.get("train"), **extra}
+      metrics["train_logprob"] = score.logprob.get("train")
     acc = score.accuracy
-    return cls(score.template, acc.get("train"), acc.get("val"), acc.get("test"), extra)
+    return cls(score.template, acc.get("train"), acc.get("val"), acc.get("test"),
+               {**metrics, **extra}, score)
+
+  def value(self, metric: str, split: str) -> float | None:
+    """`metric` (one of `types.METRICS`) on `split`."""
+    key = f"{split}_acc" if metric == "accuracy" else f"{split}_{metric}"
+    return self.to_json().get(key)
 
   @classmethod
   def from_json(cls, d: Mapping[str, Any] | None) -> "Entry":
@@ -105,9 +120,10 @@ class ExperimentResult:
 
 
 def aggregate(entries: Sequence[Mapping[str, Any]]) -> dict:
-  """Mean and std over seeds of each split's accuracy in `entries`."""
+  """Mean and std over seeds of each split's metrics in `entries`."""
   vals = {}
-  for split in ("train_acc", "val_acc", "test_acc"):
+  keys = [f"{s}_acc" for s in SPLITS] + [f"{s}_{m}" for m in OTHER_METRICS for s in SPLITS]
+  for split in keys:
     xs = [e.get(split) for e in entries if e]
     xs = [x for x in xs if x is not None]
     if xs:
@@ -164,6 +180,7 @@ def build_results(cfg, model: Mapping[str, Any], seeds, run, *, scorer_stats: Se
   """
   from lmbbo_jax.search.optimizer import sum_chain_counts
   rule = (cfg.search.select_by, cfg.search.tie_break)
+  metric = cfg.search.select_metric
   per_seed, n_eval, counts_total = {}, 0, {}
   for s in seeds:
     out = run.outcomes[s.seed]
@@ -187,7 +204,7 @@ def build_results(cfg, model: Mapping[str, Any], seeds, run, *, scorer_stats: Se
   # The overall best: the seeds' bests ranked by the selection rule (never test).
   with_best = [s.seed for s in seeds if run.outcomes[s.seed].best is not None]
   best_seed = str(min(with_best, key=lambda seed: selection_key(
-      run.outcomes[seed].best.accuracy, run.outcomes[seed].best.logprob, *rule))
+      metric_values(run.outcomes[seed].best, metric), run.outcomes[seed].best.logprob, *rule))
       if with_best else seeds[0].seed)
   best_ps = per_seed[best_seed]
 
@@ -259,6 +276,8 @@ def build_results(cfg, model: Mapping[str, Any], seeds, run, *, scorer_stats: Se
       "versions": versions(),
       "model": dict(model, dtype=cfg.dtype),
       "dataset": cfg.dataset,
+      # The metric the report leads with (the CLIP paper's per dataset).
+      "lead_metric": lead_metric(cfg.dataset),
       "shots": cfg.shots,
       "seeds": list(cfg.seeds),
       "num_classes": len(seeds[0].task.class_names),
@@ -303,6 +322,30 @@ def write_outputs(workdir: pathlib.Path, results: dict, seeds, outcomes) -> None
   if curves:
     report.plot_loss_curves(curves, workdir / "coop_loss.png", title=f"CoOp, {title}")
   report.plot_accuracy(ok, workdir / "accuracy.png", title=title,
-                       select_by=cfg_search["select_by"], tie_break=cfg_search["tie_break"])
+                       select_by=cfg_search["select_by"], tie_break=cfg_search["tie_break"],
+                       select_metric=cfg_search.get("select_metric", "accuracy"))
   (workdir / "summary.md").write_text(report.summary_markdown(results), encoding="utf-8")
+  write_clip_benchmark(workdir / "clip_benchmark", results, seeds, outcomes)
   io_lib.write_json(workdir / "results.json", results)
+
+
+def write_clip_benchmark(out_dir: pathlib.Path, results: dict, seeds, outcomes) -> None:
+  """Each seed's rows (the chosen template, the initial pool's best, each baseline) on the
+  test split in CLIP_benchmark's result layout: `<out_dir>/seed_<s>/<row>.json`, to set
+  beside its published tables."""
+  from lmbbo_jax.evaluator.metrics import clip_benchmark_result
+  from lmbbo_jax.templates import invalid_reason
+  for s in seeds:
+    out = outcomes[s.seed]
+    rows = {"best": out.best, "initial_best": out.initial_best,
+            **{f"baseline_{k}": e.score for k, e in s.baselines.items()}}
+    for name, score in rows.items():
+      if score is None or not score.ok or "test" not in score.accuracy:
+        continue
+      single = invalid_reason(score.template) is None
+      (out_dir / f"seed_{s.seed}").mkdir(parents=True, exist_ok=True)
+      io_lib.write_json(out_dir / f"seed_{s.seed}" / f"{name}.json", clip_benchmark_result(
+          score, dataset=results["dataset"], model=results["model"]["name"],
+          pretrained=results["model"]["source"],
+          templates=[score.template] if single else None,
+          class_names=list(s.task.class_names)))

@@ -521,3 +521,60 @@ def test_a_canary_key_reaches_no_file_log_line_or_error_at_v2(tmp_path):
             if p.is_file()]
   for text in texts:
     assert canary not in text and canary[:12] not in text
+
+
+def test_a_run_on_clip_benchmark_shards_reports_every_metric_in_both_layouts(
+    tmp_path, jax_cache, capsys):
+  """--dataset=wds:DIR on generated CLIP_benchmark shards (a corrupt sample among them): the
+  rows carry acc@1, acc@5 and mean per-class recall, the shards' own templates are
+  baselines, selection can use another metric, and CLIP_benchmark's JSON is written."""
+  from data_helpers import WDS_CLASSES, make_wds
+  root = tmp_path / "wds_cars"
+  make_wds(root, {"train": 3, "test": 4})
+  workdir = tmp_path / "w"
+  code, out, err = _command([f"--dataset=wds:{root}", "--model=random:tiny-vit",
+                             f"--workdir={workdir}", "--seeds=1", "--proposer=edit",
+                             "--n_iter=2", "--init_pool_size=6",
+                             "--select_metric=mean_per_class_recall",
+                             "--baselines=photo,dataset_best,dataset_ensemble,pool_best"],
+                            jax_cache, capsys)
+  assert code == 0, err[-3000:]
+  results = json.loads((workdir / "results.json").read_text())
+  assert results["num_classes"] == len(WDS_CLASSES) >= 5
+  assert results["config"]["search"]["select_metric"] == "mean_per_class_recall"
+  rows = [results["best"], *results["baselines"].values()]
+  assert set(results["baselines"]) == {"photo", "dataset_best", "dataset_ensemble", "pool_best"}
+  for row in rows:
+    for split in ("train", "test"):
+      for key in (f"{split}_acc", f"{split}_acc5", f"{split}_mean_per_class_recall"):
+        assert 0.0 <= row[key] <= 1.0, (row["template"], key)
+    assert row["test_acc5"] >= row["test_acc"]
+  assert "test_acc5" in results["aggregate"]["best"]
+  # The best is the one the chosen metric picks: nothing logged beats it there.
+  logged = [json.loads(l) for l in (workdir / "prompts.jsonl").read_text().splitlines()]
+  assert max(r["mean_per_class_recall"]["train"] for r in logged if not r.get("rejected")) == (
+      results["best"]["train_mean_per_class_recall"])
+  bench = json.loads((workdir / "clip_benchmark" / "seed_1" / "best.json").read_text())
+  assert bench["task"] == "zeroshot_classification" and bench["dataset"] == f"wds:{root}"
+  assert bench["metrics"] == pytest.approx({
+      "acc1": results["best"]["test_acc"], "acc5": results["best"]["test_acc5"],
+      "mean_per_class_recall": results["best"]["test_mean_per_class_recall"]})
+  assert (workdir / "clip_benchmark" / "seed_1" / "baseline_dataset_ensemble.json").exists()
+  assert "test top-5 accuracy" in (workdir / "summary.md").read_text()
+
+
+def test_the_summary_leads_with_the_clip_papers_metric_for_the_dataset():
+  from lmbbo_jax import report
+  from lmbbo_jax.data.registry import lead_metric
+  assert lead_metric("fgvc_aircraft") == "mean_per_class_recall"
+  assert lead_metric("caltech101") == "mean_per_class_recall"
+  assert lead_metric("dtd") == "accuracy" and lead_metric("toy:mix") == "accuracy"
+  row = {"template": "a {}", "test_acc": 0.5, "test_mean_per_class_recall": 0.25,
+         "train_acc": 0.75}
+  results = {"seeds": [1], "per_seed": {"1": {"baselines": {"photo": row}}},
+             "dataset": "fgvc_aircraft", "lead_metric": "mean_per_class_recall"}
+  titles = [l for l in report.summary_markdown(results).splitlines() if l.startswith("## ")]
+  assert "test mean per-class recall" in titles[0] and "CLIP paper's metric" in titles[0]
+  assert "test accuracy" in titles[1] and "train accuracy" in titles[-1]
+  assert "top-5" not in " ".join(titles)  # no acc5 in the rows: no table
+  assert "| 25.0 |" in report.summary_markdown(results).split("## ")[1]
