@@ -195,7 +195,7 @@ def test_a_wds_task_scores_and_writes_clip_benchmark_json(clip, tmp_path):
   ensemble = scorer.score_ensemble([task.dataset_templates])[0]
   for s in (*scores, ensemble):
     assert s.ok and set(s.accuracy) == set(s.acc5) == set(s.mean_per_class_recall) == {
-        "train", "val", "test"}
+        "train", "val", "test", "train_val"}
     # 5 classes: the true class is always among the top 5.
     assert s.acc5["test"] == 1.0 and 0.0 <= s.mean_per_class_recall["test"] <= 1.0
   out = metrics.clip_benchmark_result(ensemble, dataset="wds/toy", model="test-tiny",

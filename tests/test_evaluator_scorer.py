@@ -203,3 +203,25 @@ def test_device_resident_features_score_as_host_ones(clip, data, scorer):
     for split in a.logprob:
       assert a.logprob[split] == pytest.approx(b.logprob[split], abs=1e-5)
   dev.close()
+
+
+def test_train_val_is_the_joined_splits_not_the_mean(clip, data):
+  """At 8-16 shots val has fewer images per class than train: "train_val" is the metric
+  over the joined images, as select_by="train_val" promises, not the mean of the two."""
+  text = plain_features(clip, "a photo of a {}.", CLASS_NAMES)
+  val = random_images(len(CLASS_NAMES), 1, clip.embed_dim, seed=5, text=text)
+  splits = {"train": data["train"], "val": val, "test": data["test"]}
+  scorer = PromptScorer(clip, {k: v[0] for k, v in splits.items()},
+                        {k: v[1] for k, v in splits.items()}, CLASS_NAMES, **SMALL)
+  for t, s in zip(SCORED[:3], scorer.score(SCORED[:3])):
+    feats = plain_features(clip, t, CLASS_NAMES)
+    joined = (np.concatenate([data["train"][0], val[0]]),
+              np.concatenate([data["train"][1], val[1]]))
+    acc, logp = reference_score(feats, *joined, clip.logit_scale)
+    assert s.accuracy["train_val"] == pytest.approx(acc, abs=1e-12), t
+    assert s.logprob["train_val"] == pytest.approx(logp, abs=1e-4), t
+    n_train, n_val = len(data["train"][1]), len(val[1])
+    weighted = (s.accuracy["train"] * n_train + s.accuracy["val"] * n_val) / (n_train + n_val)
+    assert s.accuracy["train_val"] == pytest.approx(weighted, abs=1e-12)
+  from lmbbo_jax.search.state import select_value
+  assert select_value(s.accuracy, "train_val") == s.accuracy["train_val"]

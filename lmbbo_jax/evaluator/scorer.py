@@ -202,6 +202,13 @@ class PromptScorer:
       labels.append(y)
       self.splits[split] = (start, start + len(y))
       start += len(y)
+    # Image rows of each split, and of "train_val": the joined train and val images (the
+    # selection split of select_by="train_val"; not the mean of the two, which would
+    # over-weight val when it has fewer images per class than train).
+    self._split_rows = {k: np.arange(lo, hi) for k, (lo, hi) in self.splits.items()}
+    if "train" in self.splits and "val" in self.splits:
+      self._split_rows["train_val"] = np.concatenate(
+          [self._split_rows["train"], self._split_rows["val"]])
     n = sharding.round_up(max(start, 1), sharding.num_shards(self.mesh))
     y = np.full((n,), -1, np.int32)
     if start:
@@ -326,17 +333,17 @@ class PromptScorer:
                else None)
     by_metric: dict[str, dict[str, float]] = {name: {} for name in METRICS}
     logprob, per_class = {}, {}
-    for split, (lo, hi) in self.splits.items():
-      y = self._labels[lo:hi]
+    for split, rows in self._split_rows.items():
+      y = self._labels[rows]
       keep = y >= 0
       y = y[keep]
-      values = metrics.split_metrics(pred[lo:hi][keep], None if top_hit is None
-                                     else top_hit[lo:hi][keep], y, self.num_classes)
+      values = metrics.split_metrics(pred[rows][keep], None if top_hit is None
+                                     else top_hit[rows][keep], y, self.num_classes)
       for name, value in values.items():
         by_metric[name][split] = value
-      logprob[split] = float(logp[lo:hi][keep].mean()) if y.size else float("nan")
-      if self.per_class:
-        correct = pred[lo:hi][keep] == y
+      logprob[split] = float(logp[rows][keep].mean()) if y.size else float("nan")
+      if self.per_class and split in self.splits:
+        correct = pred[rows][keep] == y
         hits = np.bincount(y, weights=correct, minlength=self.num_classes)
         counts = np.bincount(y, minlength=self.num_classes)
         with np.errstate(invalid="ignore", divide="ignore"):

@@ -17,7 +17,9 @@ class Score:
   Attributes:
     template: the template text as given (for an ensemble, its templates joined
       by " | ").
-    accuracy: split name ("train", "val", "test") -> top-1 accuracy in [0, 1].
+    accuracy: split name ("train", "val", "test"; and "train_val", the joined train
+      and val images, when the task has both) -> top-1 accuracy in [0, 1]. The other
+      metrics and `logprob` have the same keys.
     logprob: split name -> mean log-probability of the true class under a
       softmax over classes at CLIP's logit scale; a finer tie-break than
       accuracy when a 1-shot train set gives coarse accuracies.

@@ -31,10 +31,11 @@ class SearchError(ValueError):
 def select_value(values: Mapping[str, float], select_by: str) -> float | None:
   """The selection metric from per-split values; never reads "test".
 
-  "train": the train split. "train_val": a "train_val" entry when the scorer
-  gives one (accuracy over the concatenated splits), else the mean of train
-  and val (equal to the concatenated accuracy when both have the same number
-  of images, as with k shots per class in both), else train.
+  "train": the train split. "train_val": the "train_val" entry `PromptScorer`
+  gives (the metric over the joined train and val images); for scores without
+  one (other scorers, logs of older versions) the mean of train and val, which
+  equals it only when both splits have as many images (val has min(4, k) per
+  class, so at 8-16 shots the mean over-weights val), else train.
   """
   if select_by == "train":
     return values.get("train")
