@@ -28,7 +28,6 @@ import numpy as np
 from lmbbo_jax import io as io_lib
 from lmbbo_jax.evaluator import multihost, sharding
 from lmbbo_jax.models import loading
-from lmbbo_jax.models.clip import CLIPModel
 
 log = logging.getLogger(__name__)
 
@@ -157,17 +156,17 @@ def load_cache(cache_dir: str, key: dict, item_labels: Sequence[int],
 
 
 @functools.lru_cache(maxsize=8)
-def _image_step(model: CLIPModel, mesh: jax.sharding.Mesh):
+def _image_step(model: Any, mesh: jax.sharding.Mesh):
   def step(variables, pixels):
-    feats = model.apply(variables, pixels, method=CLIPModel.encode_image)
+    feats = model.apply(variables, pixels, method="encode_image")
     feats = feats.astype(jnp.float32)
     return feats / jnp.maximum(jnp.linalg.norm(feats, axis=-1, keepdims=True), 1e-12)
   return jax.jit(step, out_shardings=sharding.sharded_along(mesh, 2))
 
 
 def _visual_variables(clip: Any) -> dict:
-  variables = {"params": {"visual": clip.variables["params"]["visual"],
-                          "logit_scale": clip.variables["params"]["logit_scale"]}}
+  # The model's setup declares every top-level parameter (the logit scale, SigLIP's bias).
+  variables = {"params": {k: v for k, v in clip.variables["params"].items() if k != "text"}}
   if "batch_stats" in clip.variables:
     variables["batch_stats"] = clip.variables["batch_stats"]
   return variables
