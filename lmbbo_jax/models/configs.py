@@ -143,6 +143,15 @@ ARCHITECTURES: dict[str, CLIPConfig] = {
         embed_dim=768,
         vision=VisionConfig(width=1024, layers=24, heads=16, patch_size=14),
         text=_openai_text(width=768, heads=12), name="ViT-L/14"),
+    # open_clip's ViT-H-14 (MetaCLIP H/14, DFN5B H/14): 80-wide heads.
+    "ViT-H/14": CLIPConfig(
+        embed_dim=1024,
+        vision=VisionConfig(width=1280, layers=32, heads=16, patch_size=14),
+        text=TextConfig(width=1024, layers=24, heads=16), name="ViT-H/14"),
+    "ViT-H/14-378": CLIPConfig(
+        embed_dim=1024,
+        vision=VisionConfig(image_size=378, width=1280, layers=32, heads=16, patch_size=14),
+        text=TextConfig(width=1024, layers=24, heads=16), name="ViT-H/14-378"),
     # Tiny variants for tests: same code paths, seconds to build on a CPU.
     "tiny-vit": CLIPConfig(
         embed_dim=32,

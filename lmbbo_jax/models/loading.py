@@ -4,6 +4,7 @@ Sources, in the order they are tried:
   "random:<arch>"      seeded random init of a named architecture (benchmarks, tests);
   "random:toyclip"      the toy CLIP's shape and tokenizer with random weights (a control);
   a short name          RN50, RN101, ViT-B/32, ViT-B/16, ViT-L/14 -> OpenAI's public weights;
+                        MetaCLIP-*, DFN*-*, siglip-*, siglip2-* -> theirs (see SHORT_NAMES);
   "toyclip"             the toy world's trained tiny CLIP (lmbbo_jax/toyworld/assets);
   a local path          a directory (our format: config.json + params.msgpack; Hugging Face:
                         config.json + model.safetensors / pytorch_model.bin, a CLIPModel or a
@@ -51,14 +52,34 @@ from lmbbo_jax.models.convert import (
 # Bump when conversion output changes, so stale cache entries are not reused.
 CONVERTER_VERSION = 1
 
-# Short names -> public checkpoints (OpenAI's weights; RN* only exist in open_clip format).
+# Short names -> public checkpoints on the hub.
 SHORT_NAMES: dict[str, str] = {
+    # OpenAI's weights (RN* only exist in open_clip format).
     "RN50": "timm/resnet50_clip.openai",
     "RN101": "timm/resnet101_clip.openai",
     "ViT-B/32": "openai/clip-vit-base-patch32",
     "ViT-B/16": "openai/clip-vit-base-patch16",
     "ViT-L/14": "openai/clip-vit-large-patch14",
+    # MetaCLIP (transformers CLIPModel format), OpenAI's tower shapes.
+    "MetaCLIP-B/32": "facebook/metaclip-b32-400m",
+    "MetaCLIP-B/16": "facebook/metaclip-b16-fullcc2.5b",
+    "MetaCLIP-L/14": "facebook/metaclip-l14-fullcc2.5b",
+    "MetaCLIP-H/14": "facebook/metaclip-h14-fullcc2.5b",
+    # DFN (open_clip format).
+    "DFN2B-B/16": "apple/DFN2B-CLIP-ViT-B-16",
+    "DFN2B-L/14": "apple/DFN2B-CLIP-ViT-L-14",
+    "DFN5B-H/14": "apple/DFN5B-CLIP-ViT-H-14",
+    "DFN5B-H/14-378": "apple/DFN5B-CLIP-ViT-H-14-378",
+    # SigLIP and SigLIP 2 FixRes (transformers SiglipModel format); their named
+    # architectures (configs.py) carry the same names.
+    "siglip-base-patch16-224": "google/siglip-base-patch16-224",
+    "siglip-base-patch16-256": "google/siglip-base-patch16-256",
+    "siglip-large-patch16-256": "google/siglip-large-patch16-256",
+    "siglip-so400m-patch14-384": "google/siglip-so400m-patch14-384",
+    "siglip2-base-patch16-224": "google/siglip2-base-patch16-224",
 }
+# Short names whose weights were trained with QuickGELU, whatever a config file says.
+_QUICK_GELU = frozenset(n for n in SHORT_NAMES if not n.startswith("siglip"))
 TOYCLIP = "toyclip"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -126,9 +147,8 @@ def load_clip(source: str, *, dtype: Any = jnp.float32, cache_dir: str | None = 
     return _random_clip(source.removeprefix("random:"), dtype, config)
   short = {_short_key(k): k for k in SHORT_NAMES}.get(_short_key(source))
   if short is not None:
-    # Short names are OpenAI's weights, trained with QuickGELU whatever a config file says.
-    return _load_hub(SHORT_NAMES[short], dtype, cache_dir, config, act="quick_gelu",
-                     name=short)
+    return _load_hub(SHORT_NAMES[short], dtype, cache_dir, config,
+                     act="quick_gelu" if short in _QUICK_GELU else None, name=short)
   if source == TOYCLIP:
     path = toyclip_dir()
     if not os.path.isfile(os.path.join(path, "params.msgpack")):
