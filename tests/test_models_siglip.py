@@ -147,3 +147,18 @@ def test_named_siglip_shapes_match_the_published_configs():
     got = config_from_hf_siglip(hf)
     assert got.replace(name="", sot_token_id=c.sot_token_id, eot_token_id=c.eot_token_id,
                        pad_token_id=c.pad_token_id) == c.replace(name=""), name
+
+
+def test_image_preprocessing_follows_siglips_processor():
+  """SigLIP resizes the whole image to the square (no center crop), bicubic, mean/std 0.5."""
+  from transformers import SiglipImageProcessor
+  from lmbbo_jax.data.preprocess import preprocess
+  config = ARCHITECTURES["siglip-base-patch16-224"]
+  image = np.random.default_rng(0).integers(0, 256, (150, 300, 3), dtype=np.uint8)
+  ours = preprocess(image, 224, config.image_mean, config.image_std, crop=config.image_crop)
+  ref = SiglipImageProcessor()(images=image, return_tensors="np")["pixel_values"][0]
+  ref = ref.transpose(1, 2, 0)
+  assert ours.shape == ref.shape == (224, 224, 3)
+  assert np.abs(ours - ref).max() <= 1e-6  # the same PIL bicubic resize of the uint8 image
+  cropped = preprocess(image, 224, config.image_mean, config.image_std, crop=True)
+  assert np.abs(cropped - ref).mean() > 0.05  # CLIP's center crop would differ

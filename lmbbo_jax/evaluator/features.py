@@ -32,8 +32,10 @@ from lmbbo_jax.models import loading
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-# How `lmbbo_jax.data.preprocess` prepares pixels; part of the cache key.
+# How `lmbbo_jax.data.preprocess` prepares pixels (the model's `image_crop` picks one);
+# part of the cache key.
 PREPROCESSING = "resize-shorter-bicubic+center-crop+normalize"
+PREPROCESSING_SQUARE = "resize-square-bicubic+normalize"
 
 
 class FeatureCacheError(ValueError):
@@ -81,7 +83,8 @@ def cache_key(clip: Any, task: Any, split: str) -> dict:
       "split": split,
       "shots": getattr(task, "shots", None),
       "seed": getattr(task, "seed", None),
-      "preprocessing": {"method": PREPROCESSING, "size": clip.image_size,
+      "preprocessing": {"method": PREPROCESSING if cfg.image_crop else PREPROCESSING_SQUARE,
+                        "size": clip.image_size,
                         "mean": [float(x) for x in cfg.image_mean],
                         "std": [float(x) for x in cfg.image_std]},
   }
@@ -298,7 +301,7 @@ def encode_split(clip: Any, task: Any, split: str, *, mesh: jax.sharding.Mesh | 
     local_batch = hi - lo
   batches = batch_iter(source, split, size=clip.image_size, batch_size=local_batch,
                        mean=clip.config.image_mean, std=clip.config.image_std,
-                       num_threads=num_threads, prefetch=prefetch, progress=on_progress)
+                       crop=clip.config.image_crop, num_threads=num_threads, prefetch=prefetch, progress=on_progress)
   try:
     feats_dev, labels = encode_batches(clip, batches, mesh=mesh, num_batches=num_batches,
                                        global_batch=global_batch)

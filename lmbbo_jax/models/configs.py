@@ -83,6 +83,9 @@ class CLIPConfig:
   image_std: tuple[float, float, float] = CLIP_STD
   name: str = ""
   family: str = "clip"  # "clip" | "siglip" (see the module doc)
+  # Images: True resizes the shorter side and center-crops (CLIP); False resizes the
+  # whole image to the square (SigLIP's processor).
+  image_crop: bool = True
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -173,7 +176,7 @@ def _siglip(name: str, *, width: int, layers: int, heads: int, mlp: int, image_s
   ratio = mlp / width
   return CLIPConfig(
       embed_dim=width, family="siglip", name=name, sot_token_id=sot, eot_token_id=eot,
-      pad_token_id=pad, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD,
+      pad_token_id=pad, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD, image_crop=False,
       vision=VisionConfig(image_size=image_size, width=width, layers=layers, heads=heads,
                           patch_size=patch_size, mlp_ratio=ratio, act="gelu_tanh",
                           ln_eps=1e-6),

@@ -535,7 +535,7 @@ def config_from_hf_siglip(hf: Mapping[str, Any]) -> CLIPConfig:
                         mlp_ratio=v["intermediate_size"] / v["hidden_size"],
                         act=act(v["hidden_act"]), ln_eps=float(v["layer_norm_eps"]))
   return CLIPConfig(embed_dim=embed, vision=vision, text=text, family="siglip",
-                    image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)
+                    image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD, image_crop=False)
 
 
 # open_clip model_cfg options that change the computation without changing the
