@@ -162,3 +162,21 @@ def test_image_preprocessing_follows_siglips_processor():
   assert np.abs(ours - ref).max() <= 1e-6  # the same PIL bicubic resize of the uint8 image
   cropped = preprocess(image, 224, config.image_mean, config.image_std, crop=True)
   assert np.abs(cropped - ref).mean() > 0.05  # CLIP's center crop would differ
+
+
+def test_scorer_on_the_loaded_tokenizer_equals_a_direct_encode(loaded):
+  """The scorer's token assembly and plain rows with the real tokenizer (case, punctuation)."""
+  from lmbbo_jax import templates as templates_lib
+  from lmbbo_jax.evaluator.scorer import PromptScorer
+  names = ["dog", "Golden Retriever", "sea lion", "t-shirt", "cat's toy"]
+  templates = ["a photo of a {}.", "A blurry photo of the {}!", "many {}s", "{}", "itap of my {}"]
+  rng = np.random.default_rng(1)
+  scorer = PromptScorer(loaded, {"test": rng.normal(size=(10, loaded.embed_dim))},
+                        {"test": np.repeat(np.arange(5), 2)}, names, rows_per_call=8)
+  feats = scorer.text_features(templates)
+  scorer.close()
+  for t, f in zip(templates, feats):
+    direct = np.asarray(loaded.encode_text(loaded.tokenize([templates_lib.fill(t, n)
+                                                            for n in names])), np.float64)
+    direct /= np.linalg.norm(direct, axis=-1, keepdims=True)
+    assert np.abs(f - direct).max() <= 1e-5, t
