@@ -233,6 +233,9 @@ def bench_text(args, clip) -> dict[str, Any]:
     templates = [t if i < len(base) else f"{t} ({i // len(base)})"
                  for i, t in enumerate(templates)]
   if args.layout == "trimmed":
+    if not clip.config.text_causal:
+      raise BenchError("--layout=trimmed trims rows at the end-of-text token, which a "
+                       "bidirectional (SigLIP) tower does not allow; use --layout=prefix")
     return bench_trimmed(args, clip, names, feats, labels, templates)
   scorer = PromptScorer(clip, {"train": feats}, {"train": labels}, names,
                         rows_per_call=args.rows_per_call or None)

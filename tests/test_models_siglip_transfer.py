@@ -66,3 +66,12 @@ def test_experiment_transfer_step_scores_clip_choices_on_siglip(tmp_path):
   for e in entries.values():  # scored on SigLIP: accuracies and a finite log-probability
     assert 0.0 <= e["test_acc"] <= 1.0 and 0.0 <= e["train_acc"] <= 1.0
     assert np.isfinite(e["train_logprob"])
+
+
+def test_coop_refuses_a_siglip_model_with_the_reason():
+  from lmbbo_jax.coop import CoOpConfig, CoOpError, train
+  siglip = load_clip("random:tiny-siglip")
+  feats = np.zeros((4, siglip.embed_dim), np.float32)
+  with pytest.raises(CoOpError, match="siglip model"):
+    train(siglip, CLASSES, {"train": feats}, {"train": np.arange(4)}, shots=1, seed=0,
+          config=CoOpConfig())
