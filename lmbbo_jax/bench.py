@@ -232,6 +232,9 @@ def bench_text(args, clip) -> dict[str, Any]:
     templates = [t if i < len(base) else f"{t} ({i // len(base)})"
                  for i, t in enumerate(templates)]
   if args.layout == "trimmed":
+    if not clip.config.text_causal:
+      raise BenchError("--layout=trimmed trims rows at the end-of-text token, which a "
+                       "bidirectional (SigLIP) tower does not allow; use --layout=prefix")
     return bench_trimmed(args, clip, names, feats, labels, templates)
   scorer = PromptScorer(clip, {"train": feats}, {"train": labels}, names,
                         rows_per_call=args.rows_per_call or None)
@@ -365,12 +368,18 @@ def work_bound(clip, templates: list[str], names: list[str],
   token's output depends on it and the tokens before it only (causal), so no
   exact encoder, even one that kept every state of the whole stream, runs fewer
   through all layers but the last (which only the end-of-text tokens need whole).
+  A bidirectional tower (SigLIP) reads every sentence as a full padded row: the
+  peer and the least are its distinct sentences times the text length.
   """
   from lmbbo_jax import templates as templates_lib
   peer = 0
   distinct: set[int] = set()
   for template in templates:
     rows = clip.token_ids([templates_lib.fill(template, n) for n in names])
+    if not clip.config.text_causal:
+      peer += len(rows) * clip.context_length
+      distinct.update((hash(tuple(r)), i) for r in rows for i in range(clip.context_length))
+      continue
     lengths = sorted(len(r) for r in rows)
     calls = (lengths[i:i + chunk] for i in range(0, len(lengths), chunk))
     peer += sum(len(call) * call[-1] for call in calls)  # each call trimmed to its longest
@@ -568,7 +577,7 @@ def define_flags() -> None:
       "mode", "steady", ["steady", "cold"],
       "steady: warm-up excluded, medians of repeats; cold (text only): from the first "
       "template, compiles included, empty compilation cache (see the module doc).")
-  flags.DEFINE_string("arch", "ViT-B/32", "A named CLIP architecture.")
+  flags.DEFINE_string("arch", "ViT-B/32", "A named architecture (CLIP or SigLIP, e.g. siglip-base-patch16-224).")
   flags.DEFINE_string("weights", "random",
                       "'random' (random init of --arch) or a load_clip source.")
   flags.DEFINE_integer("classes", 100, "Class names (100: Caltech101's, else the first N "

@@ -141,6 +141,9 @@ def train(clip: Any, class_names: Sequence[str], features_by_split: Mapping[str,
   """
   if "train" not in features_by_split:
     raise CoOpError("CoOp learns from the train split; the task has none")
+  if not clip.config.text_causal:
+    raise CoOpError(f"CoOp here learns a context for CLIP's causal text tower; "
+                    f"{clip.name} is a {clip.config.family} model (use a CLIP model)")
   prompts = CoOpPrompts.build(clip, class_names, config.n_ctx)
   model, variables = clip.model, clip.variables
   x_train, y_train = _split(features_by_split["train"], labels_by_split["train"])

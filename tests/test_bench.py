@@ -9,6 +9,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 from lmbbo_jax.bench import llm_like_stream, work_bound
 
@@ -30,10 +31,13 @@ def test_the_generated_stream_is_seeded_distinct_and_mixed():
 
 
 class _WordClip:
-  """`token_ids` of a CLIP with one token per word (0: start, 1: end)."""
+  """`token_ids` of a CLIP with one token per word (0: start, 1: end); `causal=False`: as a
+  SigLIP of text length 8."""
 
-  def __init__(self):
+  def __init__(self, causal: bool = True):
     self.vocab = {}
+    self.config = types.SimpleNamespace(text_causal=causal)
+    self.context_length = 8
 
   def token_ids(self, texts):
     return [[0, *(self.vocab.setdefault(w, len(self.vocab) + 2) for w in t.split()), 1]
@@ -51,6 +55,12 @@ def test_work_bound_counts_the_peers_tokens_and_the_distinct_prefixes():
   assert work["token_ratio_peer_over_distinct"] == round(24 / 13, 3)
   # Chunks of one sentence: each is trimmed to its own length, 5 + 6 per template.
   assert work_bound(_WordClip(), templates, names, chunk=1)["tokens_peer_per_template"] == 11.0
+  # A bidirectional tower reads every sentence as a full row: 2 x 8 per template, and the
+  # two templates' sentences all differ.
+  work = work_bound(_WordClip(causal=False), templates, names)
+  assert work["tokens_peer_per_template"] == work["tokens_distinct_per_template"] == 16.0
+  assert work_bound(_WordClip(causal=False), ["a {} x", "a {} x"], names)[
+      "tokens_distinct_per_template"] == 8.0  # the same sentences twice: counted once
 
 
 def test_cold_mode_counts_compiles_and_the_first_template(tmp_path):

@@ -137,3 +137,53 @@ def test_torchscript_archive_then_cached_load_without_torch(models, tmp_path, mo
   # Without the cache, a torch archive needs the `convert` extra, said in one line.
   with pytest.raises(CheckpointError, match=r"needs PyTorch: pip install 'lmbbo_jax\[convert\]'"):
     load_clip(str(tmp_path / "RN.pt"), cache_dir=str(tmp_path / "empty"))
+
+
+# open_clip's ViT-H-14 (MetaCLIP H/14, DFN5B H/14) has 80-wide vision heads: a tiny tower
+# of width 160 has OpenAI's 2 heads (width // 64) of 80, as open_clip_config says.
+DFN_LIKE = dict(helpers.OPENAI_VIT, vision_width=160)
+
+
+def _dfn_like_directory(directory, model):
+  directory.mkdir(parents=True, exist_ok=True)
+  save_file(_contiguous_state(model), str(directory / "open_clip_model.safetensors"))
+  (directory / "open_clip_config.json").write_text(json.dumps({
+      "model_cfg": {"embed_dim": 32, "quick_gelu": True,
+                    "vision_cfg": {"image_size": 32, "layers": 2, "width": 160,
+                                   "head_width": 80, "patch_size": 8},
+                    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128,
+                                 "heads": 2, "layers": 2}}}))
+  return directory
+
+
+def test_dfn_and_metaclip_shaped_open_clip_checkpoints_load(tmp_path, monkeypatch):
+  torch.manual_seed(3)
+  model = helpers.randomize_(helpers.openai_model_module().CLIP(**DFN_LIKE).float(), 3)
+  _dfn_like_directory(tmp_path / "dfn", model)
+  clip = load_clip(str(tmp_path / "dfn"), cache_dir=str(tmp_path / "cache"))
+  assert clip.config.vision.heads == 2 and clip.config.text.act == "quick_gelu"
+  _assert_same_features(clip, model)
+  # The short name finds the hub repo (here a prepared offline hub cache) and names the model.
+  from lmbbo_jax.models.loading import SHORT_NAMES
+  home = tmp_path / "hf_home"
+  monkeypatch.setenv("HF_HOME", str(home))
+  monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  commit = "0123456789abcdef0123456789abcdef01234567"
+  repo = home / "hub" / ("models--" + SHORT_NAMES["DFN5B-H/14"].replace("/", "--"))
+  (repo / "refs").mkdir(parents=True)
+  (repo / "refs" / "main").write_text(commit)
+  _dfn_like_directory(repo / "snapshots" / commit, model)
+  named = load_clip("dfn5b-h/14", cache_dir=str(tmp_path / "cache2"))
+  assert named.name == "DFN5B-H/14" and named.source == "apple/DFN5B-CLIP-ViT-H-14"
+  _assert_same_features(named, model)
+
+
+def test_eva02_open_clip_checkpoints_are_refused_with_the_reason(tmp_path):
+  model = helpers.openai_model("vit", seed=6)
+  directory = _dfn_like_directory(tmp_path / "eva", model)
+  cfg = json.loads((directory / "open_clip_config.json").read_text())
+  cfg["model_cfg"]["vision_cfg"]["timm_model_name"] = "eva02_large_patch14_clip_224"
+  (directory / "open_clip_config.json").write_text(json.dumps(cfg))
+  with pytest.raises(CheckpointError, match="timm_model_name"):
+    load_clip(str(directory), cache_dir=str(tmp_path / "cache"))

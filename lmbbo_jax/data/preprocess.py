@@ -4,7 +4,8 @@
 Normalize(mean, std)])` on a PIL image, in NHWC float32: the shorter side is resized to
 `size` with PIL's bicubic filter (the longer side to `int(size * long / short)`, as
 torchvision computes it), then the center `size x size` crop (torchvision's rounding), /255,
-normalised.
+normalised. With `crop=False` the whole image is resized to `size x size` (bicubic) instead,
+as SigLIP's processor does.
 """
 
 from __future__ import annotations
@@ -35,17 +36,18 @@ def center_crop_box(width: int, height: int, size: int) -> tuple[int, int, int, 
 
 
 def preprocess(image_uint8: np.ndarray, size: int, mean: Sequence[float],
-               std: Sequence[float]) -> np.ndarray:
+               std: Sequence[float], crop: bool = True) -> np.ndarray:
   """CLIP preprocessing of one RGB uint8 [H, W, 3] image to float32 [size, size, 3].
 
-  `mean` and `std` are the model's (`CLIPConfig.image_mean` / `image_std`): the
-  model owns its normalisation, the data room only applies it.
+  `mean`, `std` and `crop` are the model's (`CLIPConfig.image_mean` / `image_std` /
+  `image_crop`): the model owns its preprocessing, the data room only applies it.
   """
   image = Image.fromarray(np.ascontiguousarray(image_uint8, dtype=np.uint8))
-  new_size = resized_size(image.width, image.height, size)
+  new_size = resized_size(image.width, image.height, size) if crop else (size, size)
   if new_size != image.size:
     image = image.resize(new_size, Image.Resampling.BICUBIC)
-  image = image.crop(center_crop_box(image.width, image.height, size))
+  if crop:
+    image = image.crop(center_crop_box(image.width, image.height, size))
   pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)
   return ((pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(
       np.float32)
@@ -69,7 +71,7 @@ class BatchIterator:
   """
 
   def __init__(self, task: FewShotTask, split: str, *, size: int, batch_size: int,
-               mean: Sequence[float], std: Sequence[float],
+               mean: Sequence[float], std: Sequence[float], crop: bool = True,
                num_threads: int = 4, prefetch: int = 2,
                progress: Callable[[int, int], None] | None = None,
                on_skip: Callable[[str, str], None] | None = None):
@@ -78,7 +80,7 @@ class BatchIterator:
     self.items: list[Item] = list(getattr(task, split))
     self.task, self.split = task, split
     self.size, self.batch_size = size, batch_size
-    self.mean, self.std = tuple(mean), tuple(std)
+    self.mean, self.std, self.crop = tuple(mean), tuple(std), crop
     self.num_threads = max(1, num_threads)
     self.prefetch = max(0, prefetch)
     self.progress, self.on_skip = progress, on_skip
@@ -91,7 +93,7 @@ class BatchIterator:
 
   def _decode(self, item: Item) -> np.ndarray | str:
     try:
-      return preprocess(self.task.load_image(item), self.size, self.mean, self.std)
+      return preprocess(self.task.load_image(item), self.size, self.mean, self.std, self.crop)
     except ImageLoadError as e:
       return str(e)
     except Exception as e:  # A bad image must never stop the run.
@@ -160,7 +162,7 @@ class BatchIterator:
 
 
 def iter_batches(task: FewShotTask, split: str, *, size: int, batch_size: int,
-                 mean: Sequence[float], std: Sequence[float],
+                 mean: Sequence[float], std: Sequence[float], crop: bool = True,
                  num_threads: int = 4, prefetch: int = 2,
                  progress: Callable[[int, int], None] | None = None,
                  on_skip: Callable[[str, str], None] | None = None) -> BatchIterator:
@@ -170,5 +172,5 @@ def iter_batches(task: FewShotTask, split: str, *, size: int, batch_size: int,
   (ref, reason) pairs of images that could not be read.
   """
   return BatchIterator(task, split, size=size, batch_size=batch_size, mean=mean, std=std,
-                       num_threads=num_threads, prefetch=prefetch, progress=progress,
+                       crop=crop, num_threads=num_threads, prefetch=prefetch, progress=progress,
                        on_skip=on_skip)

@@ -28,13 +28,14 @@ import numpy as np
 from lmbbo_jax import io as io_lib
 from lmbbo_jax.evaluator import multihost, sharding
 from lmbbo_jax.models import loading
-from lmbbo_jax.models.clip import CLIPModel
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-# How `lmbbo_jax.data.preprocess` prepares pixels; part of the cache key.
+# How `lmbbo_jax.data.preprocess` prepares pixels (the model's `image_crop` picks one);
+# part of the cache key.
 PREPROCESSING = "resize-shorter-bicubic+center-crop+normalize"
+PREPROCESSING_SQUARE = "resize-square-bicubic+normalize"
 
 
 class FeatureCacheError(ValueError):
@@ -82,7 +83,8 @@ def cache_key(clip: Any, task: Any, split: str) -> dict:
       "split": split,
       "shots": getattr(task, "shots", None),
       "seed": getattr(task, "seed", None),
-      "preprocessing": {"method": PREPROCESSING, "size": clip.image_size,
+      "preprocessing": {"method": PREPROCESSING if cfg.image_crop else PREPROCESSING_SQUARE,
+                        "size": clip.image_size,
                         "mean": [float(x) for x in cfg.image_mean],
                         "std": [float(x) for x in cfg.image_std]},
   }
@@ -157,17 +159,17 @@ def load_cache(cache_dir: str, key: dict, item_labels: Sequence[int],
 
 
 @functools.lru_cache(maxsize=8)
-def _image_step(model: CLIPModel, mesh: jax.sharding.Mesh):
+def _image_step(model: Any, mesh: jax.sharding.Mesh):
   def step(variables, pixels):
-    feats = model.apply(variables, pixels, method=CLIPModel.encode_image)
+    feats = model.apply(variables, pixels, method="encode_image")
     feats = feats.astype(jnp.float32)
     return feats / jnp.maximum(jnp.linalg.norm(feats, axis=-1, keepdims=True), 1e-12)
   return jax.jit(step, out_shardings=sharding.sharded_along(mesh, 2))
 
 
 def visual_variables(clip: Any) -> dict:
-  variables = {"params": {"visual": clip.variables["params"]["visual"],
-                          "logit_scale": clip.variables["params"]["logit_scale"]}}
+  # The model's setup declares every top-level parameter (the logit scale, SigLIP's bias).
+  variables = {"params": {k: v for k, v in clip.variables["params"].items() if k != "text"}}
   if "batch_stats" in clip.variables:
     variables["batch_stats"] = clip.variables["batch_stats"]
   return variables
@@ -299,7 +301,7 @@ def encode_split(clip: Any, task: Any, split: str, *, mesh: jax.sharding.Mesh | 
     local_batch = hi - lo
   batches = batch_iter(source, split, size=clip.image_size, batch_size=local_batch,
                        mean=clip.config.image_mean, std=clip.config.image_std,
-                       num_threads=num_threads, prefetch=prefetch, progress=on_progress)
+                       crop=clip.config.image_crop, num_threads=num_threads, prefetch=prefetch, progress=on_progress)
   try:
     feats_dev, labels = encode_batches(clip, batches, mesh=mesh, num_batches=num_batches,
                                        global_batch=global_batch)

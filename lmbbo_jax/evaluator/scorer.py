@@ -18,6 +18,16 @@ How one `score(templates)` call runs:
 
 Arrays are placed on a 1-D device mesh: images split over the data axis, token
 rows split over the same axis, weights replicated.
+
+SigLIP: its text rows are encoded one sentence per row (the encoder's plain
+rows mode, same programs). Accuracy is the argmax of its logits
+exp(logit_scale) * cosine + logit_bias over the classes; the log-probability is
+the log-softmax over the classes of those logits, the same reduction as
+CLIP's. The bias, one constant for every class, cancels in both, so the
+partials use the scale alone. (SigLIP trains each pair's sigmoid; the
+log-softmax is the multi-class reading of the same logits, the one
+`CLIP_benchmark` and transformers' zero-shot examples rank by, and it keeps one
+partials program for both families.)
 """
 
 from __future__ import annotations

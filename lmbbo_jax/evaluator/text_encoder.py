@@ -20,6 +20,14 @@ is the row count: `ROW_FRACTIONS` of `rows_per_call` (3 programs), each call
 taking the smallest that fits, so a run compiles at most 3 text programs per
 (model, classes), and `precompile()` builds them in a background thread while
 images are encoded and the first proposals are made.
+
+A bidirectional text tower (SigLIP: every token sees the whole row, pads
+included, and the last token is pooled) can neither share prefixes nor pack:
+its *plain rows* mode gives each class sentence one row of the text length,
+padded with the pad token exactly as the model was trained, pooled at the
+row's last token (one segment per row, no prefix slots). The calls, the
+shapes (`ROW_FRACTIONS`), the planning and the partials programs are the same,
+so the program set stays as bounded.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ import numpy as np
 from lmbbo_jax import templates as templates_lib
 from lmbbo_jax.evaluator import sharding
 from lmbbo_jax.evaluator.tokens import TokenCache
-from lmbbo_jax.models.clip import CLIPModel
+from lmbbo_jax.models.clip import build_model
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +121,18 @@ def pack_segments(lengths: np.ndarray, width: int, open_rows: int = 8):
     place[c] = (row, width - free[row])
     free[row] -= n
   return place, len(free)
+
+
+def plain_call_shapes(num_classes: int, rows_per_call: int,
+                      shards: int) -> tuple[CallShape, ...]:
+  """The fixed shape set of the plain rows mode (one segment per row, ascending rows):
+  a call of R rows spans at most ceil(R / classes) + 1 templates."""
+  shapes = {}
+  for frac in ROW_FRACTIONS:
+    rows = sharding.round_up(max(1, round(rows_per_call * frac)), shards)
+    slots = min(rows, math.ceil(rows / max(num_classes, 1)) + 1)
+    shapes[rows] = CallShape(rows, slots, sharding.round_up(rows, 8))
+  return tuple(shapes[r] for r in sorted(shapes))
 
 
 def call_shapes(num_classes: int, segment_tokens: float, width: int, rows_per_call: int,
@@ -250,7 +270,8 @@ class PackedTextEncoder:
   """Normalised text features of templates x class names in fixed-shape device calls.
 
   One encoder serves every scorer of the same (model, class names, mesh,
-  dtype), e.g. all seeds of an experiment, so its programs compile once.
+  dtype), e.g. all seeds of an experiment, so its programs compile once. A model
+  whose text tower is not causal (SigLIP) is encoded in plain rows (module doc).
   """
 
   def __init__(self, clip: Any, class_names: Sequence[str], *, mesh=None, dtype=None,
@@ -271,20 +292,27 @@ class PackedTextEncoder:
     self.dtype = jnp.dtype(dtype) if dtype is not None else clip.dtype
     self.context_length = clip.context_length
     self.width = self.context_length
-    self.prefix_tokens = min(prefix_tokens, self.context_length)
+    self.plain = not clip.config.text_causal
+    self.prefix_tokens = 0 if self.plain else min(prefix_tokens, self.context_length)
     self.tokenizer = clip.tokenizer
     self.tokens = TokenCache(self.tokenizer, self.class_names)
     on_cpu = self.mesh.devices.flat[0].platform == "cpu"
     self.rows_per_call = rows_per_call or (32 if on_cpu else 1024)
-    name_tokens = float(np.mean([len(ids) for ids in self.tokens.name_ids])) if self.num_classes else 1.0
-    self.shapes = call_shapes(self.num_classes, name_tokens + _SEGMENT_EXTRA_TOKENS,
-                              self.width, self.rows_per_call, sharding.num_shards(self.mesh))
+    shards = sharding.num_shards(self.mesh)
+    if self.plain:
+      self.shapes = plain_call_shapes(self.num_classes, self.rows_per_call, shards)
+    else:
+      name_tokens = (float(np.mean([len(ids) for ids in self.tokens.name_ids]))
+                     if self.num_classes else 1.0)
+      self.shapes = call_shapes(self.num_classes, name_tokens + _SEGMENT_EXTRA_TOKENS,
+                                self.width, self.rows_per_call, shards)
     self.programs = _Programs()
-    self._model = CLIPModel(clip.config, self.dtype)
-    params = clip.variables["params"]
-    self._text_vars = sharding.put_replicated(
-        {"params": {"text": params["text"], "logit_scale": params["logit_scale"]}}, self.mesh)
-    self._encode = jax.jit(self._encode_step)
+    self._frame = clip.frame
+    self._model = build_model(clip.config, self.dtype)
+    # Every top-level parameter but the image tower (the model's setup declares them all).
+    text_params = {k: v for k, v in clip.variables["params"].items() if k != "visual"}
+    self._text_vars = sharding.put_replicated({"params": text_params}, self.mesh)
+    self._encode = jax.jit(self._plain_step if self.plain else self._encode_step)
 
   def stats(self) -> dict[str, Any]:
     """Programs compiled (in any thread, background included), their compile seconds,
@@ -296,8 +324,14 @@ class PackedTextEncoder:
   def _encode_step(self, variables, prefix_ids, prefix_len, row_ids, row_prefix,
                    row_segment, row_pos, eot_flat):
     text = self._model.apply(variables, prefix_ids, prefix_len, row_ids, row_prefix,
-                             row_segment, row_pos, eot_flat,
-                             method=CLIPModel.encode_text_packed)
+                             row_segment, row_pos, eot_flat, method="encode_text_packed")
+    return self._gathered(text)
+
+  def _plain_step(self, variables, row_ids, eot_flat):
+    return self._gathered(self._model.apply(variables, row_ids, eot_flat,
+                                            method="encode_text_rows"))
+
+  def _gathered(self, text):
     # Gathered before the image matmul (images are split over the mesh).
     return jax.lax.with_sharding_constraint(l2_normalize(text),
                                             sharding.replicated(self.mesh))
@@ -307,6 +341,9 @@ class PackedTextEncoder:
     rows2 = sharding.sharded_along(mesh, 2, 0)
     rows1 = sharding.sharded_along(mesh, 1, 0)
     i32 = jnp.int32
+    if self.plain:
+      return (jax.ShapeDtypeStruct((shape.rows, self.width), i32, sharding=rows2),
+              jax.ShapeDtypeStruct((shape.segments,), i32, sharding=rep))
     return (jax.ShapeDtypeStruct((shape.slots, self.prefix_tokens), i32, sharding=rep),
             jax.ShapeDtypeStruct((shape.slots,), i32, sharding=rep),
             jax.ShapeDtypeStruct((shape.rows, self.width), i32, sharding=rows2),
@@ -329,22 +366,22 @@ class PackedTextEncoder:
 
   # -- preparation ---------------------------------------------------------------------
   def pack(self, template: str) -> PackedTemplate | str:
-    """The template's packed layout, or why it cannot be encoded."""
+    """The template's packed layout (or plain rows), or why it cannot be encoded."""
     reason = templates_lib.invalid_reason(template)
     if reason:
       return reason
-    rows = self.tokens.sentences(template)
-    tok = self.tokenizer
-    lengths = np.array([len(r) + 2 for r in rows], np.int32)
+    rows = [self._frame(r) for r in self.tokens.sentences(template)]
+    lengths = np.array([len(r) for r in rows], np.int32)
     worst = int(lengths.argmax())
     if lengths[worst] > self.context_length:
       return (f"too long: {int(lengths[worst])} tokens with class "
               f"{self.class_names[worst]!r} (context {self.context_length}); shorten it")
-    ids = np.full((len(rows), int(lengths.max())), tok.pad_token_id, np.int32)
+    width = self.context_length if self.plain else int(lengths.max())
+    ids = np.full((len(rows), width), self.tokenizer.pad_token_id, np.int32)
     for c, r in enumerate(rows):
-      ids[c, 0] = tok.sot_token_id
-      ids[c, 1:len(r) + 1] = r
-      ids[c, len(r) + 1] = tok.eot_token_id
+      ids[c, :len(r)] = r
+    if self.plain:
+      return self._plain_rows(ids)
     # Shared prefix: equal columns from the start, leaving every class >= 1 own token.
     upto = min(int(lengths.min()) - 1, self.prefix_tokens)
     same = (ids[:, :upto] == ids[0, :upto]).all(axis=0)
@@ -359,7 +396,7 @@ class PackedTextEncoder:
     place = np.zeros((len(rows), 2), np.int32)
     place[uniq], n_rows = pack_segments(seg_len[uniq], self.width)
     width = self.width
-    row_ids = np.full((n_rows, width), tok.pad_token_id, np.int32)
+    row_ids = np.full((n_rows, width), self.tokenizer.pad_token_id, np.int32)
     row_segment = np.full((n_rows, width), -1, np.int32)
     row_pos = np.zeros((n_rows, width), np.int32)
     per_row: list[list[tuple[int, int]]] = [[] for _ in range(n_rows)]
@@ -375,6 +412,24 @@ class PackedTextEncoder:
     row_classes = [np.array([c for _, c in seg], np.int32) for seg in per_row]
     return PackedTemplate(ids[0, :plen].copy(), row_ids, row_segment, row_pos, row_eot,
                           row_classes, int(plen + seg_len[uniq].sum()))
+
+  def _plain_rows(self, ids: np.ndarray) -> PackedTemplate:
+    """One padded row per distinct sentence, pooled at its last column (the plain mode)."""
+    first: dict[bytes, int] = {}
+    same_as = [first.setdefault(row.tobytes(), c) for c, row in enumerate(ids)]
+    uniq = sorted(first.values())
+    row_of = {c: r for r, c in enumerate(uniq)}
+    width = self.width
+    row_classes = [[] for _ in uniq]
+    for c, s in enumerate(same_as):  # Identical sentences share a row, tied exactly.
+      row_classes[row_of[s]].append(c)
+    return PackedTemplate(
+        prefix=np.zeros((0,), np.int32), row_ids=ids[uniq],
+        row_segment=np.zeros((len(uniq), width), np.int32),
+        row_pos=np.broadcast_to(np.arange(width, dtype=np.int32), (len(uniq), width)),
+        row_eot=[np.full((len(cs),), width - 1, np.int32) for cs in row_classes],
+        row_classes=[np.array(cs, np.int32) for cs in row_classes],
+        tokens=len(uniq) * width)
 
   # -- planning --------------------------------------------------------------------------
   def plan(self, templates: Sequence[PackedTemplate]):
@@ -442,13 +497,19 @@ class PackedTextEncoder:
       seg_template[at:at + k] = t
       at += k
     seg_slot = np.array([slot_of.get(int(t), shape.slots) for t in seg_template], np.int32)
-    arrays = (prefix_ids, prefix_len, row_ids, row_prefix, row_segment, row_pos, eot_flat)
+    if self.plain:
+      arrays = (row_ids, eot_flat)
+    else:
+      arrays = (prefix_ids, prefix_len, row_ids, row_prefix, row_segment, row_pos, eot_flat)
     return arrays, seg_class, seg_slot, {s: t for t, s in slot_of.items()}
 
   def place(self, arrays):
-    prefix_ids, prefix_len, row_ids, row_prefix, row_segment, row_pos, eot_flat = arrays
     rep = functools.partial(sharding.put_replicated, mesh=self.mesh)
     rows = functools.partial(sharding.put_sharded, mesh=self.mesh)
+    if self.plain:
+      row_ids, eot_flat = arrays
+      return rows(row_ids), rep(eot_flat)
+    prefix_ids, prefix_len, row_ids, row_prefix, row_segment, row_pos, eot_flat = arrays
     return (rep(prefix_ids), rep(prefix_len), rows(row_ids), rows(row_prefix),
             rows(row_segment), rows(row_pos), rep(eot_flat))
 
@@ -461,6 +522,8 @@ class PackedTextEncoder:
     """(token rows, attention keys, pooled tokens) one call of `shape` executes (the
     last layer's output projection and MLP run for the pooled tokens only)."""
     p, width = self.prefix_tokens, self.width
+    if self.plain:  # every token of a row sees the whole row
+      return shape.rows * width, shape.rows * width * width, shape.segments
     rows = shape.slots * p + shape.rows * width
     keys = shape.slots * p * p + shape.rows * width * (p + width)
     return rows, keys, shape.segments

@@ -1,11 +1,12 @@
 """`CLIP`: the object the rest of the package and outside scripts use.
 
 It bundles a config, float32 variables, a tokenizer and a compute dtype, and
-offers the small public API of the model room:
+offers the small public API of the model room, the same for CLIP and SigLIP:
 
   clip.tokenize(texts) -> int32 [N, context]      (raises on overflow, never cuts)
   clip.encode_text(ids) -> float32 [N, embed_dim]  (projected, un-normalised)
   clip.encode_image(pixels NHWC, normalised) -> float32 [N, embed_dim]
+  clip.logits(image_features, text_features) -> float32 [N_images, N_texts]
   clip.image_size, clip.embed_dim, clip.context_length
 
 Hot paths (the evaluator) use `clip.model` / `clip.variables` directly with
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmbbo_jax.models.clip import CLIPModel
+from lmbbo_jax.models.clip import build_model
 from lmbbo_jax.models.configs import CLIPConfig
 
 # Text lengths are padded up to one of these, so encode_text compiles a few shapes only.
@@ -42,9 +43,12 @@ class ContextOverflowError(ValueError):
 
 
 class Tokenizer(Protocol):
-  """What `CLIP` needs of a tokenizer (CLIP BPE or the toy world's byte BPE)."""
-  sot_token_id: int
-  eot_token_id: int
+  """What `CLIP` needs of a tokenizer (CLIP BPE, SigLIP's, or the toy world's byte BPE).
+
+  `sot_token_id` / `eot_token_id` None: no such token (SigLIP has no start token).
+  """
+  sot_token_id: int | None
+  eot_token_id: int | None
   pad_token_id: int
   vocab_size: int
 
@@ -70,7 +74,7 @@ class CLIP:
     self.dtype = jnp.dtype(dtype)
     self.source = source
     self.weights_hash = weights_hash
-    self.model = CLIPModel(config, self.dtype)
+    self.model = build_model(config, self.dtype)
 
   # -- properties -----------------------------------------------------------
   @property
@@ -93,12 +97,34 @@ class CLIP:
   def logit_scale(self) -> float:
     return float(np.exp(np.asarray(self.variables["params"]["logit_scale"])))
 
+  @property
+  def logit_bias(self) -> float:
+    """SigLIP's learned bias of the logits (0 for CLIP)."""
+    bias = self.variables["params"].get("logit_bias")
+    return 0.0 if bias is None else float(np.asarray(bias))
+
+  def logits(self, image_features, text_features) -> np.ndarray:
+    """float32 [N_images, N_texts]: logit_scale * cosine + logit_bias.
+
+    CLIP reads them through a softmax over texts, SigLIP through a sigmoid per
+    pair (its probabilities are sigmoid(logits)).
+    """
+    def unit(x):
+      x = np.asarray(x, np.float32)
+      return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    return self.logit_scale * unit(image_features) @ unit(text_features).T + self.logit_bias
+
   # -- tokenization -----------------------------------------------------------
+  def frame(self, ids: Sequence[int]) -> list[int]:
+    """A text's token ids with the tokenizer's start and end tokens around them."""
+    tok = self.tokenizer
+    start = [] if tok.sot_token_id is None else [tok.sot_token_id]
+    end = [] if tok.eot_token_id is None else [tok.eot_token_id]
+    return [*start, *ids, *end]
+
   def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
     """Start + tokens + end for each text, unpadded; raises ContextOverflowError."""
-    tok = self.tokenizer
-    rows = [[tok.sot_token_id, *ids, tok.eot_token_id]
-            for ids in tok.encode_batch(list(texts))]
+    rows = [self.frame(ids) for ids in self.tokenizer.encode_batch(list(texts))]
     over = [(i, t, len(r)) for i, (t, r) in enumerate(zip(texts, rows))
             if len(r) > self.context_length]
     if over:
@@ -121,8 +147,17 @@ class CLIP:
     return np.where(is_eot.any(axis=1), is_eot.argmax(axis=1), ids.argmax(axis=1)).astype(np.int32)
 
   def encode_text(self, ids) -> jax.Array:
-    """float32 [N, embed_dim] for int32 ids [N, L]; trimmed to a length bucket (exact)."""
+    """float32 [N, embed_dim] for int32 ids [N, L]; CLIP: trimmed to a length bucket
+    (exact); SigLIP: padded to the full text length with the pad token (its rows are
+    always that long)."""
     ids = np.asarray(ids, np.int32)
+    if not self.config.text_causal:
+      if ids.shape[1] > self.context_length:
+        raise ValueError(f"ids have {ids.shape[1]} columns, more than the text length "
+                         f"{self.context_length}")
+      full = np.full((len(ids), self.context_length), self.tokenizer.pad_token_id, np.int32)
+      full[:, :ids.shape[1]] = ids
+      return _encode_rows_fn(self.model)(self.variables, jnp.asarray(full))
     eot = self.eot_index(ids)
     length = bucket_length(int(eot.max()) + 1 if len(eot) else 1, self.context_length)
     return _encode_text_fn(self.model)(self.variables, jnp.asarray(ids[:, :length]),
@@ -134,10 +169,15 @@ class CLIP:
 
 
 @functools.lru_cache(maxsize=None)
-def _encode_text_fn(model: CLIPModel):
-  return jax.jit(lambda v, ids, eot: model.apply(v, ids, eot, method=CLIPModel.encode_text))
+def _encode_text_fn(model):
+  return jax.jit(lambda v, ids, eot: model.apply(v, ids, eot, method="encode_text"))
 
 
 @functools.lru_cache(maxsize=None)
-def _encode_image_fn(model: CLIPModel):
-  return jax.jit(lambda v, px: model.apply(v, px, method=CLIPModel.encode_image))
+def _encode_rows_fn(model):
+  return jax.jit(lambda v, ids: model.apply(v, ids, method="encode_text"))
+
+
+@functools.lru_cache(maxsize=None)
+def _encode_image_fn(model):
+  return jax.jit(lambda v, px: model.apply(v, px, method="encode_image"))

@@ -70,12 +70,14 @@ def activation(name: str):
     return lambda x: x * jax.nn.sigmoid(1.702 * x)
   if name == "gelu":
     return functools.partial(jax.nn.gelu, approximate=False)
-  raise ValueError(f"unknown activation {name!r} (use 'quick_gelu' or 'gelu')")
+  if name == "gelu_tanh":  # transformers' "gelu_pytorch_tanh" (SigLIP)
+    return functools.partial(jax.nn.gelu, approximate=True)
+  raise ValueError(f"unknown activation {name!r} (use 'quick_gelu', 'gelu' or 'gelu_tanh')")
 
 
-def layer_norm(name: str) -> nn.LayerNorm:
-  # PyTorch's default epsilon; computed in float32 whatever the compute dtype.
-  return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name=name)
+def layer_norm(name: str, eps: float = 1e-5) -> nn.LayerNorm:
+  # Default: PyTorch's epsilon; computed in float32 whatever the compute dtype.
+  return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, name=name)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -85,6 +87,7 @@ class ResidualAttentionBlock(nn.Module):
   mlp_ratio: float = 4.0
   act: str = "quick_gelu"
   causal: bool = True
+  ln_eps: float = 1e-5
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -113,7 +116,7 @@ class ResidualAttentionBlock(nn.Module):
     head_dim = width // heads
     dense = functools.partial(nn.Dense, dtype=self.dtype, dot_general=_f32_dot)
 
-    ln_1 = layer_norm("ln_1")
+    ln_1 = layer_norm("ln_1", self.ln_eps)
     hp, hs = ln_1(xp), ln_1(xs)
     attn_q = dense(width, name="attn_q")
     attn_k = dense(width, name="attn_k")
@@ -148,7 +151,7 @@ class ResidualAttentionBlock(nn.Module):
         [jnp.broadcast_to(prefix_valid[:, None, None, :], (num_t, num_c, num_s, num_p)),
          main_mask], axis=-1)
 
-    ln_2 = layer_norm("ln_2")
+    ln_2 = layer_norm("ln_2", self.ln_eps)
     mlp_fc = dense(int(width * self.mlp_ratio), name="mlp_fc")
     mlp_proj = dense(width, name="mlp_proj")
     act = activation(self.act)
@@ -170,7 +173,7 @@ class ResidualAttentionBlock(nn.Module):
     return (xp + mlp(xp), xs + mlp(xs)), None
 
 
-def _transformer(width, layers, heads, mlp_ratio, act, causal, dtype, name):
+def _transformer(width, layers, heads, mlp_ratio, act, causal, dtype, name, ln_eps=1e-5):
   """`layers` residual blocks as one scan over stacked parameters."""
   scanned = nn.scan(
       ResidualAttentionBlock,
@@ -180,7 +183,7 @@ def _transformer(width, layers, heads, mlp_ratio, act, causal, dtype, name):
       length=layers,
   )
   return scanned(width=width, heads=heads, mlp_ratio=mlp_ratio, act=act,
-                 causal=causal, dtype=dtype, name=name)
+                 causal=causal, ln_eps=ln_eps, dtype=dtype, name=name)
 
 
 class TextTransformer(nn.Module):
@@ -269,39 +272,40 @@ class TextTransformer(nn.Module):
     prefix_valid = (jnp.arange(num_p)[None, :] < prefix_len[:, None])[row_prefix]
     causal = jnp.tril(jnp.ones((width, width), bool))
     mask = (row_segment[:, :, None] == row_segment[:, None, :]) & causal
-    pooled = self._blocks_keeping((xp, xs), (prefix_valid, row_prefix, mask[:, None]),
-                                  eot_flat)
+    pooled = blocks_keeping(self.variables["params"]["blocks"], self.cfg, True, self.dtype,
+                            (xp, xs), (prefix_valid, row_prefix, mask[:, None]), eot_flat)
     return self._project(pooled)
-
-  def _blocks_keeping(self, carry, context, keep):
-    """The blocks' main-stream outputs at flat indices `keep` only, float32 [M, D].
-
-    Exact, and cheaper than `self.blocks`: all layers but the last run as a loop
-    over the same stacked parameters (one compiled body, no copy of them); the
-    last one runs its output projection and MLP for the kept tokens only (what
-    the pooling reads), which saves most of a layer for every other token.
-    """
-    cfg = self.cfg
-    params = self.variables["params"]["blocks"]
-    block = ResidualAttentionBlock(width=cfg.width, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
-                                   act=cfg.act, causal=True, dtype=self.dtype, parent=None)
-
-    def layer(i):
-      return {"params": jax.tree.map(
-          lambda p: jax.lax.dynamic_index_in_dim(p, i, keepdims=False), params)}
-
-    def body(i, carry):
-      return block.apply(layer(i), carry, context)[0]
-
-    carry = jax.lax.fori_loop(0, cfg.layers - 1, body, carry)
-    (_, kept), _ = block.apply(layer(cfg.layers - 1), carry, (*context, keep))
-    return kept
 
   def _project(self, pooled):
     pooled = self.ln_final(pooled)
     return jnp.einsum("...d,de->...e", pooled.astype(self.dtype),
                       self.text_projection.astype(self.dtype),
                       preferred_element_type=jnp.float32)
+
+
+def blocks_keeping(params, cfg: TextConfig, causal: bool, dtype, carry, context, keep):
+  """The stacked blocks' main-stream outputs at flat indices `keep` only, float32 [M, D].
+
+  Exact, and cheaper than running the blocks' scan: all layers but the last run
+  as a loop over the same stacked parameters `params` (one compiled body, no
+  copy of them); the last one runs its output projection and MLP for the kept
+  tokens only (what the pooling reads), which saves most of a layer for every
+  other token.
+  """
+  block = ResidualAttentionBlock(width=cfg.width, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
+                                 act=cfg.act, causal=causal, ln_eps=cfg.ln_eps, dtype=dtype,
+                                 parent=None)
+
+  def layer(i):
+    return {"params": jax.tree.map(
+        lambda p: jax.lax.dynamic_index_in_dim(p, i, keepdims=False), params)}
+
+  def body(i, carry):
+    return block.apply(layer(i), carry, context)[0]
+
+  carry = jax.lax.fori_loop(0, cfg.layers - 1, body, carry)
+  (_, kept), _ = block.apply(layer(cfg.layers - 1), carry, (*context, keep))
+  return kept
 
 
 class _VisionTower(nn.Module):
@@ -463,12 +467,22 @@ class CLIPModel(nn.Module):
     return self.logit_scale
 
 
+def build_model(config: CLIPConfig, dtype: Dtype = jnp.float32) -> nn.Module:
+  """The linen model of `config`'s family: `CLIPModel` or `siglip.SiglipModel`."""
+  if config.family == "siglip":
+    from lmbbo_jax.models.siglip import SiglipModel  # siglip.py builds on this module
+    return SiglipModel(config, dtype)
+  return CLIPModel(config, dtype)
+
+
 def init_variables(config: CLIPConfig, rng: jax.Array, dtype: Dtype = jnp.float32):
   """Random variables of `config` (float32 params) for tests and training."""
-  model = CLIPModel(config, dtype)
+  model = build_model(config, dtype)
   size = config.vision.image_size
   pixels = jnp.zeros((1, size, size, 3), jnp.float32)
   ids = jnp.zeros((1, config.text.context_length), jnp.int32)
+  if config.family == "siglip":  # pooled at the last token: no end-of-text index
+    return jax.jit(model.init)(rng, pixels, ids)
   return jax.jit(model.init)(rng, pixels, ids, jnp.zeros((1,), jnp.int32))
 
 

@@ -16,9 +16,9 @@ variable exactly once with the right shape, and every checkpoint tensor used
 `CheckpointError` naming the tensor. Scenic's CLIP `_convert_vars` was the
 reference for which tensors need transposing.
 
-Families: "hf" (transformers `CLIPModel`, ViT only) and "openai" (OpenAI's
-`model.py` / TorchScript archives and open_clip's OpenAI-style towers, ViT and
-ModifiedResNet).
+Families: "hf" (transformers `CLIPModel`, ViT only), "hf_siglip" (transformers
+`SiglipModel`: SigLIP and SigLIP 2 FixRes) and "openai" (OpenAI's `model.py` /
+TorchScript archives and open_clip's OpenAI-style towers, ViT and ModifiedResNet).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from lmbbo_jax.models.configs import ARCHITECTURES, CLIP_MEAN, CLIP_STD, CLIPConfig, TextConfig, VisionConfig
+from lmbbo_jax.models.configs import (ARCHITECTURES, CLIP_MEAN, CLIP_STD, SIGLIP_MEAN,
+                                      SIGLIP_STD, CLIPConfig, TextConfig, VisionConfig)
 
 
 class CheckpointError(ValueError):
@@ -56,6 +57,7 @@ HOOKS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "linear": lambda x: x.T,  # torch Linear weight [out, in] -> Dense kernel [in, out].
     "conv": lambda x: x.transpose(2, 3, 1, 0),  # torch OIHW -> flax HWIO.
     "scalar": lambda x: x.reshape(()),
+    "flat": lambda x: x.reshape(-1),  # SigLIP's probe [1, 1, D] -> [D].
     "q_kernel": lambda x: _third(x, 0).T,  # nn.MultiheadAttention's in_proj = [q; k; v].
     "k_kernel": lambda x: _third(x, 1).T,
     "v_kernel": lambda x: _third(x, 2).T,
@@ -173,6 +175,42 @@ HF_TOP = (
 )
 
 
+HF_SIGLIP_TOP = (
+    ("params/text/token_embedding/embedding", "text_model.embeddings.token_embedding.weight",
+     "copy"),
+    ("params/text/positional_embedding", "text_model.embeddings.position_embedding.weight",
+     "copy"),
+    ("params/text/ln_final", "text_model.final_layer_norm", "ln"),
+    ("params/text/head/kernel", "text_model.head.weight", "linear"),
+    ("params/text/head/bias", "text_model.head.bias", "copy"),
+    ("params/visual/conv1/kernel", "vision_model.embeddings.patch_embedding.weight", "conv"),
+    ("params/visual/conv1/bias", "vision_model.embeddings.patch_embedding.bias", "copy"),
+    ("params/visual/positional_embedding", "vision_model.embeddings.position_embedding.weight",
+     "copy"),
+    ("params/visual/ln_post", "vision_model.post_layernorm", "ln"),
+    ("params/logit_scale", "logit_scale", "scalar"),
+    ("params/logit_bias", "logit_bias", "scalar"),
+)
+
+# The attention-pooling head: torch's nn.MultiheadAttention (fused in_proj) + LN + MLP.
+HF_SIGLIP_HEAD = (
+    ("probe", "probe", "flat"),
+    ("attn_q/kernel", "attention.in_proj_weight", "q_kernel"),
+    ("attn_k/kernel", "attention.in_proj_weight", "k_kernel"),
+    ("attn_v/kernel", "attention.in_proj_weight", "v_kernel"),
+    ("attn_q/bias", "attention.in_proj_bias", "q_bias"),
+    ("attn_k/bias", "attention.in_proj_bias", "k_bias"),
+    ("attn_v/bias", "attention.in_proj_bias", "v_bias"),
+    ("attn_out/kernel", "attention.out_proj.weight", "linear"),
+    ("attn_out/bias", "attention.out_proj.bias", "copy"),
+    ("ln", "layernorm", "ln"),
+    ("mlp_fc/kernel", "mlp.fc1.weight", "linear"),
+    ("mlp_fc/bias", "mlp.fc1.bias", "copy"),
+    ("mlp_proj/kernel", "mlp.fc2.weight", "linear"),
+    ("mlp_proj/bias", "mlp.fc2.bias", "copy"),
+)
+
+
 def _expand(entries, target_prefix: str = "", source_prefix: str = "") -> list[Rule]:
   """Table rows -> rules; "ln" and "bn" rows expand to their parameter/statistic leaves."""
   rules = []
@@ -192,6 +230,14 @@ def _expand(entries, target_prefix: str = "", source_prefix: str = "") -> list[R
 
 def key_map(family: str, config: CLIPConfig) -> list[Rule]:
   """The rules that fill every variable of `config`'s model from a `family` state dict."""
+  if (family == "hf_siglip") != (config.family == "siglip"):
+    raise CheckpointError(f"a {family!r} checkpoint does not fit a {config.family!r} model")
+  if family == "hf_siglip":
+    # SigLIP's encoder layers have the names of transformers' CLIP layers.
+    return (_expand(HF_SIGLIP_TOP)
+            + _expand(HF_SIGLIP_HEAD, "params/visual/head/", "vision_model.head.")
+            + _expand(HF_BLOCK, "params/text/blocks/", "text_model.encoder.layers.{i}.")
+            + _expand(HF_BLOCK, "params/visual/blocks/", "vision_model.encoder.layers.{i}."))
   if family == "hf":
     if config.vision.kind != "vit":
       raise CheckpointError("Hugging Face CLIPModel checkpoints are ViT only")
@@ -333,6 +379,8 @@ def strip_prefix(state: dict) -> dict:
 
 
 def detect_family(state: Mapping[str, Any], what: str = "checkpoint") -> str:
+  if "logit_bias" in state and "vision_model.head.probe" in state:
+    return "hf_siglip"
   if "text_model.embeddings.token_embedding.weight" in state:
     if "vision_model.embeddings.patch_embedding.weight" not in state:
       raise CheckpointError(f"{what} is a Hugging Face CLIP without a ViT vision tower; only "
@@ -391,7 +439,7 @@ def config_from_openai_state(state: Mapping[str, Any], *, text_heads: int | None
   except (KeyError, IndexError, ValueError) as e:
     raise CheckpointError(f"cannot infer the CLIP architecture from the state dict ({e!r} "
                           "missing or malformed)") from None
-  return _named(CLIPConfig(embed_dim=embed_dim, vision=vision, text=text,
+  return named(CLIPConfig(embed_dim=embed_dim, vision=vision, text=text,
                            image_mean=tuple(image_mean), image_std=tuple(image_std)))
 
 
@@ -438,7 +486,56 @@ def config_from_hf(hf: Mapping[str, Any]) -> CLIPConfig:
                         patch_size=v["patch_size"],
                         mlp_ratio=v["intermediate_size"] / v["hidden_size"],
                         act=_hf_act(v["hidden_act"]))
-  return _named(CLIPConfig(embed_dim=hf.get("projection_dim", 512), vision=vision, text=text))
+  return named(CLIPConfig(embed_dim=hf.get("projection_dim", 512), vision=vision, text=text))
+
+
+# transformers' SiglipTextConfig / SiglipVisionConfig defaults (the base model's).
+_HF_SIGLIP_TEXT_DEFAULTS = dict(vocab_size=32000, hidden_size=768, intermediate_size=3072,
+                                num_hidden_layers=12, num_attention_heads=12,
+                                max_position_embeddings=64, hidden_act="gelu_pytorch_tanh",
+                                layer_norm_eps=1e-6, projection_size=None)
+_HF_SIGLIP_VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                  num_attention_heads=12, image_size=224, patch_size=16,
+                                  hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+                                  num_channels=3, vision_use_head=True)
+_HF_SIGLIP_ACTS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+
+
+def config_from_hf_siglip(hf: Mapping[str, Any]) -> CLIPConfig:
+  """Our config from a transformers SiglipModel `config.json` (dict), without token ids
+  (they are the tokenizer's: the loader sets them)."""
+  if hf.get("model_type") != "siglip":
+    raise CheckpointError(f"config.json has model_type {hf.get('model_type')!r}, not 'siglip'"
+                          + (" (SigLIP 2 NaFlex, Siglip2Model, is not supported: use a FixRes "
+                             "SigLIP 2 checkpoint)" if hf.get("model_type") == "siglip2" else ""))
+  t = {**_HF_SIGLIP_TEXT_DEFAULTS, **(hf.get("text_config") or {})}
+  v = {**_HF_SIGLIP_VISION_DEFAULTS, **(hf.get("vision_config") or {})}
+  if not v["vision_use_head"] or v["num_channels"] != 3:
+    raise CheckpointError("only SigLIP image towers with the attention-pooling head and 3 "
+                          "channels are supported")
+  embed = t["projection_size"] or t["hidden_size"]
+  if embed != v["hidden_size"]:
+    raise CheckpointError(f"SigLIP text head size {embed} differs from the image width "
+                          f"{v['hidden_size']}; the towers cannot be compared")
+
+  def act(name):
+    if name not in _HF_SIGLIP_ACTS:
+      raise CheckpointError(f"unsupported hidden_act {name!r} in the SigLIP config "
+                            f"(supported: {', '.join(_HF_SIGLIP_ACTS)})")
+    return _HF_SIGLIP_ACTS[name]
+
+  text = TextConfig(vocab_size=t["vocab_size"], context_length=t["max_position_embeddings"],
+                    width=t["hidden_size"], layers=t["num_hidden_layers"],
+                    heads=t["num_attention_heads"],
+                    mlp_ratio=t["intermediate_size"] / t["hidden_size"],
+                    act=act(t["hidden_act"]), ln_eps=float(t["layer_norm_eps"]))
+  vision = VisionConfig(kind="vit", image_size=v["image_size"], width=v["hidden_size"],
+                        layers=v["num_hidden_layers"], heads=v["num_attention_heads"],
+                        patch_size=v["patch_size"],
+                        mlp_ratio=v["intermediate_size"] / v["hidden_size"],
+                        act=act(v["hidden_act"]), ln_eps=float(v["layer_norm_eps"]))
+  return CLIPConfig(embed_dim=embed, vision=vision, text=text, family="siglip",
+                    image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD, image_crop=False)
 
 
 # open_clip model_cfg options that change the computation without changing the
@@ -476,7 +573,7 @@ def config_from_open_clip(oc: Mapping[str, Any], state: Mapping[str, Any]) -> CL
       act=act, image_mean=pre.get("mean", CLIP_MEAN), image_std=pre.get("std", CLIP_STD))
 
 
-def _named(config: CLIPConfig) -> CLIPConfig:
+def named(config: CLIPConfig) -> CLIPConfig:
   """Gives an inferred config the name of the named architecture it equals, if any."""
   for name, arch in ARCHITECTURES.items():
     if arch.replace(name="") == config.replace(name=""):

@@ -4,9 +4,11 @@ Sources, in the order they are tried:
   "random:<arch>"      seeded random init of a named architecture (benchmarks, tests);
   "random:toyclip"      the toy CLIP's shape and tokenizer with random weights (a control);
   a short name          RN50, RN101, ViT-B/32, ViT-B/16, ViT-L/14 -> OpenAI's public weights;
+                        MetaCLIP-*, DFN*-*, siglip-*, siglip2-* -> theirs (see SHORT_NAMES);
   "toyclip"             the toy world's trained tiny CLIP (lmbbo_jax/toyworld/assets);
   a local path          a directory (our format: config.json + params.msgpack; Hugging Face:
-                        config.json + model.safetensors / pytorch_model.bin; open_clip:
+                        config.json + model.safetensors / pytorch_model.bin, a CLIPModel or a
+                        SiglipModel (SigLIP, SigLIP 2 FixRes) with its tokenizer files; open_clip:
                         open_clip_config.json + open_clip_model.safetensors /
                         open_clip_pytorch_model.bin) or a checkpoint file (.safetensors,
                         .bin/.pt/.pth state dict, OpenAI's TorchScript archive);
@@ -43,28 +45,50 @@ from lmbbo_jax.models.api import CLIP
 from lmbbo_jax.models.clip import abstract_variables
 from lmbbo_jax.models.configs import ARCHITECTURES, CLIPConfig, get_architecture
 from lmbbo_jax.models.convert import (
-    CheckpointError, check_variables, config_from_hf, config_from_open_clip,
-    config_from_openai_state, convert_state_dict, detect_family, flatten, strip_prefix,
-    unflatten)
+    CheckpointError, check_variables, config_from_hf, config_from_hf_siglip,
+    config_from_open_clip, config_from_openai_state, convert_state_dict, detect_family,
+    flatten, named, strip_prefix, unflatten)
 
 # Bump when conversion output changes, so stale cache entries are not reused.
 CONVERTER_VERSION = 1
 
-# Short names -> public checkpoints (OpenAI's weights; RN* only exist in open_clip format).
+# Short names -> public checkpoints on the hub.
 SHORT_NAMES: dict[str, str] = {
+    # OpenAI's weights (RN* only exist in open_clip format).
     "RN50": "timm/resnet50_clip.openai",
     "RN101": "timm/resnet101_clip.openai",
     "ViT-B/32": "openai/clip-vit-base-patch32",
     "ViT-B/16": "openai/clip-vit-base-patch16",
     "ViT-L/14": "openai/clip-vit-large-patch14",
+    # MetaCLIP (transformers CLIPModel format), OpenAI's tower shapes.
+    "MetaCLIP-B/32": "facebook/metaclip-b32-400m",
+    "MetaCLIP-B/16": "facebook/metaclip-b16-fullcc2.5b",
+    "MetaCLIP-L/14": "facebook/metaclip-l14-fullcc2.5b",
+    "MetaCLIP-H/14": "facebook/metaclip-h14-fullcc2.5b",
+    # DFN (open_clip format).
+    "DFN2B-B/16": "apple/DFN2B-CLIP-ViT-B-16",
+    "DFN2B-L/14": "apple/DFN2B-CLIP-ViT-L-14",
+    "DFN5B-H/14": "apple/DFN5B-CLIP-ViT-H-14",
+    "DFN5B-H/14-378": "apple/DFN5B-CLIP-ViT-H-14-378",
+    # SigLIP and SigLIP 2 FixRes (transformers SiglipModel format); their named
+    # architectures (configs.py) carry the same names.
+    "siglip-base-patch16-224": "google/siglip-base-patch16-224",
+    "siglip-base-patch16-256": "google/siglip-base-patch16-256",
+    "siglip-large-patch16-256": "google/siglip-large-patch16-256",
+    "siglip-so400m-patch14-384": "google/siglip-so400m-patch14-384",
+    "siglip2-base-patch16-224": "google/siglip2-base-patch16-224",
 }
+# Short names whose weights were trained with QuickGELU, whatever a config file says.
+_QUICK_GELU = frozenset(n for n in SHORT_NAMES if not n.startswith("siglip"))
 TOYCLIP = "toyclip"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 # Sharded checkpoints: an index naming the shard files (transformers' save_pretrained).
 _HF_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt",
+                    # transformers tokenizers (SigLIP's SentencePiece model, Gemma's settings)
+                    "spiece.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def _short_key(name: str) -> str:
@@ -123,9 +147,8 @@ def load_clip(source: str, *, dtype: Any = jnp.float32, cache_dir: str | None = 
     return _random_clip(source.removeprefix("random:"), dtype, config)
   short = {_short_key(k): k for k in SHORT_NAMES}.get(_short_key(source))
   if short is not None:
-    # Short names are OpenAI's weights, trained with QuickGELU whatever a config file says.
-    return _load_hub(SHORT_NAMES[short], dtype, cache_dir, config, act="quick_gelu",
-                     name=short)
+    return _load_hub(SHORT_NAMES[short], dtype, cache_dir, config,
+                     act="quick_gelu" if short in _QUICK_GELU else None, name=short)
   if source == TOYCLIP:
     path = toyclip_dir()
     if not os.path.isfile(os.path.join(path, "params.msgpack")):
@@ -154,8 +177,14 @@ def _random_clip(arch: str, dtype, config: CLIPConfig | None) -> CLIP:
     except ValueError as e:
       raise CheckpointError(f"random weights need an architecture name: {e}") from None
   variables = random_variables(config, seed=0)
-  tok = tokenizer_lib.ClipBPETokenizer.from_bpe_file(
-      context_length=config.text.context_length, pad_token_id=config.pad_token_id)
+  if config.family == "siglip":  # its own tokenizer is not shipped
+    tok = tokenizer_lib.StandInTokenizer(
+        vocab_size=config.text.vocab_size, sot_token_id=config.sot_token_id,
+        eot_token_id=config.eot_token_id, pad_token_id=config.pad_token_id,
+        context_length=config.text.context_length)
+  else:
+    tok = tokenizer_lib.ClipBPETokenizer.from_bpe_file(
+        context_length=config.text.context_length, pad_token_id=config.pad_token_id)
   _check_tokenizer(tok, config, f"random:{config.name or arch}")
   return _make_clip(config, variables, tok, dtype, f"random:{config.name or arch}")
 
@@ -177,8 +206,10 @@ def random_variables(config: CLIPConfig, seed: int = 0) -> dict:
       x = np.ones(shape, np.float32)
     elif name in ("bias", "mean"):
       x = np.zeros(shape, np.float32)
-    elif name == "logit_scale":
-      x = np.full(shape, np.log(1 / 0.07), np.float32)
+    elif name == "logit_scale":  # CLIP's init; SigLIP's own (log 10, bias -10)
+      x = np.full(shape, np.log(10.0 if config.family == "siglip" else 1 / 0.07), np.float32)
+    elif name == "logit_bias":
+      x = np.full(shape, -10.0, np.float32)
     else:
       if name in ("embedding", "positional_embedding"):
         std = 0.02
@@ -418,10 +449,14 @@ def _save_entry(entry: str, config: CLIPConfig, variables, whash: str, source: s
 
 def _convert_cached(*, source: str, weights_files: list[str], conf_files: list[str], dtype,
                     cache_dir: str, build_config, tokenizer_dir: str | None,
-                    config: CLIPConfig | None, what: str, variant: dict | None = None) -> CLIP:
+                    config: CLIPConfig | None, what: str, variant: dict | None = None,
+                    tokenizer_entry: dict | None = None) -> CLIP:
   """Converts `weights_files` (or reuses the cache entry keyed by source + content hashes).
 
   `variant` holds whatever else changes the result (a short name's overrides).
+  `tokenizer_entry`: the tokenizer's config entry (default: the CLIP BPE files
+  found in `tokenizer_dir`, else OpenAI's). A SigLIP config takes its start, end
+  and pad ids from its tokenizer.
   """
   key_src = {"v": CONVERTER_VERSION, "source": source, "variant": variant or {},
              "files": [_file_digest(p, cache_dir) for p in [*weights_files, *conf_files]],
@@ -443,14 +478,18 @@ def _convert_cached(*, source: str, weights_files: list[str], conf_files: list[s
   cfg = config or build_config(state, family)
   variables = convert_state_dict(state, cfg, abstract_variables(cfg), family=family, what=what)
   del state
-  tokenizer_entry = (tokenizer_lib.directory_tokenizer_entry(tokenizer_dir)
-                     if tokenizer_dir else None) or {"kind": "clip_bpe"}
+  tokenizer_entry = tokenizer_entry or (tokenizer_lib.directory_tokenizer_entry(tokenizer_dir)
+                                        if tokenizer_dir else None) or {"kind": "clip_bpe"}
   try:
     tok = tokenizer_lib.tokenizer_from_config(
         tokenizer_entry, tokenizer_dir or "", context_length=cfg.text.context_length,
         pad_token_id=cfg.pad_token_id)
   except ValueError as e:
     raise CheckpointError(f"tokenizer of {what}: {e}") from None
+  if cfg.family == "siglip" and config is None:
+    cfg = cfg.replace(sot_token_id=tok.sot_token_id, eot_token_id=tok.eot_token_id,
+                      pad_token_id=tok.pad_token_id)
+    cfg = cfg if cfg.name else named(cfg)
   _check_tokenizer(tok, cfg, what)
   whash = weights_hash(variables)
   _save_entry(entry, cfg, variables, whash, source, tokenizer_entry, tokenizer_dir, pointer, tok)
@@ -503,6 +542,9 @@ def _load_directory(directory: str, dtype, cache_dir: str, config: CLIPConfig | 
     hf_weights = index
   if os.path.isfile(hf_path) and hf_files:
     hf = _read_json(hf_path, "Hugging Face config")
+    if hf.get("model_type") == "siglip":
+      return _load_hf_siglip(directory, hf, hf_files, hf_conf, dtype, cache_dir, config,
+                             source=source, name=name)
 
     def build_hf(state, family):
       if family != "hf":
@@ -517,6 +559,33 @@ def _load_directory(directory: str, dtype, cache_dir: str, config: CLIPConfig | 
       f"{directory} holds no CLIP checkpoint: expected config.json + params.msgpack (lmbbo_jax), "
       f"config.json + {' / '.join(_HF_WEIGHTS)} (Hugging Face), or open_clip_config.json + "
       f"{' / '.join(_OPEN_CLIP_WEIGHTS)} (open_clip)")
+
+
+def _load_hf_siglip(directory: str, hf: dict, hf_files: list[str], hf_conf: list[str], dtype,
+                    cache_dir: str, config: CLIPConfig | None, *, source: str,
+                    name: str) -> CLIP:
+  """A transformers SiglipModel directory (SigLIP, or SigLIP 2 FixRes with Gemma's tokenizer)."""
+  if not any(os.path.isfile(os.path.join(directory, f))
+             for f in ("spiece.model", "tokenizer.json")):
+    raise CheckpointError(f"{source}: a SigLIP checkpoint needs its tokenizer files "
+                          "(spiece.model or tokenizer.json) beside config.json")
+  tok_conf = os.path.join(directory, "tokenizer_config.json")
+  tok_class = (_read_json(tok_conf, "tokenizer config").get("tokenizer_class") or ""
+               if os.path.isfile(tok_conf) else "")
+  # SigLIP 2 (Gemma's tokenizer) was trained on lower-cased text and its tokenizer
+  # does not lower-case; SiglipTokenizer canonicalises by itself.
+  entry = {"kind": "hf", "lowercase": str(tok_class).startswith("Gemma")}
+
+  def build(state, family):
+    if family != "hf_siglip":
+      raise CheckpointError(f"{source} has a SigLIP config.json but not a SiglipModel "
+                            "state dict")
+    return _renamed(config_from_hf_siglip(hf), name)
+
+  return _convert_cached(source=source, weights_files=hf_files, conf_files=hf_conf, dtype=dtype,
+                         cache_dir=cache_dir, build_config=build, tokenizer_dir=directory,
+                         config=config, what=source, variant=_variant(None, name),
+                         tokenizer_entry=entry)
 
 
 def _shards(directory: str, index: str) -> list[str]:
@@ -547,6 +616,9 @@ def _load_file(path: str, dtype, cache_dir: str, config: CLIPConfig | None) -> C
                           ".pt or .pth, or a checkpoint directory)")
 
   def build(state, family):
+    if family == "hf_siglip":
+      raise CheckpointError(f"{path} is a SiglipModel state dict; load its directory (with "
+                            "config.json and the tokenizer files) instead")
     if family == "hf":
       hf_path = os.path.join(os.path.dirname(path), "config.json")
       if os.path.isfile(hf_path):
@@ -632,6 +704,10 @@ def _load_hub(repo_id: str, dtype, cache_dir: str, config: CLIPConfig | None, *,
         if not all(fetch(str(n)) for n in sorted(set(shard_map.values()))):
           weights = None
         break
+    if weights is not None:
+      # SigLIP's: its SentencePiece model or Gemma's tokenizer.json, and their settings.
+      for extra in ("tokenizer_config.json", "special_tokens_map.json", "spiece.model"):
+        fetch(extra)
     if weights is not None and not fetch("tokenizer.json"):
       if fetch("vocab.json"):
         fetch("merges.txt")

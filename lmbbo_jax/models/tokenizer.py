@@ -12,6 +12,9 @@ A checkpoint directory names its tokenizer in `config.json` under "tokenizer":
   {"kind": "clip_bpe", "file": "tokenizer.json"}         HF tokenizer file in the directory
   {"kind": "clip_bpe", "vocab": "vocab.json", "merges": "merges.txt"}
   {"kind": "toy", "file": "tokenizer.json"}              the toy world's byte-level BPE
+  {"kind": "hf", "lowercase": false}                     the directory's transformers
+                                                         tokenizer (SigLIP's SentencePiece,
+                                                         SigLIP 2's Gemma); see HFTokenizer
 """
 
 from __future__ import annotations
@@ -243,8 +246,10 @@ def tokenizer_from_config(entry: dict | None, directory: str, *, context_length:
   if loader is not None:  # a registered kind, e.g. the toy world's
     return loader(_inside(directory, entry.get("file", "tokenizer.json"), "file"),
                   context_length=context_length)
+  if kind == "hf":
+    return HFTokenizer.from_directory(directory, lowercase=bool(entry.get("lowercase")))
   if kind != "clip_bpe":
-    known = ", ".join(repr(k) for k in ["clip_bpe", *extensions.names("tokenizer")])
+    known = ", ".join(repr(k) for k in ["clip_bpe", "hf", *extensions.names("tokenizer")])
     raise TokenizerError(f"unknown tokenizer kind {kind!r} in {directory!r}/config.json "
                          f"(use {known})")
   kw = {"context_length": context_length}
@@ -259,3 +264,81 @@ def tokenizer_from_config(entry: dict | None, directory: str, *, context_length:
   if "bpe" in entry:
     return ClipBPETokenizer.from_bpe_file(_inside(directory, entry["bpe"], "bpe"), **kw)
   return ClipBPETokenizer.from_bpe_file(**kw)
+
+
+class HFTokenizer:
+  """A transformers tokenizer of a checkpoint directory (SigLIP's), in the `Tokenizer` protocol.
+
+  SigLIP's `SiglipTokenizer` (SentencePiece, needs `sentencepiece`) applies
+  big_vision's canonicalisation itself (lower-case, punctuation removed,
+  whitespace collapsed); SigLIP 2's Gemma tokenizer does not, and SigLIP 2 was
+  trained on lower-cased text, so its entry sets `lowercase`. The start and end
+  tokens are the ones the tokenizer's own special-token template adds (read from
+  one probe encoding); padding is its pad token. Never truncates.
+  """
+
+  def __init__(self, backend: Any, *, lowercase: bool = False, source: str = ""):
+    self._backend = backend
+    self.lowercase = lowercase
+    self.source = source
+    plain = backend("x", add_special_tokens=False)["input_ids"]
+    framed = backend("x", add_special_tokens=True)["input_ids"]
+    at = next((i for i in range(len(framed) - len(plain) + 1)
+               if framed[i:i + len(plain)] == plain), None)
+    start, end = (framed[:at], framed[at + len(plain):]) if at is not None else (None, None)
+    if start is None or len(start) > 1 or len(end) > 1:
+      raise TokenizerError(f"tokenizer of {source or 'memory'} frames a text as {framed} "
+                           f"(plain: {plain}); expected at most one start and one end token")
+    self.sot_token_id = start[0] if start else None
+    self.eot_token_id = end[0] if end else None
+    if backend.pad_token_id is None:
+      raise TokenizerError(f"tokenizer of {source or 'memory'} has no pad token")
+    self.pad_token_id = int(backend.pad_token_id)
+    self.vocab_size = len(backend)
+
+  @classmethod
+  def from_directory(cls, directory: str, *, lowercase: bool = False) -> "HFTokenizer":
+    from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+    try:
+      backend = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except ImportError as e:
+      raise TokenizerError(f"the tokenizer in {directory!r} needs a package: {e}; "
+                           "pip install sentencepiece") from None
+    except (OSError, ValueError, TypeError) as e:
+      raise TokenizerError(f"cannot load the transformers tokenizer in {directory!r}: "
+                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return cls(backend, lowercase=lowercase, source=os.path.abspath(directory))
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text, without start/end tokens (never truncated)."""
+    texts = [t.lower() if self.lowercase else t for t in texts]
+    if not texts:
+      return []
+    return self._backend(list(texts), add_special_tokens=False)["input_ids"]
+
+  def encode(self, text: str) -> list[int]:
+    return self.encode_batch([text])[0]
+
+  def __repr__(self) -> str:
+    return (f"HFTokenizer({type(self._backend).__name__}, vocab_size={self.vocab_size}, "
+            f"lowercase={self.lowercase}, source={self.source!r})")
+
+
+class StandInTokenizer:
+  """CLIP's BPE with its ids folded into a smaller model's vocabulary and that model's
+  special ids: text for random-weight models whose own tokenizer is not shipped
+  (`random:siglip-*`, for benchmarks and tests; token counts are CLIP's)."""
+
+  def __init__(self, *, vocab_size: int, sot_token_id: int | None, eot_token_id: int | None,
+               pad_token_id: int, context_length: int):
+    self._clip = ClipBPETokenizer.from_bpe_file(context_length=context_length)
+    self.sot_token_id, self.eot_token_id = sot_token_id, eot_token_id
+    self.pad_token_id = pad_token_id
+    self.vocab_size = vocab_size
+    specials = [i for i in (sot_token_id, eot_token_id, pad_token_id) if i is not None]
+    self._first = max(specials) + 1  # ordinary tokens start after the special ids
+    self.boundary_rule = "clip"  # the scorer may assemble ids as for CLIP's BPE
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    span = self.vocab_size - self._first
+    return [[self._first + i % span for i in ids] for ids in self._clip.encode_batch(texts)]

@@ -9,8 +9,8 @@ Needs nothing beyond the package (and its `[gpu]` extra on a GPU host). Writes t
   by accuracy and by mean true-class log-probability, and the largest gaps;
 - `bench.jsonl`: one line per bench run (`python -m lmbbo_jax.bench`, each in a
   fresh process): steady and cold, bf16, for each architecture and class count
-  (full: ViT-B/32 and ViT-L/14 at 100 and 1000 classes; small: tiny-vit at 10
-  and 100 classes);
+  (full: ViT-B/32, ViT-L/14 and SigLIP B/16-224 at 100 and 1000 classes; small:
+  tiny-vit and tiny-siglip at 10 and 100 classes);
 - `trace/`: a `jax.profiler` trace of one steady repeat (open it in TensorBoard
   or Perfetto);
 - `summary.json`: the device, versions, every figure above and the wall time.
@@ -36,15 +36,18 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """The command line's flags (defined when run, so that importing this module defines none)."""
   flags.DEFINE_string("out", None, "Folder for the results (created).")
-  flags.DEFINE_bool("small", False, "CPU-sized: tiny-vit at 10 and 100 classes.")
+  flags.DEFINE_bool("small", False, "CPU-sized: tiny-vit and tiny-siglip at 10 and 100 "
+                    "classes.")
   flags.DEFINE_integer("parity_templates", 200, "Templates ranked by both dtypes.",
                        lower_bound=10)
   flags.DEFINE_integer("bench_timeout_s", 300, "Limit of one bench run.")
 
 
-FULL = {"archs": ("ViT-B/32", "ViT-L/14"), "classes": (100, 1000), "parity_arch": "ViT-B/32",
-        "parity_classes": 100}
-SMALL = {"archs": ("tiny-vit",), "classes": (10, 100), "parity_arch": "tiny-vit",
+# One SigLIP beside the CLIPs: its text tower runs the scorer's plain rows (no prefix
+# sharing, no packing), so its templates/s are the other regime.
+FULL = {"archs": ("ViT-B/32", "ViT-L/14", "siglip-base-patch16-224"), "classes": (100, 1000),
+        "parity_arch": "ViT-B/32", "parity_classes": 100}
+SMALL = {"archs": ("tiny-vit", "tiny-siglip"), "classes": (10, 100), "parity_arch": "tiny-vit",
          "parity_classes": 10}
 
 
