@@ -406,11 +406,13 @@ def test_transfer_scores_the_chosen_templates_on_other_backbones_without_reselec
     tmp_path, jax_cache, capsys):
   workdir = tmp_path / "t"
   code, _, err = _command(["--flagfile=experiments/smoke.flags", f"--workdir={workdir}",
-                           "--model=random:tiny-vit", "--transfer_to=random:tiny-rn,toyclip"],
+                           "--model=random:tiny-vit",
+                           "--transfer_to=random:tiny-rn,toyclip,random:tiny-siglip"],
                           jax_cache, capsys)
   assert code == 0, err[-3000:]
   results = json.loads((workdir / "results.json").read_text())
-  assert list(results["transfer"]) == ["random:tiny-rn", "toyclip"]
+  # Across families too: a CLIP's choices scored on a SigLIP.
+  assert list(results["transfer"]) == ["random:tiny-rn", "toyclip", "random:tiny-siglip"]
   for source, t in results["transfer"].items():
     for seed, entries in t["per_seed"].items():
       ps = results["per_seed"][seed]

@@ -2,7 +2,6 @@
 on a tiny random SigLIP through the same scorer API, at the library level and through the
 experiment's transfer step."""
 
-import types
 
 import numpy as np
 import pytest
@@ -49,15 +48,18 @@ def test_templates_chosen_on_clip_score_on_siglip_as_a_direct_encode():
 
 def test_experiment_transfer_step_scores_clip_choices_on_siglip(tmp_path):
   from lmbbo_jax.data import build_task
-  from lmbbo_jax.experiment import ExperimentConfig, _transfer
+  from lmbbo_jax import experiment, transfer
+  from lmbbo_jax.config import ExperimentConfig
   cfg = ExperimentConfig(dataset="toy:mix", workdir=str(tmp_path / "w"), seeds=(1,),
                          max_test_per_class=2, model="random:tiny-vit",
                          transfer_to=("random:tiny-siglip",), progress=False,
                          image_batch_size=16)
   task = build_task(cfg.dataset, cfg.shots, 1, max_test_per_class=2)
-  runs = [types.SimpleNamespace(seed=1, task=task)]
   chosen = {"1": {"best": "a photo of a {}.", "baseline:photo": "a {}"}}
-  out = _transfer(cfg, runs, chosen, str(tmp_path / "features"))
+  out = transfer.transfer(
+      cfg, {1: task}, chosen, experiment.load_model,
+      lambda clip, task, encoders: experiment.scorer_for(
+          clip, task, encoders, cache_dir=str(tmp_path / "features"), batch_size=16)[0])
   row = out["random:tiny-siglip"]
   assert row["model"]["name"] == "tiny-siglip"
   entries = row["per_seed"]["1"]
