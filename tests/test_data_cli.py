@@ -71,9 +71,22 @@ def test_toy_dispatch(monkeypatch):
   assert task.splits().keys() == {"train", "test"}
 
 
-def test_toy_without_a_registered_source_is_one_line(monkeypatch):
+def test_a_prefix_registered_from_outside_is_found_and_listed(monkeypatch):
+  """The registry is general: the data room names no source it does not own."""
+  calls = []
+  monkeypatch.setitem(extensions._ENTRIES, ("dataset", "mine:"),
+                      _fake_toy_module(calls).build_toy_task)
+  task = data.build_task("mine:anything", 1, 3)
+  assert calls == [("anything", 1, 3)] and task.splits()
+  with pytest.raises(DatasetError, match="needs a value after 'mine:'"):
+    data.build_task("mine:", 1, 1)
+  with pytest.raises(DatasetError, match=r"or mine:\.\.\."):
+    data.build_task("no_such_benchmark", 1, 1)
+
+
+def test_an_unregistered_prefix_is_an_unknown_dataset(monkeypatch):
   monkeypatch.delitem(extensions._ENTRIES, ("dataset", "toy:"))
-  with pytest.raises(DatasetError, match="toy: datasets are not registered"):
+  with pytest.raises(DatasetError, match="unknown dataset 'toy:shapes'"):
     data.build_task("toy:shapes", 1, 1)
 
 

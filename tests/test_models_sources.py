@@ -134,12 +134,17 @@ def test_own_format_and_toyclip(tmp_path, monkeypatch):
   ids = clip.tokenize(["a red circle", "two blue stars"])
   assert ids.shape == (2, 24) and ids[0, 0] == config.sot_token_id
   assert np.all(np.isfinite(np.asarray(clip.encode_text(ids))))
-  monkeypatch.setattr(loading, "toyclip_dir", lambda: str(tmp_path))
-  toy = load_clip("toyclip")
-  assert toy.source == "toyclip" and toy.weights_hash == clip.weights_hash
-  monkeypatch.setattr(loading, "toyclip_dir", lambda: str(tmp_path / "absent"))
-  with pytest.raises(CheckpointError, match="python -m lmbbo_jax.toyworld.train"):
-    load_clip("toyclip")
+  # Any name registered from outside the models room loads from its directory.
+  from lmbbo_jax import extensions
+  monkeypatch.setitem(extensions._ENTRIES, ("checkpoint", "my-clip"), lambda: str(tmp_path))
+  mine = load_clip("my-clip")
+  assert mine.source == "my-clip" and mine.weights_hash == clip.weights_hash
+  control = load_clip("random:my-clip")  # its shape and tokenizer, random weights
+  assert control.config == config and control.weights_hash != clip.weights_hash
+  monkeypatch.setitem(extensions._ENTRIES, ("checkpoint", "my-clip"),
+                      lambda: str(tmp_path / "absent"))
+  with pytest.raises(CheckpointError, match="registered as 'my-clip'"):
+    load_clip("my-clip")
   # A config whose token ids disagree with its tokenizer is refused, not silently misread.
   meta = json.loads((tmp_path / "config.json").read_text())
   meta["eot_token_id"] = 7

@@ -1,5 +1,6 @@
 """Few-shot image classification tasks (CoOp protocol) from TFDS, CoOp folders, plain
-folders and the toy world; class names, OpenAI's templates and CLIP preprocessing.
+folders, CLIP_benchmark shards and registered sources; class names, OpenAI's templates
+and CLIP preprocessing.
 
 `build_task(dataset, shots, seed)` accepts:
 - a benchmark name (`caltech101`, `oxford_pets`, ... or a TFDS/CoOp alias) -> TFDS;
@@ -8,7 +9,8 @@ folders and the toy world; class names, OpenAI's templates and CLIP preprocessin
 - `folder:/path` -> `path/<class name>/*.jpg`;
 - `wds:/path` or `wds:hf:<owner>/<name>` -> CLIP_benchmark's webdataset shards (a folder,
   or a hub dataset repo such as `clip-benchmark/wds_cars`), with the dataset's templates;
-- `toy:<task>` -> `lmbbo_jax.toyworld.tasks.build_toy_task`.
+- a prefix registered with `extensions.register("dataset", PREFIX, build)` ->
+  `build(rest, shots, seed)`; the package registers the toy world's `toy:<task>`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ __all__ = [
     "build_task", "class_names", "hand_templates",
 ]
 
-_PREFIXES = ("coop:", "folder:", "toy:", "tfds:", "wds:")
+_PREFIXES = ("coop:", "folder:", "tfds:", "wds:")
 
 
 def _check_int(name: str, value: object, minimum: int | None = None) -> int:
@@ -33,14 +35,6 @@ def _check_int(name: str, value: object, minimum: int | None = None) -> int:
   if minimum is not None and value < minimum:
     raise DatasetError(f"{name} must be >= {minimum}, got {value}")
   return value
-
-
-def _build_toy(task_name: str, shots: int, seed: int) -> FewShotTask:
-  build = extensions.lookup("dataset", "toy:")  # filled by the package's wiring
-  if build is None:
-    raise DatasetError("toy: datasets are not registered in this install; use another "
-                       "--dataset")
-  return build(task_name, shots, seed)
 
 
 def build_task(dataset: str, shots: int, seed: int, *, data_dir: str | None = None,
@@ -67,21 +61,24 @@ def build_task(dataset: str, shots: int, seed: int, *, data_dir: str | None = No
   if not isinstance(dataset, str) or not dataset.strip():
     raise DatasetError("--dataset is empty; give a benchmark name (e.g. caltech101), "
                        "coop:/path/to/DATA/<dir>, folder:/path, wds:/path, "
-                       "wds:hf:<owner>/<name> or toy:<task>")
+                       "wds:hf:<owner>/<name>"
+                       + "".join(f" or {p}..." for p in extensions.names("dataset")))
   shots = _check_int("shots", shots, 1)
   seed = _check_int("seed", seed)
   if max_test_per_class is not None:
     _check_int("max_test_per_class", max_test_per_class, 1)
   spec = dataset.strip()
   kind, sep, rest = spec.partition(":")
-  if sep and f"{kind}:" in _PREFIXES and not rest.strip():
+  registered = extensions.names("dataset")  # e.g. the toy world's "toy:", from the wiring
+  if sep and f"{kind}:" in (*_PREFIXES, *registered) and not rest.strip():
     raise DatasetError(f"--dataset={spec} needs a value after '{kind}:'")
-  if spec.startswith("toy:"):
-    task = _build_toy(rest.strip(), shots, seed)
-    if max_test_per_class is not None:
-      task.test = sampling.cap_per_class(task.test, max_test_per_class, dataset=spec,
-                                         key_fn=lambda it: it.ref)
-    return task
+  for prefix in registered:
+    if spec.startswith(prefix):
+      task = extensions.lookup("dataset", prefix)(spec[len(prefix):].strip(), shots, seed)
+      if max_test_per_class is not None:
+        task.test = sampling.cap_per_class(task.test, max_test_per_class, dataset=spec,
+                                           key_fn=lambda it: it.ref)
+      return task
   if spec.startswith("coop:"):
     return coop.build_coop_task(rest, shots, seed, data_dir=data_dir,
                                 max_test_per_class=max_test_per_class)
@@ -97,6 +94,7 @@ def build_task(dataset: str, shots: int, seed: int, *, data_dir: str | None = No
     hint = " (a path? use folder:PATH or coop:PATH)" if "/" in name else ""
     raise DatasetError(f"unknown dataset {name!r}{hint}; use one of {known}, "
                        "coop:/path/to/DATA/<dir>, folder:/path, wds:/path, "
-                       "wds:hf:<owner>/<name> or toy:<task>")
+                       "wds:hf:<owner>/<name>"
+                       + "".join(f" or {p}..." for p in extensions.names("dataset")))
   return tfds_source.build_tfds_task(info, shots, seed, data_dir=data_dir,
                                      max_test_per_class=max_test_per_class)

@@ -2,10 +2,12 @@
 
 Sources, in the order they are tried:
   "random:<arch>"      seeded random init of a named architecture (benchmarks, tests);
-  "random:toyclip"      the toy CLIP's shape and tokenizer with random weights (a control);
+  "random:<name>"      a registered checkpoint's shape and tokenizer, random weights (a control);
   a short name          RN50, RN101, ViT-B/32, ViT-B/16, ViT-L/14 -> OpenAI's public weights;
                         MetaCLIP-*, DFN*-*, siglip-*, siglip2-* -> theirs (see SHORT_NAMES);
-  "toyclip"             the toy world's trained tiny CLIP (lmbbo_jax/toyworld/assets);
+  a registered name     a checkpoint registered with `extensions.register("checkpoint", NAME,
+                        dir_fn)` (our format in `dir_fn()`; the package registers the toy
+                        world's `toyclip`);
   a local path          a directory (our format: config.json + params.msgpack; Hugging Face:
                         config.json + model.safetensors / pytorch_model.bin, a CLIPModel or a
                         SiglipModel (SigLIP, SigLIP 2 FixRes) with its tokenizer files; open_clip:
@@ -80,7 +82,6 @@ SHORT_NAMES: dict[str, str] = {
 }
 # Short names whose weights were trained with QuickGELU, whatever a config file says.
 _QUICK_GELU = frozenset(n for n in SHORT_NAMES if not n.startswith("siglip"))
-TOYCLIP = "toyclip"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 # Sharded checkpoints: an index naming the shard files (transformers' save_pretrained).
@@ -100,12 +101,10 @@ def default_cache_dir() -> str:
       os.path.expanduser("~"), ".cache", "lmbbo_jax", "clip")
 
 
-def toyclip_dir() -> str:
-  """The toy CLIP's directory, as registered by the package's wiring (`lmbbo_jax/__init__.py`)."""
-  where = extensions.lookup("checkpoint", TOYCLIP)
-  if where is None:
-    raise CheckpointError(f"no {TOYCLIP!r} checkpoint is registered in this install")
-  return where()
+def registered_dir(name: str) -> str | None:
+  """The directory of the checkpoint registered as `name` (`extensions`), or None."""
+  where = extensions.lookup("checkpoint", name)
+  return where() if where is not None else None
 
 
 def load_clip(source: str, *, dtype: Any = jnp.float32, cache_dir: str | None = None,
@@ -113,7 +112,8 @@ def load_clip(source: str, *, dtype: Any = jnp.float32, cache_dir: str | None = 
   """Loads a CLIP model (see the module doc for `source`).
 
   Args:
-    source: hub id, local directory or file, short name, "toyclip" or "random:<arch>".
+    source: hub id, local directory or file, short name, a registered name (e.g.
+      "toyclip") or "random:<arch>".
     dtype: compute dtype (float32 or bfloat16); parameters stay float32.
     cache_dir: where converted checkpoints are cached (default $LMBBO_CACHE or
       ~/.cache/lmbbo_jax/clip).
@@ -135,12 +135,14 @@ def load_clip(source: str, *, dtype: Any = jnp.float32, cache_dir: str | None = 
     raise CheckpointError(f"weights={weights!r}: use None (the checkpoint's) or 'random'")
   if not isinstance(source, str) or not source.strip():
     raise CheckpointError("load_clip needs a source: a hub id, a local path, a short name "
-                          f"({', '.join(SHORT_NAMES)}), {TOYCLIP!r} or 'random:<arch>'")
+                          f"({', '.join(SHORT_NAMES)}), a registered name "
+                          f"({', '.join(extensions.names('checkpoint')) or 'none'}) or 'random:<arch>'")
   source = source.strip()
   cache_dir = cache_dir or default_cache_dir()
-  if source == f"random:{TOYCLIP}":
-    # The untrained control of the toy world: the toy CLIP's shape and tokenizer.
-    trained = load_clip(TOYCLIP, dtype=dtype)
+  registered = extensions.names("checkpoint")
+  if source.startswith("random:") and source[len("random:"):] in registered:
+    # An untrained control of a registered model: its shape and tokenizer.
+    trained = load_clip(source[len("random:"):], dtype=dtype)
     return _make_clip(trained.config, random_variables(trained.config, seed=0),
                       trained.tokenizer, dtype, source)
   if source.startswith("random:") or weights == "random":
@@ -149,12 +151,12 @@ def load_clip(source: str, *, dtype: Any = jnp.float32, cache_dir: str | None = 
   if short is not None:
     return _load_hub(SHORT_NAMES[short], dtype, cache_dir, config,
                      act="quick_gelu" if short in _QUICK_GELU else None, name=short)
-  if source == TOYCLIP:
-    path = toyclip_dir()
+  if source in registered:
+    path = registered_dir(source)
     if not os.path.isfile(os.path.join(path, "params.msgpack")):
-      raise CheckpointError(f"the toy CLIP is not in {path}; train it with "
-                            f"python -m lmbbo_jax.toyworld.train --out={path}")
-    return _load_own(path, dtype, source=TOYCLIP)
+      raise CheckpointError(f"the checkpoint registered as {source!r} is not in {path} "
+                            "(no params.msgpack); put it there or register another directory")
+    return _load_own(path, dtype, source=source)
   path = os.path.expanduser(source)
   if os.path.isdir(path):
     return _load_directory(os.path.abspath(path), dtype, cache_dir, config)
@@ -164,7 +166,8 @@ def load_clip(source: str, *, dtype: Any = jnp.float32, cache_dir: str | None = 
     return _load_hub(source, dtype, cache_dir, config)
   raise CheckpointError(
       f"unknown CLIP source {source!r}: not a local path, a hub id (owner/name), a short "
-      f"name ({', '.join(SHORT_NAMES)}), {TOYCLIP!r} or 'random:<arch>' "
+      f"name ({', '.join(SHORT_NAMES)}), a registered name "
+      f"({', '.join(extensions.names('checkpoint')) or 'none'}) or 'random:<arch>' "
       f"(archs: {', '.join(ARCHITECTURES)})")
 
 
