@@ -159,6 +159,7 @@ def call_shapes(num_classes: int, segment_tokens: float, width: int, rows_per_ca
 
 
 _exiting = threading.Event()
+_TRACING = threading.Lock()  # see PackedTextEncoder._build_program
 _warming: "weakref.WeakSet[_Programs]" = weakref.WeakSet()
 
 
@@ -353,7 +354,12 @@ class PackedTextEncoder:
             jax.ShapeDtypeStruct((shape.segments,), i32, sharding=rep))
 
   def _build_program(self, shape: CallShape):
-    return self._encode.lower(self._text_vars, *self._input_specs(shape)).compile()
+    # Tracing runs flax's module code, which is not thread-safe: two encoders tracing the
+    # same tower classes at once (their background threads) once raised "dictionary changed
+    # size during iteration" inside flax. Tracing is serialised; compiling is not.
+    with _TRACING:
+      lowered = self._encode.lower(self._text_vars, *self._input_specs(shape))
+    return lowered.compile()
 
   def program(self, shape: CallShape) -> tuple[Any, float]:
     return self.programs.get(("text", shape), functools.partial(self._build_program, shape))
