@@ -270,3 +270,18 @@ def test_new_search_options_validate_with_one_line_errors():
   with pytest.raises(SearchError, match="merge_every"):
     SearchConfig(merge_every=-1).validate()
   SearchConfig(feedback="confusion", merge_every=3, selection="halving").validate()
+
+
+def test_multi_turn_confusion_feedback_repeats_the_pairs_of_the_current_positives():
+  from lmbbo_jax.search.state import Turn
+  cfg = SearchConfig(feedback="confusion", k_pos=2, conversation="multi_turn")
+  prop = LLMProposer(None, cfg)
+  state = state_with(cfg, confusion_pool())
+  first = prop.build_messages(state)
+  new = rec("a {} new", 0.95, 4, confusions={"train": [(1, 0, 6)], "test": TEST_PAIRS}, step=1)
+  state.pool.append(new)
+  state.turns = [Turn(messages=first, reply='- "a {} new"', records=[new])]
+  follow = prop.build_messages(state)[-1]["content"]
+  # Positives now "new" (6) and "one" (3 + 1); never the test pairs.
+  assert '- a "dog" taken for a "cat" (6 times)' in follow
+  assert '- a "cat" taken for a "dog" (3 times)' in follow and "TESTONLY" not in follow
