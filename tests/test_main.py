@@ -526,7 +526,7 @@ def test_dry_run_of_the_comparison_estimates_each_method_and_writes_nothing(
   assert code == 0, err[-3000:]
   estimate = json.loads(out[out.index("{"):])
   assert list(estimate) == ["llm_no_feedback", "ape", "iterative_ape", "ours_p", "ours_n",
-                            "ours_pn", "coop"]
+                            "ours_pn", "ours_confusion", "ours_pareto", "ours_many", "coop"]
   for name, est in estimate.items():  # 3 seeds x 4 chains x 2 conversations x 8 turns.
     assert est["calls"] == (0 if name == "coop" else 192), name
   assert estimate["coop"]["cost_usd"] == 0.0 and estimate["ours_pn"]["cost_usd"] > 0
