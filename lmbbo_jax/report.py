@@ -409,8 +409,8 @@ def comparison_markdown(datasets: Sequence[str], rows: Sequence[dict]) -> str:
 def plot_efficiency(loaded: dict[str, list], path: str | pathlib.Path) -> None:
   """Test accuracy of the best-so-far template (chosen by the selection rule), mean over
   seeds, one line per method and one row of panels per dataset: against the LLM calls
-  that gave a scored template (left) and against the templates scored (right; the
-  initial pool included). CoOp (no LLM) is a horizontal line at its mean test accuracy."""
+  that gave a scored template (left) and against the templates the search scored (right;
+  the initial pool and candidates successive halving kept out of the pool included). CoOp (no LLM) is a horizontal line at its mean test accuracy."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -431,16 +431,16 @@ def plot_efficiency(loaded: dict[str, list], path: str | pathlib.Path) -> None:
       curves = _efficiency_curves(d, results)
       if not curves:
         continue
-      colour = cmap(i % 10)
+      # Colour and dash per method: equal curves (same initial pool) stay visible.
+      style = {"color": cmap(i % 10), "ls": ("-", "--", ":", "-.")[i % 4]}
       n = max(len(c) for c, _ in curves)
       mean = [100 * statistics.fmean(c[min(i, len(c) - 1)] for c, _ in curves)
               for i in range(n)]
-      by_calls.step(range(n), mean, where="post", lw=1.6, color=colour, label=label)
+      by_calls.step(range(n), mean, where="post", lw=1.6, label=label, **style)
       xs, ys = _mean_step([points for _, points in curves])
-      by_scored.step(xs, [100 * y for y in ys], where="post", lw=1.6, color=colour,
-                     label=label)
+      by_scored.step(xs, [100 * y for y in ys], where="post", lw=1.6, label=label, **style)
     for ax, what in ((by_calls, "LLM calls that gave a scored template (0 = initial pool)"),
-                     (by_scored, "templates scored (initial pool included)")):
+                     (by_scored, "templates the search scored (initial pool included)")):
       ax.set_title(f"{dataset}: test accuracy of the best so far", fontsize=9)
       ax.set_xlabel(what)
       ax.set_ylabel("test accuracy (%)")
