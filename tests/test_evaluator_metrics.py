@@ -232,13 +232,14 @@ def test_top_confusions_match_a_brute_force_count():
 @pytest.mark.parametrize("template,rows_per_call", [(TEMPLATE, 8), (LONG, 1)])
 def test_scorer_confusions_are_exact_per_split(clip, template, rows_per_call):
   """Images whose argmax is a chosen class: the scorer's confusions (merged over calls with
-  LONG) equal the numpy count of (true, predicted) errors, per split, the top 5 only."""
+  LONG) equal the numpy count of (true, predicted) errors, per split, the top 5 only; none
+  for test (no feedback may read it)."""
   num = len(CLASS_NAMES)
   encoder = PackedTextEncoder(clip, CLASS_NAMES, rows_per_call=rows_per_call)
   text = text_features(clip, encoder, template)
   rng = np.random.default_rng(1)
   labels, preds, feats = {}, {}, {}
-  for split, n in (("train", 40), ("test", 25)):
+  for split, n in (("train", 40), ("val", 25), ("test", 25)):
     labels[split] = rng.integers(0, num, n)
     # Mostly a few recurring confusions, so that counts differ and ties occur.
     preds[split] = np.where(rng.random(n) < 0.3, labels[split],
@@ -249,7 +250,8 @@ def test_scorer_confusions_are_exact_per_split(clip, template, rows_per_call):
   scorer = PromptScorer(clip, feats, {k: v.tolist() for k, v in labels.items()}, CLASS_NAMES,
                         text_encoder=encoder, precompile=False)
   score = scorer.score([template])[0]
-  for split in ("train", "test"):
+  assert "test" not in score.confusions
+  for split in ("train", "val"):
     assert score.accuracy[split] == pytest.approx(np.mean(preds[split] == labels[split]))
     want = confusions_reference(preds[split], labels[split], 5)
     assert len(want) == 5

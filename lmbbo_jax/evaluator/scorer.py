@@ -352,7 +352,8 @@ class PromptScorer:
       for name, value in values.items():
         by_metric[name][split] = value
       logprob[split] = float(logp[rows][keep].mean()) if y.size else float("nan")
-      confusions[split] = metrics.top_confusions(pred[rows][keep], y, self.num_classes)
+      if split != "test":  # Feedback reads the selection splits; test is the largest.
+        confusions[split] = metrics.top_confusions(pred[rows][keep], y, self.num_classes)
       if self.per_class:  # train_val too: the front reads the selection split
         correct = pred[rows][keep] == y
         hits = np.bincount(y, weights=correct, minlength=self.num_classes)

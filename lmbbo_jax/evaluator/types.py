@@ -34,7 +34,8 @@ class Score:
     mean_per_class_recall: split name -> the mean over the split's classes of the
       fraction of their images classified correctly (classes without images left out,
       as sklearn's balanced accuracy, which CLIP_benchmark uses).
-    confusions: split name -> the `TOP_CONFUSIONS` most frequent errors of the argmax
+    confusions: split name (every split but "test", which no feedback may read) -> the
+      `TOP_CONFUSIONS` most frequent errors of the argmax
       predictions, as (true class, predicted class, count) triples, most frequent
       first (equal counts: lower true class, then lower predicted class, first); from
       the predictions alone (no logits), so the strict black box may read them.
