@@ -39,6 +39,14 @@ COMPARISON: dict[str, dict[str, Any]] = {
     "ours_p": {"proposer": "llm", "search": {"feedback": "pos"}},
     "ours_n": {"proposer": "llm", "search": {"feedback": "neg"}},
     "ours_pn": {"proposer": "llm", "search": {"feedback": "pos_neg"}},
+    # Beyond the paper, at the same calls as ours_pn: confusion feedback (the class pairs
+    # the best templates confuse on train, from predictions alone); P+N with a merge of two
+    # per-class Pareto front members every 3rd call; 12 candidates per call kept by
+    # successive halving over train then val.
+    "ours_confusion": {"proposer": "llm", "search": {"feedback": "confusion"}},
+    "ours_pareto": {"proposer": "llm", "search": {"feedback": "pos_neg", "merge_every": 3}},
+    "ours_many": {"proposer": "llm", "search": {"feedback": "pos_neg", "m_new": 12,
+                                                "m_ask": 12, "selection": "halving"}},
     "coop": {"method": "coop"},
 }
 

@@ -61,8 +61,9 @@ def text_encoders(clip, tasks, mesh=None, encoders: dict | None = None) -> dict:
 
 
 def scorer_for(clip, task, encoders: dict, *, mesh=None, cache_dir=None, batch_size=64,
-               progress=False):
-  """(PromptScorer, scorer inputs, images encoded, seconds) for `task`'s images on `clip`."""
+               progress=False, per_class=False):
+  """(PromptScorer, scorer inputs, images encoded, seconds) for `task`'s images on `clip`;
+  `per_class`: the scorer also reports per-class accuracy (the merge step's front)."""
   from lmbbo_jax.evaluator import features as features_lib
   from lmbbo_jax.evaluator.scorer import PromptScorer
   t0 = time.perf_counter()
@@ -71,7 +72,8 @@ def scorer_for(clip, task, encoders: dict, *, mesh=None, cache_dir=None, batch_s
   seconds = time.perf_counter() - t0
   inputs = features_lib.scorer_inputs(feats)
   encoder = text_encoders(clip, [task], mesh, encoders)[tuple(task.class_names)]
-  scorer = PromptScorer(clip, *inputs, task.class_names, mesh=mesh, text_encoder=encoder)
+  scorer = PromptScorer(clip, *inputs, task.class_names, mesh=mesh, text_encoder=encoder,
+                        per_class=per_class)
   return scorer, inputs, sum(f.num_valid for f in feats.values()), seconds
 
 
@@ -193,7 +195,8 @@ def _run(cfg: ExperimentConfig, local, local_error: str | None) -> dict | None:
   for seed, task in tasks.items():
     scorer, inputs, n_images, encode_s = scorer_for(
         clip, task, encoders, mesh=mesh, cache_dir=cache_dir,
-        batch_size=cfg.image_batch_size, progress=cfg.progress)
+        batch_size=cfg.image_batch_size, progress=cfg.progress,
+        per_class=cfg.search.merge_every > 0)
     logging.info("seed %d: %d images encoded in %.1fs", seed, n_images, encode_s)
     seeds.append(methods_lib.SeedSetup(seed, task, scorer, corpora.get(seed, []), inputs,
                                        score_baselines(cfg, scorer, task), n_images, encode_s))

@@ -50,11 +50,12 @@ def write_prompts_csv(records: Iterable[dict], path: str | pathlib.Path) -> None
 
 def _best_so_far(records: Sequence[dict], select_by: str, tie_break: str = "logprob",
                  select_metric: str = "accuracy"):
-  """Per record (in order), the template chosen so far by the search's selection rule."""
+  """Per record (in order), the template chosen so far by the search's selection rule
+  (a candidate successive halving kept out of the pool, `pooled: false`, is never it)."""
   best, best_key, out = None, None, []
   for r in records:
     key = rank_key(EvalRecord.from_row(r), select_by, tie_break, select_metric)
-    if best is None or key < best_key:
+    if r.get("pooled", True) and (best is None or key < best_key):
       best, best_key = r, key
     out.append(best)
   return out
@@ -311,10 +312,13 @@ TABLE_ROWS = (
     ("ours, positive feedback (P)", "method", "ours_p"),
     ("ours, negative feedback (N)", "method", "ours_n"),
     ("ours, P+N (the paper's method)", "method", "ours_pn"),
+    ("ours, P+N + confusion feedback", "method", "ours_confusion"),
+    ("ours, P+N + merge of per-class Pareto front", "method", "ours_pareto"),
+    ("ours, P+N, 12 per call, successive halving", "method", "ours_many"),
     ("CoOp (white box, learned context)", "method", "coop"),
 )
 _FEEDBACK_METHODS = {"none": "llm_no_feedback", "pos": "ours_p", "neg": "ours_n",
-                     "pos_neg": "ours_pn"}
+                     "pos_neg": "ours_pn", "confusion": "ours_confusion"}
 
 
 def method_name(results: dict) -> str:
@@ -322,7 +326,12 @@ def method_name(results: dict) -> str:
   config = results.get("config") or {}
   kind = config.get("proposer_kind", "")
   if kind == "llm":
-    return _FEEDBACK_METHODS.get((config.get("search") or {}).get("feedback"), "llm")
+    search = config.get("search") or {}
+    if search.get("selection") == "halving":
+      return "ours_many"
+    if search.get("merge_every"):
+      return "ours_pareto"
+    return _FEEDBACK_METHODS.get(search.get("feedback"), "llm")
   return kind
 
 
@@ -398,42 +407,74 @@ def comparison_markdown(datasets: Sequence[str], rows: Sequence[dict]) -> str:
 
 
 def plot_efficiency(loaded: dict[str, list], path: str | pathlib.Path) -> None:
-  """Test accuracy of the best-so-far template (chosen by the selection rule) against the
-  LLM calls that gave a scored template, mean over seeds; one line per method, one panel
-  per dataset. CoOp (no LLM) is a horizontal line at its mean test accuracy."""
+  """Test accuracy of the best-so-far template (chosen by the selection rule), mean over
+  seeds, one line per method and one row of panels per dataset: against the LLM calls
+  that gave a scored template (left) and against the templates the search scored (right;
+  the initial pool and candidates successive halving kept out of the pool included). CoOp (no LLM) is a horizontal line at its mean test accuracy."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  panels = max(1, len(loaded))
-  fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
+  rows = max(1, len(loaded))
+  fig, axes = plt.subplots(rows, 2, figsize=(12, 4.5 * rows), squeeze=False)
   labels = {name: label for label, _, name in TABLE_ROWS}
-  for ax, (dataset, runs) in zip(axes[0], loaded.items()):
-    for d, results in runs:
+  cmap = plt.get_cmap("tab10")
+  for (by_calls, by_scored), (dataset, runs) in zip(axes, loaded.items()):
+    for i, (d, results) in enumerate(runs):
       name = method_name(results)
+      label = labels.get(name, name)
       if name == "coop":
         vals = list(_per_seed_test(results, "method", "coop").values())
         if vals:
-          ax.axhline(100 * statistics.fmean(vals), ls="--", color="k", lw=1,
-                     label=labels["coop"])
+          for ax in (by_calls, by_scored):
+            ax.axhline(100 * statistics.fmean(vals), ls="--", color="k", lw=1, label=label)
         continue
       curves = _efficiency_curves(d, results)
       if not curves:
         continue
-      n = max(len(c) for c in curves)
-      mean = [100 * statistics.fmean(c[min(i, len(c) - 1)] for c in curves) for i in range(n)]
-      ax.step(range(n), mean, where="post", lw=1.6, label=labels.get(name, name))
-    ax.set_title(f"{dataset}: test accuracy of the best so far", fontsize=9)
-    ax.set_xlabel("LLM calls that gave a scored template (0 = initial pool)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+      # Colour and dash per method: equal curves (same initial pool) stay visible.
+      style = {"color": cmap(i % 10), "ls": ("-", "--", ":", "-.")[i % 4]}
+      n = max(len(c) for c, _ in curves)
+      mean = [100 * statistics.fmean(c[min(i, len(c) - 1)] for c, _ in curves)
+              for i in range(n)]
+      by_calls.step(range(n), mean, where="post", lw=1.6, label=label, **style)
+      xs, ys = _mean_step([points for _, points in curves])
+      by_scored.step(xs, [100 * y for y in ys], where="post", lw=1.6, label=label, **style)
+    for ax, what in ((by_calls, "LLM calls that gave a scored template (0 = initial pool)"),
+                     (by_scored, "templates the search scored (initial pool included)")):
+      ax.set_title(f"{dataset}: test accuracy of the best so far", fontsize=9)
+      ax.set_xlabel(what)
+      ax.set_ylabel("test accuracy (%)")
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
 
 
-def _efficiency_curves(workdir: pathlib.Path, results: dict) -> list[list[float]]:
-  """Per seed: test accuracy of the best so far after 0, 1, 2, ... calls."""
+def _mean_step(series: Sequence[Sequence[tuple[int, float]]]) -> tuple[list[int], list[float]]:
+  """The mean of step functions given as (x, y) points (y holds until the next x), at
+  every x from the last series' start on."""
+  series = [s for s in series if s]
+  if not series:
+    return [], []
+  start = max(s[0][0] for s in series)
+  xs = sorted({x for s in series for x, _ in s if x >= start})
+  at = [0] * len(series)
+  ys = []
+  for x in xs:
+    vals = []
+    for k, s in enumerate(series):
+      while at[k] + 1 < len(s) and s[at[k] + 1][0] <= x:
+        at[k] += 1
+      vals.append(s[at[k]][1])
+    ys.append(statistics.fmean(vals))
+  return xs, ys
+
+
+def _efficiency_curves(workdir: pathlib.Path, results: dict
+                       ) -> list[tuple[list[float], list[tuple[int, float]]]]:
+  """Per seed: (test accuracy of the best so far after 0, 1, 2, ... calls; (templates
+  scored, test accuracy of the best so far) after each scored template)."""
   config = results.get("config") or {}
   select_by = config.get("select_by", "train")
   tie_break = (config.get("search") or {}).get("tie_break", "logprob")
@@ -453,8 +494,51 @@ def _efficiency_curves(workdir: pathlib.Path, results: dict) -> list[list[float]
           curve.append(best[i - 1]["accuracy"].get("test", math.nan))
         calls.add(call)
     if rs:
-      curves.append(curve + [best[-1]["accuracy"].get("test", math.nan)])
+      scored = [(i + 1, b["accuracy"].get("test", math.nan)) for i, b in enumerate(best)]
+      curves.append((curve + [best[-1]["accuracy"].get("test", math.nan)], scored))
   return curves
+
+
+def efficiency_rows(loaded: dict[str, list]) -> list[dict]:
+  """Per (dataset, method): LLM calls, templates scored, templates scored per call, per
+  second of scoring and per second of the search's wall time, from results.json alone
+  (llm.calls, throughput.templates_scored, .scoring_busy_s, .search_wall_s)."""
+  labels = {name: label for label, _, name in TABLE_ROWS}
+  out = []
+  for dataset, runs in loaded.items():
+    for _, results in runs:
+      name = method_name(results)
+      tp = results.get("throughput") or {}
+      calls = (results.get("llm") or {}).get("calls") or 0
+      scored = tp.get("templates_scored") or 0
+      busy, wall = tp.get("scoring_busy_s") or 0.0, tp.get("search_wall_s") or 0.0
+      out.append({"dataset": dataset, "method": name, "label": labels.get(name, name),
+                  "llm_calls": calls, "templates_scored": scored,
+                  "per_call": scored / calls if calls else math.nan,
+                  "per_scoring_s": scored / busy if busy else math.nan,
+                  "per_wall_s": scored / wall if wall else math.nan})
+  order = {name: i for i, (_, _, name) in enumerate(TABLE_ROWS)}
+  return sorted(out, key=lambda r: (r["dataset"], order.get(r["method"], len(order))))
+
+
+def efficiency_markdown(rows: Sequence[dict]) -> str:
+  """comparison.md's efficiency table (`efficiency_rows`)."""
+  def num(x, digits):
+    return "-" if isinstance(x, float) and math.isnan(x) else f"{x:.{digits}f}"
+  lines = ["## Efficiency: templates scored per LLM call and per second", "",
+           "| dataset | method | LLM calls | templates scored | templates / call "
+           "| templates / s of scoring | templates / s of search wall time |",
+           "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['dataset']} | {r['label']} | {r['llm_calls']} | "
+                 f"{r['templates_scored']} | {num(r['per_call'], 2)} | "
+                 f"{num(r['per_scoring_s'], 1)} | {num(r['per_wall_s'], 2)} |")
+  lines += ["", "Templates scored: every template a method's scorer scored (initial pools, "
+                "baselines and every candidate, also those successive halving kept out of "
+                "the pool); seconds of scoring: the scorer's busy time; wall time: the "
+                "search's, LLM waits included. efficiency.png plots test accuracy against "
+                "both LLM calls and templates scored."]
+  return "\n".join(lines) + "\n"
 
 
 def write_comparison(paths: Sequence[str | pathlib.Path], out: str | pathlib.Path) -> None:
@@ -463,7 +547,8 @@ def write_comparison(paths: Sequence[str | pathlib.Path], out: str | pathlib.Pat
   out.mkdir(parents=True, exist_ok=True)
   loaded = _load_runs(paths)
   datasets, rows = comparison_rows(loaded)
-  io_lib.atomic_write(out / "comparison.md", comparison_markdown(datasets, rows))
+  io_lib.atomic_write(out / "comparison.md", comparison_markdown(datasets, rows) + "\n"
+                      + efficiency_markdown(efficiency_rows(loaded)))
   with io_lib.atomic_writer(out / "comparison.csv", "w") as f:
     writer = csv.writer(f)
     writer.writerow(["dataset", "method", "label", "seeds", "test_acc", "mean", "std", "se"])

@@ -206,3 +206,55 @@ def test_a_wds_task_scores_and_writes_clip_benchmark_json(clip, tmp_path):
   assert written["metrics"] == {"acc1": ensemble.accuracy["test"], "acc5": 1.0,
                                 "mean_per_class_recall": ensemble.mean_per_class_recall["test"]}
   assert written["task"] == "zeroshot_classification" and written["language"] == "en"
+
+
+def confusions_reference(pred, labels, k):
+  """Brute force: count every (true, predicted) error, sort by -count, true, predicted."""
+  counts = {}
+  for y, p in zip(labels, pred):
+    if y != p:
+      counts[(int(y), int(p))] = counts.get((int(y), int(p)), 0) + 1
+  return [(y, p, n) for (y, p), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))][:k]
+
+
+def test_top_confusions_match_a_brute_force_count():
+  rng = np.random.default_rng(3)
+  for trial in range(50):
+    num = int(rng.integers(2, 12))
+    labels = rng.integers(0, num, size=int(rng.integers(0, 60)))
+    pred = np.where(rng.random(labels.size) < 0.5, labels, rng.integers(0, num, labels.size))
+    for k in (1, 5, 100):
+      assert metrics.top_confusions(pred, labels, num, k) == confusions_reference(
+          pred, labels, k), (trial, k)
+  assert metrics.top_confusions(np.array([1, 2]), np.array([1, 2]), 3) == []
+
+
+@pytest.mark.parametrize("template,rows_per_call", [(TEMPLATE, 8), (LONG, 1)])
+def test_scorer_confusions_are_exact_per_split(clip, template, rows_per_call):
+  """Images whose argmax is a chosen class: the scorer's confusions (merged over calls with
+  LONG) equal the numpy count of (true, predicted) errors, per split, the top 5 only; none
+  for test (no feedback may read it)."""
+  num = len(CLASS_NAMES)
+  encoder = PackedTextEncoder(clip, CLASS_NAMES, rows_per_call=rows_per_call)
+  text = text_features(clip, encoder, template)
+  rng = np.random.default_rng(1)
+  labels, preds, feats = {}, {}, {}
+  for split, n in (("train", 40), ("val", 25), ("test", 25)):
+    labels[split] = rng.integers(0, num, n)
+    # Mostly a few recurring confusions, so that counts differ and ties occur.
+    preds[split] = np.where(rng.random(n) < 0.3, labels[split],
+                            rng.choice([1, 4, 7], size=n))
+    rankings = [[p] + [c for c in rng.permutation(num).tolist() if c != p]
+                for p in preds[split]]
+    feats[split] = images_with_ranks(text, rankings)
+  scorer = PromptScorer(clip, feats, {k: v.tolist() for k, v in labels.items()}, CLASS_NAMES,
+                        text_encoder=encoder, precompile=False)
+  score = scorer.score([template])[0]
+  assert "test" not in score.confusions
+  for split in ("train", "val"):
+    assert score.accuracy[split] == pytest.approx(np.mean(preds[split] == labels[split]))
+    want = confusions_reference(preds[split], labels[split], 5)
+    assert len(want) == 5
+    assert score.confusions[split] == want, split
+  assert json.loads(json.dumps(score.to_json()))["confusions"]["train"] == [
+      list(c) for c in score.confusions["train"]]

@@ -402,6 +402,72 @@ def test_the_comparison_runs_every_method_on_the_same_tasks_and_writes_the_table
   assert (tmp_path / "again" / "comparison.md").read_text() == table
 
 
+def test_the_comparison_of_the_new_methods_at_the_same_calls_reports_efficiency(
+    tmp_path, jax_cache, capsys, monkeypatch):
+  """ours_confusion, ours_pareto (merge every 3rd call) and ours_many (12 candidates per
+  call, successive halving) beside ours_pn, at the same calls; comparison.md gives
+  templates scored per call and per second, efficiency.png has two panels."""
+  import fake_llm_server as fake
+  from matplotlib import image
+  workdir = tmp_path / "cmp"
+  methods = ["ours_pn", "ours_confusion", "ours_pareto", "ours_many"]
+  monkeypatch.setenv("LMBBO_TEST_KEY", "k")
+  with fake.FakeLLMServer(n_templates=12) as server:
+    code, _, err = _command(
+        ["--flagfile=experiments/smoke.flags", f"--workdir={workdir}", "--seeds=1",
+         "--n_restart=1", "--n_reset=1", "--n_iter=3", "--init_pool_size=12",
+         f"--llm_base_url={server.base_url}", "--llm_model=gpt-4o-mini",
+         "--llm_api_key_env=LMBBO_TEST_KEY", f"--methods={','.join(methods)}"],
+        jax_cache, capsys)
+  assert code == 0, err[-3000:]
+  results = {m: json.loads((workdir / m / "results.json").read_text()) for m in methods}
+  assert {m: r["llm"]["calls"] for m, r in results.items()} == dict.fromkeys(methods, 3)
+  scored = {m: r["throughput"]["templates_scored"] for m, r in results.items()}
+  assert scored["ours_many"] > scored["ours_pn"]
+  # Confusion feedback's request names train-split class pairs.
+  transcript = (workdir / "ours_confusion" / "transcript.jsonl").read_text()
+  assert "Classes CLIP most often mixes up" in transcript or "classifies every" in transcript
+  # The records carry per-class accuracy for the front (never test), and the 3rd call merges.
+  rows = [json.loads(line) for line in
+          (workdir / "ours_pareto" / "prompts.jsonl").read_text().splitlines()]
+  assert all(set(r["per_class"]) == {"train", "val", "train_val"} for r in rows)
+  entries = [json.loads(line) for line in transcript_lines(workdir / "ours_pareto")]
+  merges = [e for e in entries if e.get("merge_parents")]
+  assert all(e["iteration"] == 2 for e in merges)
+  # It merges exactly when the front before that call has two members (on this toy task
+  # one template is often best on every class: then the call is an ordinary one).
+  from lmbbo_jax.search.state import EvalRecord, pareto_front
+  before = [EvalRecord.from_row(r) for r in rows if r["step"] < 3]
+  front = pareto_front(before, "train", results["ours_pareto"]["config"]["search"]["tie_break"])
+  assert bool(merges) == (len(front) >= 2)
+  if merges:
+    assert merges[0]["merge_parents"][0] == front[0].template
+  # ours_many: halving kept some candidates out of the pool.
+  many = (workdir / "ours_many" / "prompts.jsonl").read_text()
+  assert '"pooled":false' in many.replace(" ", "")
+  table = (workdir / "comparison.md").read_text()
+  assert "templates / call" in table
+  for m in methods:
+    r = results[m]
+    tp = r["throughput"]
+    line = next(line for line in table.splitlines()
+                if line.startswith("| ") and f"| {r['llm']['calls']} | {tp['templates_scored']} |"
+                in line and report_label(m) in line)
+    assert f"{tp['templates_scored'] / 3:.2f}" in line
+    assert f"{tp['templates_scored'] / tp['scoring_busy_s']:.1f}" in line
+  png = image.imread(str(workdir / "efficiency.png"))
+  assert png.shape[1] > 1.8 * png.shape[0]  # two panels side by side, one dataset
+
+
+def transcript_lines(workdir):
+  return [line for line in (workdir / "transcript.jsonl").read_text().splitlines() if line]
+
+
+def report_label(method):
+  from lmbbo_jax import report
+  return next(label for label, _, name in report.TABLE_ROWS if name == method)
+
+
 def test_transfer_scores_the_chosen_templates_on_other_backbones_without_reselecting(
     tmp_path, jax_cache, capsys):
   workdir = tmp_path / "t"
@@ -460,7 +526,7 @@ def test_dry_run_of_the_comparison_estimates_each_method_and_writes_nothing(
   assert code == 0, err[-3000:]
   estimate = json.loads(out[out.index("{"):])
   assert list(estimate) == ["llm_no_feedback", "ape", "iterative_ape", "ours_p", "ours_n",
-                            "ours_pn", "coop"]
+                            "ours_pn", "ours_confusion", "ours_pareto", "ours_many", "coop"]
   for name, est in estimate.items():  # 3 seeds x 4 chains x 2 conversations x 8 turns.
     assert est["calls"] == (0 if name == "coop" else 192), name
   assert estimate["coop"]["cost_usd"] == 0.0 and estimate["ours_pn"]["cost_usd"] > 0

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from lmbbo_jax.evaluator.types import Score
+from lmbbo_jax.evaluator.types import TOP_CONFUSIONS, Score
 
 TOP_K = 5
 # CLIP_benchmark's names (`clip_benchmark/metrics/zeroshot_classification.py`) of the
@@ -68,6 +68,26 @@ def split_metrics(pred: np.ndarray, top_hit: np.ndarray | None, labels: np.ndarr
   if top_hit is not None:
     out["acc5"] = float(top_hit.mean())
   return out
+
+
+def top_confusions(pred: np.ndarray, labels: np.ndarray, num_classes: int,
+                   k: int = TOP_CONFUSIONS) -> list[tuple[int, int, int]]:
+  """The `k` most frequent errors as (true class, predicted class, count), most frequent
+  first; equal counts in (true, predicted) order. Exact, from the predictions alone.
+
+  Args:
+    pred: [N] predicted classes.
+    labels: [N] true classes in 0..num_classes-1.
+    num_classes: C.
+  """
+  wrong = pred != labels
+  if not wrong.any():
+    return []
+  pairs = labels[wrong].astype(np.int64) * num_classes + pred[wrong]
+  codes, counts = np.unique(pairs, return_counts=True)  # codes ascending: (true, pred) order
+  top = np.argsort(-counts, kind="stable")[:k]
+  return [(int(codes[i] // num_classes), int(codes[i] % num_classes), int(counts[i]))
+          for i in top]
 
 
 def clip_benchmark_result(score: Score, *, dataset: str, model: str, pretrained: str,

@@ -13,8 +13,8 @@ How one `score(templates)` call runs:
    with all images of all splits and reduces over each template's classes in
    the call to per-image partial results (the 5 best logits and their classes,
    log-sum-exp, true-class logit). The host merges the partials of a template's
-   calls into exact top-1 and top-5 accuracy, mean per-class recall and
-   log-probability per split (`metrics.py`).
+   calls into exact top-1 and top-5 accuracy, mean per-class recall,
+   log-probability and the most frequent confusions per split (`metrics.py`).
 
 Arrays are placed on a 1-D device mesh: images split over the data axis, token
 rows split over the same axis, weights replicated.
@@ -342,7 +342,7 @@ class PromptScorer:
                if self._top_k == metrics.TOP_K and self.num_classes >= metrics.TOP_K
                else None)
     by_metric: dict[str, dict[str, float]] = {name: {} for name in METRICS}
-    logprob, per_class = {}, {}
+    logprob, per_class, confusions = {}, {}, {}
     for split, rows in self._split_rows.items():
       y = self._labels[rows]
       keep = y >= 0
@@ -352,14 +352,16 @@ class PromptScorer:
       for name, value in values.items():
         by_metric[name][split] = value
       logprob[split] = float(logp[rows][keep].mean()) if y.size else float("nan")
-      if self.per_class and split in self.splits:
+      if split != "test":  # Feedback reads the selection splits; test is the largest.
+        confusions[split] = metrics.top_confusions(pred[rows][keep], y, self.num_classes)
+      if self.per_class:  # train_val too: the front reads the selection split
         correct = pred[rows][keep] == y
         hits = np.bincount(y, weights=correct, minlength=self.num_classes)
         counts = np.bincount(y, minlength=self.num_classes)
         with np.errstate(invalid="ignore", divide="ignore"):
           per_class[split] = [float(v) for v in hits / counts]
     return Score(template, logprob=logprob, per_class=per_class if self.per_class else None,
-                 **by_metric)
+                 confusions=confusions, **by_metric)
 
   # -- public API ------------------------------------------------------------------------
   def score(self, templates: Sequence[str]) -> list[Score]:

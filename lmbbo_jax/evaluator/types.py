@@ -8,6 +8,8 @@ import dataclasses
 # (CLIP_benchmark's acc5) and mean per-class recall (CLIP_benchmark's
 # mean_per_class_recall, the CLIP paper's metric for some benchmarks).
 METRICS = ("accuracy", "acc5", "mean_per_class_recall")
+# How many (true class, predicted class, count) pairs `Score.confusions` keeps per split.
+TOP_CONFUSIONS = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +34,11 @@ class Score:
     mean_per_class_recall: split name -> the mean over the split's classes of the
       fraction of their images classified correctly (classes without images left out,
       as sklearn's balanced accuracy, which CLIP_benchmark uses).
+    confusions: split name (every split but "test", which no feedback may read) -> the
+      `TOP_CONFUSIONS` most frequent errors of the argmax
+      predictions, as (true class, predicted class, count) triples, most frequent
+      first (equal counts: lower true class, then lower predicted class, first); from
+      the predictions alone (no logits), so the strict black box may read them.
   """
 
   template: str
@@ -41,6 +48,7 @@ class Score:
   rejected: str | None = None
   acc5: dict[str, float] = dataclasses.field(default_factory=dict)
   mean_per_class_recall: dict[str, float] = dataclasses.field(default_factory=dict)
+  confusions: dict[str, list[tuple[int, int, int]]] = dataclasses.field(default_factory=dict)
 
   @property
   def ok(self) -> bool:
@@ -59,6 +67,8 @@ class Score:
       out["acc5"] = dict(self.acc5)
     if self.mean_per_class_recall:
       out["mean_per_class_recall"] = dict(self.mean_per_class_recall)
+    if self.confusions:
+      out["confusions"] = {k: [list(c) for c in v] for k, v in self.confusions.items()}
     if self.per_class is not None:
       out["per_class"] = {k: list(v) for k, v in self.per_class.items()}
     if self.rejected is not None:

@@ -83,6 +83,17 @@ class MetaPrompts:
   # (<<examples>>), and iterative APE's resampling of the current top templates.
   ape_generate: str = ""
   ape_resample: str = ""
+  # Confusion feedback (`feedback="confusion"`): the class pairs the templates that
+  # work well confuse most on the selection split, in the first turn's
+  # <<confusions_block>> and after each multi-turn feedback. Items get <<true>>,
+  # <<predicted>>, <<count>>, <<times_word>>; the block gets <<confusions>>.
+  confusions_block: str = ""
+  confusion_item: str = ""
+  no_confusions: str = ""
+  # The merge step (`SearchConfig.merge_every`): two members of the per-class Pareto
+  # front (<<first>>, <<second>>: `merge_item`s with <<template>> and <<classes>>).
+  merge: str = ""
+  merge_item: str = ""
 
 
 DEFAULT_META_PROMPTS = MetaPrompts(
@@ -113,6 +124,17 @@ DEFAULT_META_PROMPTS = MetaPrompts(
             "Please find what they do wrong and write <<n_new>> new "
             "<<templates_word>> that avoid it and work better.\n\n"
             "<<negatives_block>>\n\n<<requirements>>"),
+        "confusion": (
+            "Hi! I need your help writing prompt templates for CLIP image "
+            "classification. A template is a short text with {} where the "
+            "class name goes, like \"a photo of a {}.\"\n\n"
+            "Below is a list of templates that work well and a list of "
+            "templates that don't work well<<score_note>>, and the classes that "
+            "CLIP still mixes up with the good ones. Please write <<n_new>> new "
+            "<<templates_word>> that should work even better than the good ones "
+            "and help CLIP tell those classes apart.\n\n"
+            "<<positives_block>>\n\n<<negatives_block>>\n\n<<confusions_block>>\n\n"
+            "<<requirements>>"),
         "none": (
             "Hi! I need your help writing prompt templates for CLIP image "
             "classification. A template is a short text with {} where the "
@@ -181,6 +203,20 @@ DEFAULT_META_PROMPTS = MetaPrompts(
         "Generate <<n_new>> <<variations_word>> of the following prompt templates "
         "while keeping their semantic meaning. A template is a short text with {} "
         "where the class name goes.\n<<examples>>\n\n<<requirements>>"),
+    confusions_block=("Classes CLIP most often mixes up on the training images with the "
+                      "templates that work well:\n<<confusions>>"),
+    confusion_item="- a \"<<true>>\" taken for a \"<<predicted>>\" (<<count>> <<times_word>>)",
+    no_confusions="With the templates that work well, CLIP classifies every training "
+                  "image correctly.",
+    merge=(
+        "Hi! I need your help writing prompt templates for CLIP image "
+        "classification. A template is a short text with {} where the "
+        "class name goes, like \"a photo of a {}.\"\n\n"
+        "The two templates below each work better on different classes:\n"
+        "<<first>>\n<<second>>\n\n"
+        "Please write <<n_new>> new <<templates_word>> that combine the strengths of "
+        "both, so that they work well on all of these classes.\n\n<<requirements>>"),
+    merge_item="- \"<<template>>\" (better on <<classes>>)",
 )
 
 

@@ -68,8 +68,9 @@ from lmbbo_jax.search.proposers import (CONVERSATIONS, FEEDBACK_MODES, LLM_PROPO
                                         REPLY_FORMATS, EditProposer,
                                         LLMProposer, ReplayProposer)
 from lmbbo_jax.search.runlog import RunLog
-from lmbbo_jax.search.state import (SELECT_BY, SELECT_METRICS, TIE_BREAKS, ChainState,
-                                    EvalRecord, Proposal, Proposer, SearchError, Turn, best_of)
+from lmbbo_jax.search.state import (SELECT_BY, SELECT_METRICS, SELECTIONS, TIE_BREAKS,
+                                    ChainState, EvalRecord, Proposal, Proposer, SearchError,
+                                    Turn, best_of, halving_survivors)
 from lmbbo_jax.search.tracking import MetricWriter, SearchTracker
 
 
@@ -86,7 +87,9 @@ class SearchConfig:
     m_new: new templates scored per iteration, at most (m_ask sets how many are asked for).
     show_scores: show accuracies next to the listed templates.
     feedback: which lists the LLM sees: "pos_neg" (paper), "pos", "neg",
-      "none" (no scorer information at all, also no numeric feedback).
+      "confusion" (P+N and the class pairs the best templates confuse most on the
+      selection split, with counts, from the predictions alone), "none" (no scorer
+      information at all, also no numeric feedback).
     conversation: "single_turn" (official code) or "multi_turn" (paper Fig. 1:
       numeric feedback after each turn).
     select_by: "train" or "train_val"; test accuracy is never used.
@@ -115,6 +118,12 @@ class SearchConfig:
       rejected and why (in the retry of a failed reply and in the next
       multi-turn feedback). Not in the official code, which resends the same
       request.
+    merge_every: every merge_every-th call of a conversation (calls merge_every,
+      2 * merge_every, ...) asks the LLM to merge two members of the chain's
+      per-class Pareto front instead (proposers.pareto_front); 0: never.
+    selection: which of a call's scored candidates enter the pool: "all", or
+      "halving" (successive halving over the selection split then val; the others
+      are logged, never selected: state.halving_survivors).
   """
 
   n_restart: int = 1
@@ -140,6 +149,8 @@ class SearchConfig:
   reply_format: str = "lines"
   rejection_feedback: bool = True
   max_template_words: int = 14
+  merge_every: int = 0
+  selection: str = "all"
 
   def validate(self) -> None:
     """Raises `SearchError` with a one-line fix for any bad value."""
@@ -149,7 +160,7 @@ class SearchConfig:
       if getattr(self, name) < 1:
         raise SearchError(f"{name} must be at least 1 (got "
                           f"{getattr(self, name)}).")
-    for name in ("k_pos", "k_neg"):
+    for name in ("k_pos", "k_neg", "merge_every"):
       if getattr(self, name) < 0:
         raise SearchError(f"{name} must be >= 0 (got {getattr(self, name)}).")
     if self.m_ask and self.m_ask < self.m_new:
@@ -157,7 +168,8 @@ class SearchConfig:
                         f"{self.m_new} (it asks for extra candidates).")
     for name, choices in (("feedback", FEEDBACK_MODES), ("conversation", CONVERSATIONS),
                           ("reply_format", REPLY_FORMATS), ("select_by", SELECT_BY),
-                          ("tie_break", TIE_BREAKS), ("select_metric", SELECT_METRICS)):
+                          ("tie_break", TIE_BREAKS), ("select_metric", SELECT_METRICS),
+                          ("selection", SELECTIONS)):
       if getattr(self, name) not in choices:
         raise SearchError(f"{name}={getattr(self, name)!r}: use one of "
                           f"{', '.join(choices)}.")
@@ -310,6 +322,7 @@ class _Search:
     self.config = config
     self.scorer = _SharedScorer(scorer)
     self.context_check = getattr(scorer, "rejection_reason", None)
+    self.class_names = list(getattr(scorer, "class_names", None) or [])
     self.proposer_factory = proposer_factory
     self.runlog = runlog
     self.corpus = list(corpus)
@@ -351,7 +364,7 @@ class _Search:
             precheck[t] = reason
     need = [t for _, t, logged in slots if logged is None and t not in precheck]
     scores = dict(zip(need, await self.scorer.score(need))) if need else {}
-    records = []
+    built = []
     for seq, t, logged in slots:
       if logged is not None:
         rec = EvalRecord.from_row(logged)
@@ -364,6 +377,11 @@ class _Search:
             logprob=dict(s.logprob) if s is not None else {},
             acc5=dict(s.acc5) if s is not None else {},
             mean_per_class_recall=dict(s.mean_per_class_recall) if s is not None else {},
+            confusions=dict(s.confusions) if s is not None else {},
+            # The front's input (merge_every), never the test split's.
+            per_class=({k: v for k, v in s.per_class.items() if k != "test"}
+                       if s is not None and s.per_class and self.config.merge_every
+                       else None),
             rejected=s.rejected if s is not None else precheck[t],
             chain=state.chain,
             reset=None if proposer == "init" else state.reset,
@@ -377,11 +395,22 @@ class _Search:
               f"the scorer gave no {self.config.select_by!r} "
               f"{self.config.select_metric} for {t!r}{few}; it must report the "
               "splits and metric used for selection.")
+      built.append((rec, logged))
+    if self.config.selection == "halving" and proposer != "init":
+      cfg = self.config
+      keep = {id(r) for r in halving_survivors([r for r, _ in built], cfg.select_by,
+                                               cfg.tie_break, cfg.select_metric)}
+      for rec, _ in built:
+        rec.pooled = id(rec) in keep or not rec.ok
+    records = []
+    for rec, logged in built:
+      if logged is None:
         rec.eval_index = self.runlog.append_eval(rec.to_row())["eval_index"]
       records.append(rec)
       self.records.append(rec)
       if rec.ok:
-        state.pool.append(rec)
+        if rec.pooled:
+          state.pool.append(rec)
         self.counts["evaluated"] += 1
       else:
         self.counts["rejected_by_scorer"] += 1
@@ -403,6 +432,7 @@ class _Search:
     state = ChainState(chain=chain, config=cfg,
                        rng=random.Random(chain_seed(cfg.seed, chain)),
                        context_check=self.context_check,
+                       class_names=self.class_names,
                        log_transcript=self.runlog.append_transcript,
                        label=self.label)
     mine = self.per_chain.setdefault(chain, _new_chain_counts())

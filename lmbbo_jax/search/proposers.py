@@ -29,9 +29,15 @@ from lmbbo_jax.llm.errors import LLMRetriesExhausted
 from lmbbo_jax.search import meta_prompts as mp
 from lmbbo_jax.search import parsing
 from lmbbo_jax.search import runlog
-from lmbbo_jax.search.state import ChainState, EvalRecord, Proposal, record_chain
+from lmbbo_jax.evaluator.types import TOP_CONFUSIONS
+from lmbbo_jax.search.state import (ChainState, EvalRecord, Proposal, pareto_front,
+                                    record_chain, selection_entry)
 
-FEEDBACK_MODES = ("pos_neg", "pos", "neg", "none")
+FEEDBACK_MODES = ("pos_neg", "pos", "neg", "confusion", "none")
+# A class name as the LLM reads it, at most this long (names are untrusted text).
+_CLASS_NAME_CHARS = 60
+# Classes listed per template in a merge request.
+_MERGE_CLASSES = 5
 CONVERSATIONS = ("single_turn", "multi_turn")
 REPLY_FORMATS = ("lines", "json")
 
@@ -115,8 +121,8 @@ class LLMProposer:
     """Top-k (best first) and bottom-k (worst first), disjoint."""
     ranked = state.ranked()
     fb = self.config.feedback
-    k_pos = self.config.k_pos if fb in ("pos_neg", "pos") else 0
-    k_neg = self.config.k_neg if fb in ("pos_neg", "neg") else 0
+    k_pos = self.config.k_pos if fb in ("pos_neg", "pos", "confusion") else 0
+    k_neg = self.config.k_neg if fb in ("pos_neg", "neg", "confusion") else 0
     pos = ranked[:k_pos]
     rest = ranked[len(pos):]
     neg = list(reversed(rest))[:k_neg]
@@ -154,7 +160,80 @@ class LLMProposer:
                                      {"negatives": self._items(state, neg)}),
         "requirements": self.requirements(),
     }
+    if self.config.feedback == "confusion":
+      values["confusions_block"] = self.confusions_block(state, pos)
     return mp.render(self.mp.first_turn[self.config.feedback], values)
+
+  def _class_name(self, state: ChainState, index: int) -> str:
+    names = state.class_names
+    name = str(names[index]) if 0 <= index < len(names) else f"class {index}"
+    return name[:_CLASS_NAME_CHARS]
+
+  def confusions(self, records: Sequence[EvalRecord], select_by: str
+                 ) -> list[tuple[int, int, int]]:
+    """The class pairs `records` confuse most on the selection split (never test):
+    (true class, predicted class, count), the counts of each record's reported pairs
+    (`Score.confusions`: its most frequent ones) added up over the records, most
+    frequent first, equal counts in (true, predicted) order; `TOP_CONFUSIONS` of them."""
+    counts: dict[tuple[int, int], int] = {}
+    for r in records:
+      for true, pred, n in selection_entry(r.confusions, select_by) or ():
+        counts[(int(true), int(pred))] = counts.get((int(true), int(pred)), 0) + int(n)
+    ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_CONFUSIONS]
+    return [(t, p, n) for (t, p), n in ordered]
+
+  def confusions_block(self, state: ChainState, records: Sequence[EvalRecord]) -> str:
+    """The confusion feedback about `records` (the templates that work well)."""
+    pairs = self.confusions(records, self.config.select_by)
+    if not pairs:
+      return self.mp.no_confusions
+    return mp.render(self.mp.confusions_block, {"confusions": "\n".join(
+        mp.render(self.mp.confusion_item, {
+            "true": self._class_name(state, t), "predicted": self._class_name(state, p),
+            "count": str(n), "times_word": "time" if n == 1 else "times"})
+        for t, p, n in pairs)})
+
+  # --- the merge step (`SearchConfig.merge_every`) -----------------------------
+  def merge_parents(self, state: ChainState) -> tuple[EvalRecord, EvalRecord] | None:
+    """The two front members a merge call combines, or None (no merge this call).
+
+    A merge call is every `merge_every`-th call of a conversation. Its parents are
+    the chain's best front member (`state.pareto_front`, ranked by the selection
+    rule) and the member better than it on the most classes (ties: the better
+    ranked); None when the front has fewer than two members.
+    """
+    every = getattr(self.config, "merge_every", 0)
+    if not every or (state.iteration + 1) % every:
+      return None
+    cfg = self.config
+    front = pareto_front(state.pool, cfg.select_by, cfg.tie_break, cfg.select_metric)
+    if len(front) < 2:
+      return None
+    first = front[0]
+    gains = [sum(b > a for a, b in zip(self._per_class(first), self._per_class(r)))
+             for r in front[1:]]
+    return first, front[1 + max(range(len(gains)), key=lambda i: (gains[i], -i))]
+
+  def _per_class(self, record: EvalRecord) -> list[float]:
+    return [-1.0 if v != v else v  # NaN: a class without images
+            for v in selection_entry(record.per_class or {}, self.config.select_by)]
+
+  def merge_message(self, state: ChainState, first: EvalRecord, second: EvalRecord) -> str:
+    """Asks for templates that combine `first` and `second`, naming the classes each
+    is more accurate on (selection split)."""
+    a, b = self._per_class(first), self._per_class(second)
+
+    def item(record, wins):
+      classes = ", ".join(f"\"{self._class_name(state, c)}\"" for c in wins[:_MERGE_CLASSES])
+      more = len(wins) - _MERGE_CLASSES
+      return mp.render(self.mp.merge_item, {
+          "template": record.template,
+          "classes": (classes + (f" and {more} more" if more > 0 else "")) or "-"})
+
+    return mp.render(self.mp.merge, {
+        **_count_values(self.n_ask), "requirements": self.requirements(),
+        "first": item(first, [c for c, (x, y) in enumerate(zip(a, b)) if x > y]),
+        "second": item(second, [c for c, (x, y) in enumerate(zip(a, b)) if y > x])})
 
   def rejected_list(self, rejections: Sequence[tuple[str, str]]) -> str:
     """The model-facing list of rejected templates and why (data, not format)."""
@@ -182,6 +261,9 @@ class LLMProposer:
   def feedback(self, state: ChainState) -> str:
     """The follow-up user message after the last turn (multi-turn)."""
     text = self._score_feedback(state)
+    if self.config.feedback == "confusion":
+      pos, _ = self.positives_negatives(state)
+      text += "\n\n" + self.confusions_block(state, pos)
     rejections = state.turns[-1].rejections
     if getattr(self.config, "rejection_feedback", True) and rejections:
       listed = self.rejected_list(rejections)
@@ -223,7 +305,12 @@ class LLMProposer:
     return text
 
   def build_messages(self, state: ChainState) -> list[dict]:
-    """The request for the current iteration of `state`."""
+    """The request for the current iteration of `state`: a merge call is one fresh
+    message (a multi-turn conversation continues from it); else the first turn or
+    the conversation so far with its feedback."""
+    parents = self.merge_parents(state)
+    if parents is not None:
+      return self._fresh(self.merge_message(state, *parents))
     if self.config.conversation == "multi_turn" and state.turns:
       last = state.turns[-1]
       return [*last.messages, {"role": "assistant", "content": last.reply},
@@ -244,6 +331,7 @@ class LLMProposer:
     the model tries again, up to `max_failed_attempts` replies.
     """
     messages = self.build_messages(state)
+    parents = self.merge_parents(state)
     out = Proposal(templates=[], messages=messages)
     schema = reply_schema(self.n_ask, self.max_words) if self.json_replies else None
     feedback_on = getattr(self.config, "rejection_feedback", True)
@@ -253,6 +341,8 @@ class LLMProposer:
       entry = {"kind": "attempt", "chain": state.chain, "reset": state.reset,
                "iteration": state.iteration, "attempt": attempt,
                "proposer": self.name}
+      if parents is not None:
+        entry["merge_parents"] = [r.template for r in parents]
       call_key = f"r{state.reset}-i{state.iteration}-a{attempt}"
       try:
         result = await self.client.chat(request, chain_id=state.chain_key,

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import numpy as np
 
 from lmbbo_jax.evaluator.types import METRICS, Score
 
@@ -22,6 +24,9 @@ SELECT_METRICS = METRICS
 # of the true class on the same split (reads the logits); "none", by accuracy alone
 # (strict black box, as the paper's premise), then the earliest evaluation.
 TIE_BREAKS = ("logprob", "none")
+# Which of a call's scored candidates enter the chain's pool (`SearchConfig.selection`):
+# "all", or "halving" (`halving_survivors`).
+SELECTIONS = ("all", "halving")
 
 
 class SearchError(ValueError):
@@ -62,7 +67,11 @@ class EvalRecord:
   `seq` numbers the chain's evaluations 0, 1, 2, ...; (step, chain, seq) is the
   deterministic "earliest evaluation" order used to break ties. `eval_index`
   is the global arrival order in the log (informational: it depends on how
-  concurrent chains interleave).
+  concurrent chains interleave). `confusions` and `per_class` are the scorer's
+  (`Score`), kept so that a resumed chain shows the LLM the same feedback;
+  `pooled` is False for a candidate that successive halving
+  (`SearchConfig.selection="halving"`) scored but kept out of the pool: it is
+  never selected.
   """
 
   template: str
@@ -81,6 +90,9 @@ class EvalRecord:
   replayed: bool = False
   acc5: dict[str, float] = dataclasses.field(default_factory=dict)
   mean_per_class_recall: dict[str, float] = dataclasses.field(default_factory=dict)
+  confusions: dict[str, list[tuple[int, int, int]]] = dataclasses.field(default_factory=dict)
+  per_class: dict[str, list[float]] | None = None
+  pooled: bool = True
 
   @property
   def ok(self) -> bool:
@@ -90,7 +102,8 @@ class EvalRecord:
   def score(self) -> Score:
     return Score(template=self.template, accuracy=dict(self.accuracy),
                  logprob=dict(self.logprob), rejected=self.rejected, acc5=dict(self.acc5),
-                 mean_per_class_recall=dict(self.mean_per_class_recall))
+                 mean_per_class_recall=dict(self.mean_per_class_recall),
+                 confusions=dict(self.confusions), per_class=self.per_class)
 
   def order(self) -> tuple[int, int, int]:
     return (self.step, self.chain, self.seq)
@@ -102,7 +115,10 @@ class EvalRecord:
             "iteration": self.iteration, "step": self.step, "seq": self.seq,
             "proposer": self.proposer, "call_id": self.call_id,
             "eval_index": self.eval_index, "time": self.time, "acc5": self.acc5,
-            "mean_per_class_recall": self.mean_per_class_recall}
+            "mean_per_class_recall": self.mean_per_class_recall,
+            "confusions": {k: [list(c) for c in v] for k, v in self.confusions.items()},
+            **({"per_class": self.per_class} if self.per_class is not None else {}),
+            **({} if self.pooled else {"pooled": False})}
 
   @classmethod
   def from_row(cls, row: Mapping[str, Any]) -> "EvalRecord":
@@ -115,7 +131,10 @@ class EvalRecord:
                eval_index=int(row.get("eval_index", -1)),
                time=float(row.get("time", 0.0)), replayed=True,
                acc5=dict(row.get("acc5") or {}),
-               mean_per_class_recall=dict(row.get("mean_per_class_recall") or {}))
+               mean_per_class_recall=dict(row.get("mean_per_class_recall") or {}),
+               confusions={k: [tuple(c) for c in v]
+                           for k, v in (row.get("confusions") or {}).items()},
+               per_class=row.get("per_class"), pooled=bool(row.get("pooled", True)))
 
 
 def metric_values(scored: Score | EvalRecord, select_metric: str) -> Mapping[str, float]:
@@ -155,9 +174,77 @@ def rank_key(record: EvalRecord, select_by: str, tie_break: str = "logprob",
 
 def best_of(records, select_by: str, tie_break: str = "logprob",
             select_metric: str = "accuracy") -> EvalRecord | None:
-  ok = [r for r in records if r.ok]
+  """The best scored record that entered a pool (`rank_key`), or None."""
+  ok = [r for r in records if r.ok and r.pooled]
   return (min(ok, key=lambda r: rank_key(r, select_by, tie_break, select_metric))
           if ok else None)
+
+
+def halving_survivors(records, select_by: str, tie_break: str = "logprob",
+                      select_metric: str = "accuracy") -> list[EvalRecord]:
+  """Successive halving of one call's scored candidates, over the selection split then val.
+
+  Round 1 keeps the best ceil(n/2) by the selecting metric on the selection split
+  (`select_value`), equal values ordered by val; round 2 keeps the best ceil(n1/2) of
+  those by val, equal values ordered by the selection split. Values still equal are
+  ordered by log-probability under `tie_break="logprob"` only (never read under
+  "none"), then by the earliest evaluation. A missing value ranks last. So ties on a
+  coarse 1-shot train accuracy are broken by held-out accuracy, not by chance.
+
+  Returns:
+    The survivors (the records that enter the pool), in their given order.
+  """
+  ok = [r for r in records if r.ok]
+
+  def value(r, split):
+    v = (select_value(metric_values(r, select_metric), select_by) if split == "select"
+         else metric_values(r, select_metric).get(split))
+    return -v if v is not None and not math.isnan(v) else math.inf
+
+  def key(r, first, second):
+    lp = select_value(r.logprob, select_by) if tie_break == "logprob" else None
+    return (value(r, first), value(r, second), -lp if lp is not None else math.inf,
+            *r.order())
+
+  survivors = sorted(ok, key=lambda r: key(r, "select", "val"))[:(len(ok) + 1) // 2]
+  survivors = sorted(survivors, key=lambda r: key(r, "val", "select"))[:(len(survivors) + 1) // 2]
+  keep = {id(r) for r in survivors}
+  return [r for r in ok if id(r) in keep]
+
+
+def selection_entry(by_split: Mapping[str, Any], select_by: str) -> Any:
+  """A per-split entry that is not a number (per-class accuracies, confusions) on the
+  selection split: "train", or under select_by="train_val" the joined train and val
+  images' entry when there is one. Never "test"."""
+  if select_by == "train_val" and "train_val" in by_split:
+    return by_split["train_val"]
+  return by_split.get("train")
+
+
+def pareto_front(records, select_by: str, tie_break: str = "logprob",
+                 select_metric: str = "accuracy") -> list[EvalRecord]:
+  """The per-class Pareto front of the pooled records, best first (`rank_key`).
+
+  A record is on the front when it has the highest accuracy on the selection split
+  (`selection_entry` of `EvalRecord.per_class`) of at least one class among the
+  records, and no other record is at least as accurate on every class and more
+  accurate on one. So a template that is best on some classes stays even when it is
+  not best on average. Of records with equal per-class accuracies, the best ranked
+  stands for them all. Records without per-class accuracies are left out.
+  """
+  ranked = sorted((r for r in records if r.ok and r.pooled and r.per_class
+                   and selection_entry(r.per_class, select_by) is not None),
+                  key=lambda r: rank_key(r, select_by, tie_break, select_metric))
+  if not ranked:
+    return []
+  # Classes without images (NaN for every template) compare equal.
+  acc = np.nan_to_num(np.array([selection_entry(r.per_class, select_by) for r in ranked],
+                               np.float64), nan=-1.0)
+  _, first = np.unique(acc, axis=0, return_index=True)  # one record per distinct vector
+  keep = sorted(i for i in first if (acc[i] == acc.max(axis=0)).any())
+  front = [i for i in keep
+           if not any((acc[j] >= acc[i]).all() and (acc[j] > acc[i]).any() for j in keep)]
+  return [ranked[i] for i in front]
 
 
 @dataclasses.dataclass
@@ -226,6 +313,8 @@ class ChainState:
     first_reference: selection value of the best positive shown in the first
       turn of the conversation (the baseline of the first feedback message).
     context_check: the scorer's `rejection_reason`, if it has one.
+    class_names: the task's class names in label order (the scorer's; empty when it
+      has none): confusion feedback and the merge step name classes with them.
     log_transcript: writes one transcript entry.
     label: names the run in log lines (e.g. "seed 1").
   """
@@ -242,6 +331,7 @@ class ChainState:
   turns: list[Turn] = dataclasses.field(default_factory=list)
   first_reference: float | None = None
   context_check: Callable[[str], str | None] | None = None
+  class_names: Sequence[str] = ()
   log_transcript: Callable[[dict], Any] = lambda row: None
   label: str = "search"
 

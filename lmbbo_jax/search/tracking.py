@@ -158,7 +158,7 @@ class SearchTracker:
   def _better(self, current: EvalRecord | None,
               records: Iterable[EvalRecord]) -> EvalRecord | None:
     for r in records:
-      if r.ok and (current is None or
+      if r.ok and r.pooled and (current is None or
                    rank_key(r, *self.rule) < rank_key(current, *self.rule)):
         current = r
     return current
