@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 import orjson
 
 from lmbbo_jax import io as io_lib
+from lmbbo_jax.config import DESCRIPTION_METHODS
 from lmbbo_jax.search.state import EvalRecord, rank_key
 
 SPLITS = ("train", "val", "test")
@@ -311,6 +312,10 @@ TABLE_ROWS = (
     ("ours, positive feedback (P)", "method", "ours_p"),
     ("ours, negative feedback (N)", "method", "ours_n"),
     ("ours, P+N (the paper's method)", "method", "ours_pn"),
+    ("CuPL (LLM-written class descriptions, mean embedding)", "method", "cupl"),
+    ("DCLIP (LLM-listed descriptors, mean logit)", "method", "dclip"),
+    ("WaffleCLIP (random word and character descriptors, no LLM)", "method", "waffle"),
+    ("ours P+N template + DCLIP descriptors", "method", "ours_pn+descriptions"),
     ("CoOp (white box, learned context)", "method", "coop"),
 )
 _FEEDBACK_METHODS = {"none": "llm_no_feedback", "pos": "ours_p", "neg": "ours_n",
@@ -415,6 +420,13 @@ def plot_efficiency(loaded: dict[str, list], path: str | pathlib.Path) -> None:
         if vals:
           ax.axhline(100 * statistics.fmean(vals), ls="--", color="k", lw=1,
                      label=labels["coop"])
+        continue
+      if name in DESCRIPTION_METHODS:  # one classifier per seed: a point at its calls
+        vals = list(_per_seed_test(results, "method", name).values())
+        calls = (results.get("llm") or {}).get("calls") or 0
+        if vals:
+          ax.plot([calls / max(1, len(vals))], [100 * statistics.fmean(vals)], "o",
+                  label=labels.get(name, name))
         continue
       curves = _efficiency_curves(d, results)
       if not curves:

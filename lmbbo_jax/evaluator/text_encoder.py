@@ -384,6 +384,20 @@ class PackedTextEncoder:
               f"{self.class_names[worst]!r} (context {self.context_length}); shorten it")
     return self._layout(rows, np.arange(len(rows), dtype=np.int32))
 
+  def _sentence_rows(self, sentences: Sequence[str]) -> list[list[int]]:
+    if not sentences:
+      return []
+    return [self._frame(ids) for ids in self.tokenizer.encode_batch(list(sentences))]
+
+  def _too_long(self, sentence: str, row: Sequence[int]) -> str:
+    return (f"too long: {len(row)} tokens in {sentence[:60]!r} (context "
+            f"{self.context_length}); shorten it")
+
+  def sentence_reasons(self, sentences: Sequence[str]) -> list[str | None]:
+    """Per literal sentence, why it cannot be encoded (too long), or None."""
+    return [self._too_long(s, r) if len(r) > self.context_length else None
+            for s, r in zip(sentences, self._sentence_rows(sentences))]
+
   def pack_sentences(self, groups: Sequence[Sequence[str]]
                      ) -> tuple[list[PackedTemplate], dict[int, str]]:
     """Literal sentences (no `{}` slots: class descriptions) laid out for `plan`.
@@ -395,10 +409,9 @@ class PackedTextEncoder:
     layouts and, by index, why a sentence was left out (too long; never truncated).
     """
     flat = [s for g in groups for s in g]
-    rows = [self._frame(ids) for ids in self.tokenizer.encode_batch(flat)] if flat else []
-    rejected = {i: (f"too long: {len(r)} tokens in {flat[i][:60]!r} (context "
-                    f"{self.context_length}); shorten it")
-                for i, r in enumerate(rows) if len(r) > self.context_length}
+    rows = self._sentence_rows(flat)
+    rejected = {i: self._too_long(flat[i], r) for i, r in enumerate(rows)
+                if len(r) > self.context_length}
     labels = np.array([i for i in range(len(flat)) if i not in rejected], np.int32)
     if not len(labels):
       return [], rejected
