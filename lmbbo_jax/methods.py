@@ -93,16 +93,21 @@ def run_method(cfg: ExperimentConfig, workdir: pathlib.Path, seeds: Sequence[See
 def dry_run(cfg: ExperimentConfig) -> dict:
   """The estimated LLM calls, tokens and cost of `cfg` (nothing runs, nothing is written)."""
   from lmbbo_jax.llm import Ledger
-  if cfg.method in DESCRIPTION_LLM_METHODS:  # at most the search's calls per seed
-    s = cfg.search
-    return {"calls": len(cfg.seeds) * s.n_restart * s.n_reset * s.n_iter,
-            "seeds": len(cfg.seeds), "proposer": cfg.proposer_kind}
-  if cfg.proposer_kind not in LLM_PROPOSERS:  # CoOp, edits, replay: no LLM call at all.
+  uses_llm = cfg.proposer_kind in LLM_PROPOSERS or cfg.method in DESCRIPTION_LLM_METHODS
+  if not uses_llm:  # CoOp, edits, replay, waffle, reused descriptions: no LLM call at all.
     return {"calls": 0, "cost_usd": 0.0, "seeds": len(cfg.seeds), "proposer": cfg.proposer_kind}
   if cfg.llm.local:  # the embedded model costs nothing
     ledger = Ledger("local", prices={"local": (0.0, 0.0)})
   else:
     ledger = Ledger(cfg.llm.model, prices=cfg.llm.prices)
+  if cfg.method in DESCRIPTION_LLM_METHODS:
+    # At most the search's calls per seed, each at most its prompt (a few hundred tokens per
+    # class batch: bounded here by the reply) and the reply's max_tokens.
+    s, tokens = cfg.search, cfg.descriptions.max_tokens
+    calls = len(cfg.seeds) * s.n_restart * s.n_reset * s.n_iter
+    return {"calls": calls, "cost_usd": calls * ledger.cost_of(tokens, tokens),
+            "seeds": len(cfg.seeds), "proposer": cfg.proposer_kind,
+            "model": "local" if cfg.llm.local else cfg.llm.model}
   per_seed = estimate_search(cfg.search, ledger, max_tokens=cfg.llm.max_tokens)
   n = len(cfg.seeds)
   est = {k: (v * n if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
@@ -331,7 +336,7 @@ def _describe(cfg: ExperimentConfig, workdir: pathlib.Path, setup: SeedSetup,
     counts.update(template=template, reuses=[cfg.descriptions.template_from,
                                              cfg.descriptions.descriptors_from])
   # Sentences too long for the text context are left out (never truncated).
-  reasons = iter(setup.scorer.text_encoder.sentence_reasons([s for c in per_class for s in c]))
+  reasons = iter(setup.scorer.sentence_reasons([s for c in per_class for s in c]))
   fits = [[s for s in sentences if next(reasons) is None] for sentences in per_class]
   counts["too_long"] = sum(len(c) for c in per_class) - sum(len(c) for c in fits)
   counts["fallback_classes"] = [names[c] for c, ok in enumerate(fits) if not ok]

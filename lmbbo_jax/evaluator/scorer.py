@@ -523,6 +523,10 @@ class PromptScorer:
       self._stats["seconds_busy"] += time.perf_counter() - started
     return out  # type: ignore[return-value]
 
+  def sentence_reasons(self, sentences: Sequence[str]) -> list[str | None]:
+    """Per literal sentence, why `score_descriptions` cannot encode it (too long), or None."""
+    return self.text_encoder.sentence_reasons(sentences)
+
   def sentence_features(self, groups: Sequence[Sequence[str]]) -> np.ndarray:
     """float32 [S, E] normalised features of the literal sentences of `groups` (flattened
     in order; a group's sentences share their token prefix); raises if one cannot be
