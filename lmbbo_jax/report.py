@@ -169,7 +169,8 @@ def summary_markdown(results: dict) -> str:
       config = results.get("config", {})
       kind = config.get("proposer_kind", "ours")
       label = ("CoOp (white box, learned context)" if kind == "coop" else
-               f"optimized ({kind}, by {config.get('select_by', 'train')})")
+               next(r[0] for r in TABLE_ROWS if r[2] == kind) if kind in DESCRIPTION_METHODS
+               else f"optimized ({kind}, by {config.get('select_by', 'train')})")
       methods.setdefault(label, {})[seed] = ps["best"]
   head = "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | std |"
   title = (f"{results.get('dataset', '')}, {results.get('shots', '?')}-shot, model "
