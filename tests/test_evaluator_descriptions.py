@@ -134,9 +134,10 @@ def test_bad_sets_are_rejected_with_a_reason(setup):
     scorer.score_descriptions(good)
 
 
-def test_fifty_sentences_for_a_hundred_classes_in_the_bounded_program_set():
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_fifty_sentences_for_a_hundred_classes_in_the_bounded_program_set(family):
   """The Done-when of issue 23: 50 x 100 sentences in one call, <= 8 programs per task."""
-  clip = make_clip()
+  clip = make_clip() if family == "clip" else tiny_siglip()
   names = [f"class number {i}" for i in range(100)]
   scorer, data = make_scorer(clip, names, seed=5)
   rng = np.random.default_rng(0)
@@ -148,7 +149,9 @@ def test_fifty_sentences_for_a_hundred_classes_in_the_bounded_program_set():
   stats = scorer.stats()
   assert stats["sentences"] == 5000 and stats["description_sets"] == 1
   assert stats["compiles"] <= 8
-  assert stats["compiles"] == 2 * len(scorer.text_encoder.shapes)
+  # A text and a partials program per call shape (shapes that share segment and slot
+  # counts share one partials program).
+  assert len(scorer.text_encoder.shapes) < stats["compiles"] <= 2 * len(scorer.text_encoder.shapes)
   w = expected_weights(clip, per_class, "mean_embedding")
   for split, (images, labels) in data.items():
     assert score.accuracy[split] == reference_score(w, images, labels, clip.logit_scale)[0]
