@@ -147,7 +147,7 @@ def test_fifty_sentences_for_a_hundred_classes_in_the_bounded_program_set(family
   score = scorer.score_descriptions([per_class], mode="mean_embedding")[0]
   scorer.wait_compiled()  # every program of the task, background ones included
   stats = scorer.stats()
-  assert stats["sentences"] == 5000 and stats["description_sets"] == 1
+  assert stats["description_sentences"] == 5000 and stats["description_sets"] == 1
   assert stats["compiles"] <= 8
   # A text and a partials program per call shape (shapes that share segment and slot
   # counts share one partials program).

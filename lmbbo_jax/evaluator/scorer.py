@@ -509,7 +509,7 @@ class PromptScorer:
           out[i] = Score(names[i], rejected=bad)
           continue
         good.append(i)
-        self._stats["sentences"] += sum(len(c) for c in per_class)
+        self._stats["description_sentences"] += sum(len(c) for c in per_class)
       if good:
         weights = np.stack([
             np.stack([feats[[index[s] for s in c]].astype(np.float64).mean(axis=0)
@@ -615,7 +615,7 @@ class PromptScorer:
     """Counters for throughput reports.
 
     templates (valid templates scored), rejected, ensembles, description_sets and
-    sentences (`score_descriptions`: classifiers scored, their sentences), score_calls,
+    description_sentences (`score_descriptions`: classifiers, their sentences), score_calls,
     calls (device calls), seconds_busy (wall time inside score/score_ensemble;
     of score's: seconds_prepare for tokenization and packing, seconds_device
     for the device calls, seconds_merge for merging partials on the host),
