@@ -17,9 +17,13 @@ from lmbbo_jax.llm.client import LLMConfig
 from lmbbo_jax.search.optimizer import SearchConfig
 from lmbbo_jax.search.state import SearchError
 
-# What a run does: the black-box search (with `proposer`), or CoOp's white-box
-# prompt learning on the same cached features (lmbbo_jax/coop.py).
-METHODS = ("search", "coop")
+# What a run does: the black-box search (with `proposer`), CoOp's white-box
+# prompt learning on the same cached features (lmbbo_jax/coop.py), or class descriptions
+# (lmbbo_jax/descriptions.py): written by the LLM (cupl, dclip), random (waffle), or the
+# chosen template of another method of the comparison filled with DCLIP's descriptors.
+DESCRIPTION_METHODS = ("cupl", "dclip", "waffle", "ours_pn+descriptions")
+DESCRIPTION_LLM_METHODS = ("cupl", "dclip")  # the ones that call the LLM
+METHODS = ("search", "coop", *DESCRIPTION_METHODS)
 PROPOSERS = ("auto", "llm", "ape", "iterative_ape", "edit", "replay")
 # Baselines a run can score beside the search. hand_best is picked by the selection split;
 # hand_oracle by test accuracy, as the paper's hand-engineered row was (an oracle:
@@ -39,6 +43,10 @@ COMPARISON: dict[str, dict[str, Any]] = {
     "ours_p": {"proposer": "llm", "search": {"feedback": "pos"}},
     "ours_n": {"proposer": "llm", "search": {"feedback": "neg"}},
     "ours_pn": {"proposer": "llm", "search": {"feedback": "pos_neg"}},
+    "cupl": {"method": "cupl"},
+    "dclip": {"method": "dclip"},
+    "waffle": {"method": "waffle"},
+    "ours_pn+descriptions": {"method": "ours_pn+descriptions"},
     # Beyond the paper, at the same calls as ours_pn: confusion feedback (the class pairs
     # the best templates confuse on train, from predictions alone); P+N with a merge of two
     # per-class Pareto front members every 3rd call; 12 candidates per call kept by
@@ -91,6 +99,32 @@ class CoOpConfig:
   init_std: float = 0.02
 
 
+@dataclasses.dataclass(frozen=True)
+class DescriptionsConfig:
+  """The class-description methods' settings (lmbbo_jax/descriptions.py).
+
+  Attributes:
+    per_question: cupl: sentences asked per class and question (CuPL samples 10).
+    classes_per_call: cupl, dclip: classes in one LLM request, at least (0: as few as the
+      call budget, n_restart x n_reset x n_iter per seed, allows).
+    max_tokens: cupl, dclip: reply tokens per request (one request answers for several
+      classes).
+    waffle_count: waffle: pairs of a random-word and a random-character descriptor
+      (WaffleCLIP's default 15).
+    template_from: ours_pn+descriptions: the comparison's method whose chosen template per
+      seed is filled with the descriptors (run before it in --methods).
+    descriptors_from: ours_pn+descriptions: the comparison's method whose LLM-written
+      descriptors it uses (dclip; run before it in --methods).
+  """
+
+  per_question: int = 10
+  classes_per_call: int = 0
+  max_tokens: int = 1024
+  waffle_count: int = 15
+  template_from: str = "ours_pn"
+  descriptors_from: str = "dclip"
+
+
 @dataclasses.dataclass
 class ExperimentConfig:
   """One experiment: its data, model, method and outputs (`run_experiment`).
@@ -113,6 +147,7 @@ class ExperimentConfig:
     method: search: the black-box search with --proposer; coop: CoOp's learned context
       (white box, trained on the same cached image features; --coop_*).
     coop: CoOp's settings.
+    descriptions: the class-description methods' settings.
     proposer: Who proposes templates: llm (the paper's method; --llm=local or
       --llm_base_url), ape (APE: the best of LLM-written templates, no feedback),
       iterative_ape (APE, then variations of the top templates, no scores), edit (offline
@@ -158,6 +193,7 @@ class ExperimentConfig:
   feature_cache_dir: str | None = None
   method: str = "search"
   coop: CoOpConfig = dataclasses.field(default_factory=CoOpConfig)
+  descriptions: DescriptionsConfig = dataclasses.field(default_factory=DescriptionsConfig)
   proposer: str = "auto"
   search: SearchConfig = dataclasses.field(default_factory=SearchConfig)
   search_seed: int = 0
@@ -176,8 +212,8 @@ class ExperimentConfig:
 
   @property
   def proposer_kind(self) -> str:
-    if self.method == "coop":
-      return "coop"
+    if self.method != "search":
+      return self.method
     if self.proposer != "auto":
       return self.proposer
     return "llm" if (self.llm.base_url or self.llm.local) else "edit"
@@ -207,6 +243,19 @@ class ExperimentConfig:
       tracking.parse_kinds(self.tracking)
     except tracking.TrackingError as e:
       raise ConfigError("tracking", str(e).split(": ", 1)[-1]) from None
+    d = self.descriptions
+    for name in ("per_question", "max_tokens", "waffle_count"):
+      if getattr(d, name) < 1:
+        raise ConfigError(f"descriptions_{name}", "must be >= 1")
+    if d.classes_per_call < 0:
+      raise ConfigError("descriptions_classes_per_call", "must be >= 0 (0: from the budget)")
+    if "ours_pn+descriptions" in self.compare:
+      at = self.compare.index("ours_pn+descriptions")
+      for field, needed in (("template_from", d.template_from),
+                            ("descriptors_from", d.descriptors_from)):
+        if needed not in self.compare[:at]:
+          raise ConfigError("compare", f"ours_pn+descriptions reads the run of {needed!r} "
+                            f"(--descriptions_{field}): list {needed} before it in --methods")
     for name in ("n_ctx", "batch_size"):
       if getattr(self.coop, name) < 1:
         raise ConfigError(f"coop_{name}", "must be >= 1")

@@ -29,7 +29,8 @@ from lmbbo_jax import report
 from lmbbo_jax import results as results_lib
 from lmbbo_jax import transfer as transfer_lib
 from lmbbo_jax.baselines import score_baselines
-from lmbbo_jax.config import ExperimentConfig, ExperimentError, comparison_config
+from lmbbo_jax.config import (DESCRIPTION_LLM_METHODS, ExperimentConfig, ExperimentError,
+                              comparison_config)
 from lmbbo_jax.evaluator import multihost
 from lmbbo_jax.results import ExperimentResult
 from lmbbo_jax.search.pool import builtin_corpus, load_caption_file, load_template_file
@@ -126,8 +127,10 @@ def run_experiment(cfg: ExperimentConfig) -> ExperimentResult:
   processes other than 0 of several, a result without data: process 0 reports)."""
   cfg.validate()
   kind = cfg.proposer_kind
-  if kind in LLM_PROPOSERS and not (cfg.llm.base_url or cfg.llm.local):
-    raise ExperimentError(f"--proposer={kind} needs an LLM: --llm=local (embedded llama.cpp "
+  uses_llm = kind in LLM_PROPOSERS or kind in DESCRIPTION_LLM_METHODS
+  if uses_llm and not (cfg.llm.base_url or cfg.llm.local):
+    what = f"--method={kind}" if kind in DESCRIPTION_LLM_METHODS else f"--proposer={kind}"
+    raise ExperimentError(f"{what} needs an LLM: --llm=local (embedded llama.cpp "
                           "server) or --llm_base_url (e.g. https://api.openai.com/v1 or a "
                           "vLLM/Ollama server); or use --proposer=edit offline")
   if kind == "replay" and not cfg.replay_transcript:
@@ -135,7 +138,7 @@ def run_experiment(cfg: ExperimentConfig) -> ExperimentResult:
   if cfg.dry_run:
     return ExperimentResult.from_json({"dry_run": methods_lib.dry_run(cfg)}, cfg.workdir)
   local, local_error = None, None
-  if kind in LLM_PROPOSERS and cfg.llm.local and multihost.is_leader():
+  if uses_llm and cfg.llm.local and multihost.is_leader():
     try:
       local = _local_server(cfg)  # fails in seconds, before any heavy work
     except ExperimentError as e:

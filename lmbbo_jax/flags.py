@@ -1,7 +1,8 @@
 """The main job's command-line flags, generated from the config dataclasses.
 
 One flag per field of `ExperimentConfig` (`lmbbo_jax/config.py`), of its nested
-`SearchConfig` (no prefix), `LLMConfig` (`llm_`) and `CoOpConfig` (`coop_`), and of
+`SearchConfig` (no prefix), `LLMConfig` (`llm_`), `CoOpConfig` (`coop_`) and
+`DescriptionsConfig` (`descriptions_`), and of
 `RuntimeConfig`: the default is the field's default and the help is its line under
 `Attributes:` in the class docstring, so an option is defined once. `--preset` applies a
 named `search.PRESETS` entry over the defaults, and a search flag given explicitly wins
@@ -20,8 +21,8 @@ from typing import Any, Callable
 
 from absl import flags
 
-from lmbbo_jax.config import (COMPARISON, ConfigError, CoOpConfig, ExperimentConfig,
-                              RuntimeConfig)
+from lmbbo_jax.config import (COMPARISON, ConfigError, CoOpConfig, DescriptionsConfig,
+                              ExperimentConfig, RuntimeConfig)
 from lmbbo_jax.llm.client import LLMConfig
 from lmbbo_jax.search.optimizer import PRESETS, SearchConfig
 
@@ -36,10 +37,11 @@ class _Group:
 
 
 _GROUPS = (
-    _Group("", ExperimentConfig, "", skip=("coop", "search", "llm")),
+    _Group("", ExperimentConfig, "", skip=("coop", "search", "llm", "descriptions")),
     _Group("search", SearchConfig, "", skip=("seed",)),  # search_seed seeds it per seed
     _Group("llm", LLMConfig, "llm_", skip=("local",)),   # --llm=remote|local sets it
     _Group("coop", CoOpConfig, "coop_"),
+    _Group("descriptions", DescriptionsConfig, "descriptions_"),
     _Group("runtime", RuntimeConfig, ""),
 )
 
@@ -199,8 +201,9 @@ def configs_from_flags(fv: flags.FlagValues) -> tuple[ExperimentConfig, RuntimeC
   search = SearchConfig(**_values(fv, by_path["search"], preset))
   llm = LLMConfig(**_values(fv, by_path["llm"]), local=fv["llm"].value == "local")
   coop = CoOpConfig(**_values(fv, by_path["coop"]))
+  descriptions = DescriptionsConfig(**_values(fv, by_path["descriptions"]))
   top = _values(fv, by_path[""])
-  config = ExperimentConfig(**top, search=search, llm=llm, coop=coop)
+  config = ExperimentConfig(**top, search=search, llm=llm, coop=coop, descriptions=descriptions)
   config.validate()
   return config, RuntimeConfig(**_values(fv, by_path["runtime"]))
 

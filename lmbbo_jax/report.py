@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 import orjson
 
 from lmbbo_jax import io as io_lib
+from lmbbo_jax.config import DESCRIPTION_METHODS
 from lmbbo_jax.search.state import EvalRecord, rank_key
 
 SPLITS = ("train", "val", "test")
@@ -169,7 +170,8 @@ def summary_markdown(results: dict) -> str:
       config = results.get("config", {})
       kind = config.get("proposer_kind", "ours")
       label = ("CoOp (white box, learned context)" if kind == "coop" else
-               f"optimized ({kind}, by {config.get('select_by', 'train')})")
+               next(r[0] for r in TABLE_ROWS if r[2] == kind) if kind in DESCRIPTION_METHODS
+               else f"optimized ({kind}, by {config.get('select_by', 'train')})")
       methods.setdefault(label, {})[seed] = ps["best"]
   head = "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | std |"
   title = (f"{results.get('dataset', '')}, {results.get('shots', '?')}-shot, model "
@@ -312,6 +314,10 @@ TABLE_ROWS = (
     ("ours, positive feedback (P)", "method", "ours_p"),
     ("ours, negative feedback (N)", "method", "ours_n"),
     ("ours, P+N (the paper's method)", "method", "ours_pn"),
+    ("CuPL (LLM-written class descriptions, mean embedding)", "method", "cupl"),
+    ("DCLIP (LLM-listed descriptors, mean logit)", "method", "dclip"),
+    ("WaffleCLIP (random word and character descriptors, no LLM)", "method", "waffle"),
+    ("ours P+N template + DCLIP descriptors", "method", "ours_pn+descriptions"),
     ("ours, P+N + confusion feedback", "method", "ours_confusion"),
     ("ours, P+N + merge of per-class Pareto front", "method", "ours_pareto"),
     ("ours, P+N, 12 per call, successive halving", "method", "ours_many"),
@@ -427,6 +433,13 @@ def plot_efficiency(loaded: dict[str, list], path: str | pathlib.Path) -> None:
         if vals:
           for ax in (by_calls, by_scored):
             ax.axhline(100 * statistics.fmean(vals), ls="--", color="k", lw=1, label=label)
+        continue
+      if name in DESCRIPTION_METHODS:  # one classifier per seed: a point at its calls
+        vals = list(_per_seed_test(results, "method", name).values())
+        calls = (results.get("llm") or {}).get("calls") or 0
+        if vals:
+          ax.plot([calls / max(1, len(vals))], [100 * statistics.fmean(vals)], "o",
+                  label=labels.get(name, name))
         continue
       curves = _efficiency_curves(d, results)
       if not curves:

@@ -19,6 +19,7 @@ import orjson
 
 from lmbbo_jax import io as io_lib
 from lmbbo_jax import report
+from lmbbo_jax.config import DESCRIPTION_LLM_METHODS
 from lmbbo_jax.data.registry import lead_metric
 from lmbbo_jax.evaluator.types import METRICS, Score
 from lmbbo_jax.search.proposers import LLM_PROPOSERS
@@ -246,7 +247,7 @@ def build_results(cfg, model: Mapping[str, Any], seeds, run, *, scorer_stats: Se
       "call_shapes": sorted({tuple(c) for e in encoder_stats for c in e["call_shapes"]}),
       "gflops_text": sum(s.get("gflops_text", 0.0) for s in scorer_stats),
   }
-  uses_llm = cfg.proposer_kind in LLM_PROPOSERS
+  uses_llm = cfg.proposer_kind in LLM_PROPOSERS or cfg.method in DESCRIPTION_LLM_METHODS
   llm_section = {
       "proposer": cfg.proposer_kind,
       "model": cfg.llm.model if uses_llm else None,

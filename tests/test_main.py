@@ -100,14 +100,16 @@ def test_every_config_field_is_one_flag_with_its_docstring_help():
   """One definition per option: the field, its default and its help line."""
   import dataclasses
   from lmbbo_jax import flags as lmbbo_flags
-  from lmbbo_jax.config import CoOpConfig, ExperimentConfig, RuntimeConfig
+  from lmbbo_jax.config import CoOpConfig, DescriptionsConfig, ExperimentConfig, RuntimeConfig
   from lmbbo_jax.llm import LLMConfig
   from lmbbo_jax.search import SearchConfig
   fv = flags.FlagValues()
   lmbbo_flags.define_flags(fv)
-  for cls, prefix, skip in ((ExperimentConfig, "", {"search", "llm", "coop"}),
+  for cls, prefix, skip in ((ExperimentConfig, "", {"search", "llm", "coop", "descriptions"}),
                             (SearchConfig, "", {"seed"}), (LLMConfig, "llm_", {"local"}),
-                            (CoOpConfig, "coop_", set()), (RuntimeConfig, "", set())):
+                            (CoOpConfig, "coop_", set()),
+                            (DescriptionsConfig, "descriptions_", set()),
+                            (RuntimeConfig, "", set())):
     helps = lmbbo_flags.field_help(cls)
     for field in dataclasses.fields(cls):
       if field.name in skip:
@@ -526,9 +528,12 @@ def test_dry_run_of_the_comparison_estimates_each_method_and_writes_nothing(
   assert code == 0, err[-3000:]
   estimate = json.loads(out[out.index("{"):])
   assert list(estimate) == ["llm_no_feedback", "ape", "iterative_ape", "ours_p", "ours_n",
-                            "ours_pn", "ours_confusion", "ours_pareto", "ours_many", "coop"]
+                            "ours_pn", "cupl", "dclip", "waffle", "ours_pn+descriptions",
+                            "ours_confusion", "ours_pareto", "ours_many", "coop"]
   for name, est in estimate.items():  # 3 seeds x 4 chains x 2 conversations x 8 turns.
-    assert est["calls"] == (0 if name == "coop" else 192), name
+    no_llm = name in ("coop", "waffle", "ours_pn+descriptions")
+    assert est["calls"] == (0 if no_llm else 192), name
+  assert estimate["cupl"]["cost_usd"] > 0
   assert estimate["coop"]["cost_usd"] == 0.0 and estimate["ours_pn"]["cost_usd"] > 0
   assert not workdir.exists()
 

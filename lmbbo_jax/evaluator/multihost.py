@@ -121,6 +121,8 @@ def serve(scorers: Mapping[int, Any]) -> None:
       "score": lambda s, a: s.score(a["templates"]),
       "score_ensemble": lambda s, a: s.score_ensemble(a["groups"]),
       "text_features": lambda s, a: s.text_features(a["templates"]),
+      "score_descriptions": lambda s, a: s.score_descriptions(a["sets"], a["mode"], a["names"]),
+      "sentence_features": lambda s, a: s.sentence_features(a["groups"]),
   }
   while True:
     message = broadcast(None)

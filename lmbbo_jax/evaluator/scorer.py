@@ -54,6 +54,9 @@ from lmbbo_jax.evaluator.types import METRICS, Score
 
 log = logging.getLogger(__name__)
 
+# How `score_descriptions` turns a class's sentences into its score (see there).
+DESCRIPTION_MODES = ("mean_embedding", "mean_logit")
+
 
 class ScorerError(ValueError):
   """Bad input to the scorer (the message says what to change)."""
@@ -455,6 +458,106 @@ class PromptScorer:
       self._stats["seconds_busy"] += time.perf_counter() - started
     return out  # type: ignore[return-value]
 
+  def score_descriptions(self, sets: Sequence[Sequence[Sequence[str]]],
+                         mode: str = "mean_embedding",
+                         names: Sequence[str] | None = None) -> list[Score]:
+    """Scores each set of class descriptions (per class, in label order, its literal
+    sentences: no `{}` slots) as one classifier.
+
+    mode "mean_embedding": a class's weight is the normalised mean of its sentences'
+    normalised features (CLIP's ensembling, as CuPL uses it); "mean_logit": a class's
+    score is the mean over its sentences of the image-sentence logit (DCLIP), which is
+    the logit of the unnormalised mean feature (the logit is linear in the text feature;
+    SigLIP's bias is the same for every sentence and cancels), so both modes run as class
+    weights through `_run_weights`. All sets' distinct sentences are encoded together
+    (each class's sentences share their token prefix) in the task's fixed call shapes.
+    A set with a class without sentences, or with a sentence that cannot be encoded,
+    is rejected with the reason. `names` label the Scores (default descriptions[i]).
+    """
+    if mode not in DESCRIPTION_MODES:
+      raise ScorerError(f"mode {mode!r}: use one of {', '.join(DESCRIPTION_MODES)}")
+    if isinstance(sets, str) or (sets and sets[0] and isinstance(sets[0][0], str)):
+      raise ScorerError("score_descriptions() takes a list of description sets, each a list "
+                        "of per-class sentence lists")
+    names = list(names) if names is not None else [f"descriptions[{i}]" for i in range(len(sets))]
+    if len(names) != len(sets):
+      raise ScorerError(f"{len(names)} names for {len(sets)} description sets")
+    with self._announced("score_descriptions", sets=[[list(c) for c in d] for d in sets],
+                         mode=mode, names=names), self._lock:
+      started = time.perf_counter()
+      out: list[Score | None] = [None] * len(sets)
+      index: dict[str, int] = {}  # distinct sentence -> its row in `feats`
+      groups: list[list[str]] = [[] for _ in range(self.num_classes)]
+      for i, per_class in enumerate(sets):
+        reason = self._descriptions_reason(per_class)
+        if reason:
+          out[i] = Score(names[i], rejected=reason)
+          continue
+        for c, sentences in enumerate(per_class):
+          for sentence in sentences:
+            if sentence not in index:
+              index[sentence] = len(index)
+              groups[c].append(sentence)
+      order = [s for g in groups for s in g]  # `index` renumbered by group
+      index = {s: i for i, s in enumerate(order)}
+      feats, too_long = self._sentence_features(groups)
+      good = []
+      for i, per_class in enumerate(sets):
+        if out[i] is not None:
+          continue
+        bad = next((too_long[index[s]] for c in per_class for s in c if index[s] in too_long),
+                   None)
+        if bad:
+          out[i] = Score(names[i], rejected=bad)
+          continue
+        good.append(i)
+        self._stats["description_sentences"] += sum(len(c) for c in per_class)
+      if good:
+        weights = np.stack([
+            np.stack([feats[[index[s] for s in c]].astype(np.float64).mean(axis=0)
+                      for c in sets[i]]) for i in good])
+        if mode == "mean_embedding":
+          weights /= np.maximum(np.linalg.norm(weights, axis=-1, keepdims=True), 1e-12)
+        partials = self._run_weights(weights.astype(np.float32))
+        for k, i in enumerate(good):
+          out[i] = self._merge(names[i], partials[k])
+      self._stats["description_sets"] += len(good)
+      self._stats["seconds_busy"] += time.perf_counter() - started
+    return out  # type: ignore[return-value]
+
+  def sentence_reasons(self, sentences: Sequence[str]) -> list[str | None]:
+    """Per literal sentence, why `score_descriptions` cannot encode it (too long), or None."""
+    return self.text_encoder.sentence_reasons(sentences)
+
+  def sentence_features(self, groups: Sequence[Sequence[str]]) -> np.ndarray:
+    """float32 [S, E] normalised features of the literal sentences of `groups` (flattened
+    in order; a group's sentences share their token prefix); raises if one cannot be
+    encoded."""
+    groups = [list(g) for g in groups]
+    with self._announced("sentence_features", groups=groups), self._lock:
+      feats, too_long = self._sentence_features(groups)
+    if too_long:
+      raise ScorerError(next(iter(too_long.values())))
+    return feats
+
+  def _sentence_features(self, groups: Sequence[Sequence[str]]):
+    preps, too_long = self.text_encoder.pack_sentences(groups)
+    feats = np.zeros((sum(len(g) for g in groups), self.clip.embed_dim), np.float32)
+    for parts in self._run(preps, encode_only=True).values():
+      for labels, f in parts:
+        feats[labels] = f
+    return feats, too_long
+
+  def _descriptions_reason(self, per_class: Sequence[Sequence[str]]) -> str | None:
+    if len(per_class) != self.num_classes:
+      return f"{len(per_class)} classes of descriptions for {self.num_classes} classes"
+    for c, sentences in enumerate(per_class):
+      if isinstance(sentences, str) or not sentences:
+        return f"class {self.class_names[c]!r} has no list of sentences"
+      if not all(isinstance(s, str) for s in sentences):
+        return f"class {self.class_names[c]!r}: every description must be a string"
+    return None
+
   def _run_weights(self, weights: np.ndarray) -> list[list[_Partial]]:
     """Partials of classifiers given directly as class weights [G, C, E].
 
@@ -513,7 +616,8 @@ class PromptScorer:
   def stats(self) -> dict[str, float]:
     """Counters for throughput reports.
 
-    templates (valid templates scored), rejected, ensembles, score_calls,
+    templates (valid templates scored), rejected, ensembles, description_sets and
+    description_sentences (`score_descriptions`: classifiers, their sentences), score_calls,
     calls (device calls), seconds_busy (wall time inside score/score_ensemble;
     of score's: seconds_prepare for tokenization and packing, seconds_device
     for the device calls, seconds_merge for merging partials on the host),
@@ -533,7 +637,8 @@ class PromptScorer:
     s["gflops_text"] = self.clip.config.text.flops(
         s.get("token_rows", 0), s.get("attention_keys", 0), s.get("pooled_tokens", 0)) / 1e9
     s["gflops_images"] = (2 * len(self._labels) * self.clip.embed_dim * self.num_classes
-                          * (s.get("templates", 0) + s.get("ensembles", 0))) / 1e9
+                          * (s.get("templates", 0) + s.get("ensembles", 0)
+                             + s.get("description_sets", 0))) / 1e9
     for key in ("templates", "rejected", "ensembles", "score_calls", "calls", "compiles",
                 "seconds_busy", "seconds_compile", "token_rows", "token_rows_real"):
       s.setdefault(key, 0)

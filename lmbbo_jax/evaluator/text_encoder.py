@@ -103,23 +103,29 @@ class PackedTemplate:
     return len(self.row_ids)
 
 
-def pack_segments(lengths: np.ndarray, width: int, open_rows: int = 8):
-  """First-fit decreasing of segment lengths into rows of `width`.
+def pack_segments(lengths: np.ndarray, width: int, open_rows: int = 8,
+                  max_segments: int | None = None):
+  """First-fit decreasing of segment lengths into rows of `width`, at most
+  `max_segments` segments a row (a call's segment slots must hold a whole row).
 
   Returns (row, column) int32 [C, 2] per segment and the number of rows. Only
   the last `open_rows` rows are searched, so it stays linear in C.
   """
   place = np.zeros((len(lengths), 2), np.int32)
   free: list[int] = []
+  count: list[int] = []
+  cap = max_segments or len(lengths) or 1
   for c in np.argsort(-lengths, kind="stable"):
     n = int(lengths[c])
     row = next((r for r in range(max(0, len(free) - open_rows), len(free))
-                if free[r] >= n), None)
+                if free[r] >= n and count[r] < cap), None)
     if row is None:
       free.append(width)
+      count.append(0)
       row = len(free) - 1
     place[c] = (row, width - free[row])
     free[row] -= n
+    count[row] += 1
   return place, len(free)
 
 
@@ -382,25 +388,83 @@ class PackedTextEncoder:
     if lengths[worst] > self.context_length:
       return (f"too long: {int(lengths[worst])} tokens with class "
               f"{self.class_names[worst]!r} (context {self.context_length}); shorten it")
-    width = self.context_length if self.plain else int(lengths.max())
+    return self._layout(rows, np.arange(len(rows), dtype=np.int32))
+
+  def _sentence_rows(self, sentences: Sequence[str]) -> list[list[int]]:
+    if not sentences:
+      return []
+    return [self._frame(ids) for ids in self.tokenizer.encode_batch(list(sentences))]
+
+  def _too_long(self, sentence: str, row: Sequence[int]) -> str:
+    return (f"too long: {len(row)} tokens in {sentence[:60]!r} (context "
+            f"{self.context_length}); shorten it")
+
+  def sentence_reasons(self, sentences: Sequence[str]) -> list[str | None]:
+    """Per literal sentence, why it cannot be encoded (too long), or None."""
+    return [self._too_long(s, r) if len(r) > self.context_length else None
+            for s, r in zip(sentences, self._sentence_rows(sentences))]
+
+  def pack_sentences(self, groups: Sequence[Sequence[str]]
+                     ) -> tuple[list[PackedTemplate], dict[int, str]]:
+    """Literal sentences (no `{}` slots: class descriptions) laid out for `plan`.
+
+    Each segment's label is its sentence's index in the flattened `groups`. A group
+    (e.g. one class's descriptions, "a photo of a dog, which has ...") shares the token
+    prefix its sentences share, in one prefix slot; groups that share no more than the
+    start token are packed together. Plain mode: one layout of plain rows. Returns the
+    layouts and, by index, why a sentence was left out (too long; never truncated).
+    """
+    flat = [s for g in groups for s in g]
+    rows = self._sentence_rows(flat)
+    rejected = {i: self._too_long(flat[i], r) for i, r in enumerate(rows)
+                if len(r) > self.context_length}
+    labels = np.array([i for i in range(len(flat)) if i not in rejected], np.int32)
+    if not len(labels):
+      return [], rejected
+    if self.plain:
+      return [self._layout([rows[i] for i in labels], labels)], rejected
+    start_tokens = 0 if self.tokenizer.sot_token_id is None else 1
+    out, pooled, at = [], [], 0
+    for group in groups:
+      members = np.array([i for i in range(at, at + len(group)) if i not in rejected], np.int32)
+      at += len(group)
+      if len(members) > 1:
+        prep = self._layout([rows[i] for i in members], members)
+        if len(prep.prefix) > start_tokens:
+          out.append(prep)
+          continue
+      pooled.extend(members)
+    if pooled:
+      out.append(self._layout([rows[i] for i in pooled], np.asarray(pooled, np.int32)))
+    return out, rejected
+
+  def _padded(self, rows: Sequence[Sequence[int]], width: int) -> np.ndarray:
     ids = np.full((len(rows), width), self.tokenizer.pad_token_id, np.int32)
     for c, r in enumerate(rows):
       ids[c, :len(r)] = r
+    return ids
+
+  def _layout(self, rows: Sequence[Sequence[int]], labels: np.ndarray) -> PackedTemplate:
+    """Framed sentences (each <= the context) as shared prefix + packed segments, or plain
+    rows; each segment carries its sentence's label (a template's: the class)."""
+    lengths = np.array([len(r) for r in rows], np.int32)
     if self.plain:
-      return self._plain_rows(ids)
-    # Shared prefix: equal columns from the start, leaving every class >= 1 own token.
+      return self._plain_rows(self._padded(rows, self.context_length), labels)
+    ids = self._padded(rows, int(lengths.max()))
+    # Shared prefix: equal columns from the start, leaving every sentence >= 1 own token.
     upto = min(int(lengths.min()) - 1, self.prefix_tokens)
     same = (ids[:, :upto] == ids[0, :upto]).all(axis=0)
     plen = int(upto if same.all() else same.argmin())
     seg_len = lengths - plen
-    # Classes whose sentences are identical (ImageNet has two "crane"s) share one
-    # segment: computed once, and tied exactly, so ties go to the lowest class.
+    # Identical sentences (ImageNet has two "crane"s) share one segment: computed once,
+    # and tied exactly, so ties go to the lowest class.
     first: dict[bytes, int] = {}
     same_as = np.array([first.setdefault(ids[c, :lengths[c]].tobytes(), c)
                         for c in range(len(rows))], np.int32)
     uniq = np.flatnonzero(same_as == np.arange(len(rows)))
     place = np.zeros((len(rows), 2), np.int32)
-    place[uniq], n_rows = pack_segments(seg_len[uniq], self.width)
+    place[uniq], n_rows = pack_segments(seg_len[uniq], self.width,
+                                        max_segments=self.shapes[-1].segments)
     width = self.width
     row_ids = np.full((n_rows, width), self.tokenizer.pad_token_id, np.int32)
     row_segment = np.full((n_rows, width), -1, np.int32)
@@ -413,13 +477,13 @@ class PackedTextEncoder:
         row_ids[r, col:col + n] = ids[c, plen:plen + n]
         row_segment[r, col:col + n] = col
         row_pos[r, col:col + n] = np.arange(plen, plen + n)
-      per_row[r].append((col + n - 1, c))
+      per_row[r].append((col + n - 1, int(labels[c])))
     row_eot = [np.array([e for e, _ in seg], np.int32) for seg in per_row]
     row_classes = [np.array([c for _, c in seg], np.int32) for seg in per_row]
     return PackedTemplate(ids[0, :plen].copy(), row_ids, row_segment, row_pos, row_eot,
                           row_classes, int(plen + seg_len[uniq].sum()))
 
-  def _plain_rows(self, ids: np.ndarray) -> PackedTemplate:
+  def _plain_rows(self, ids: np.ndarray, labels: np.ndarray) -> PackedTemplate:
     """One padded row per distinct sentence, pooled at its last column (the plain mode)."""
     first: dict[bytes, int] = {}
     same_as = [first.setdefault(row.tobytes(), c) for c, row in enumerate(ids)]
@@ -428,7 +492,7 @@ class PackedTextEncoder:
     width = self.width
     row_classes = [[] for _ in uniq]
     for c, s in enumerate(same_as):  # Identical sentences share a row, tied exactly.
-      row_classes[row_of[s]].append(c)
+      row_classes[row_of[s]].append(int(labels[c]))
     return PackedTemplate(
         prefix=np.zeros((0,), np.int32), row_ids=ids[uniq],
         row_segment=np.zeros((len(uniq), width), np.int32),

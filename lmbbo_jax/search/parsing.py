@@ -1064,6 +1064,28 @@ async def read_reply_off_loop(reply: str) -> Reading:
   return read_reply(reply)
 
 
+def read_object(reply: Any) -> dict | None:
+  """The first JSON object (or Python dict literal) of an LLM reply, outside its reasoning
+  and in or out of code fences, within the same caps as `read_reply`; None if there is
+  none. Never raises; linear in the reply."""
+  try:
+    if not isinstance(reply, str) or len(reply) > MAX_REPLY_CHARS:
+      return None
+    text = _drop_reasoning(tpl.canonical(reply.replace("\x00", "")), Reading())
+    text = text[:MAX_ANSWER_CHARS]
+    for piece in [text.strip(), *_fences(text)]:
+      piece = piece.strip()
+      for start in _value_starts(piece):
+        if piece[start:start + 1] != "{":
+          continue
+        got = _decode(piece, start)
+        if got is not None and isinstance(got[0], dict):
+          return got[0]
+    return None
+  except Exception:  # a parser bug must cost one reply, never the run
+    return None
+
+
 def extract_candidates(reply: str) -> list[str]:
   """Candidate templates in an LLM reply, in order, decoration removed."""
   return read_reply(reply).candidates
