@@ -434,12 +434,14 @@ def plot_efficiency(loaded: dict[str, list], path: str | pathlib.Path) -> None:
           for ax in (by_calls, by_scored):
             ax.axhline(100 * statistics.fmean(vals), ls="--", color="k", lw=1, label=label)
         continue
-      if name in DESCRIPTION_METHODS:  # one classifier per seed: a point at its calls
+      if name in DESCRIPTION_METHODS:  # one classifier per seed: a point per panel
         vals = list(_per_seed_test(results, "method", name).values())
+        seeds = max(1, len(vals))
         calls = (results.get("llm") or {}).get("calls") or 0
-        if vals:
-          ax.plot([calls / max(1, len(vals))], [100 * statistics.fmean(vals)], "o",
-                  label=labels.get(name, name))
+        scored = (results.get("throughput") or {}).get("templates_scored") or 0
+        for ax, x in ((by_calls, calls / seeds), (by_scored, scored / seeds)):
+          if vals:
+            ax.plot([x], [100 * statistics.fmean(vals)], "o", color=cmap(i % 10), label=label)
         continue
       curves = _efficiency_curves(d, results)
       if not curves:
