@@ -141,7 +141,9 @@ def _main_job(tmp_path, workdir):
   return subprocess.Popen(
       [sys.executable, "-m", "lmbbo_jax.main", "--flagfile=experiments/smoke.flags",
        f"--workdir={workdir}", "--llm=local", "--proposer=llm", "--n_iter=50",
-       "--progress=false", f"--jax_cache_dir={tmp_path / 'jax'}"],
+       "--progress=false", "--tracking=none",
+       # Shared by both signals' runs: the second reuses the first's compiled programs.
+       f"--jax_cache_dir={tmp_path.parent / 'jax_local_server'}"],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
