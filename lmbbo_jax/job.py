@@ -6,6 +6,7 @@ a run starts, never for `--help` or a flag error.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging as std_logging
@@ -22,10 +23,20 @@ QUIET_LOGGERS = ("httpx", "httpcore", "jax._src.xla_bridge", "jax._src.compiler"
                  "matplotlib", "matplotlib.font_manager", "absl_tensorboard")
 
 
-def quiet_third_party() -> None:
+@contextlib.contextmanager
+def quiet_third_party():
+  """Those loggers at WARNING (DEBUG at -v 1) while a job runs; their levels come back
+  after it, so an in-process job (`main.run_command`) leaves the caller's logging alone."""
   level = std_logging.DEBUG if logging.get_verbosity() >= 1 else std_logging.WARNING
-  for name in QUIET_LOGGERS:
-    std_logging.getLogger(name).setLevel(level)
+  loggers = [std_logging.getLogger(name) for name in QUIET_LOGGERS]
+  before = [lg.level for lg in loggers]
+  for lg in loggers:
+    lg.setLevel(level)
+  try:
+    yield
+  finally:
+    for lg, old in zip(loggers, before):
+      lg.setLevel(old)
 
 
 def _start_distributed(runtime: RuntimeConfig) -> str | None:
@@ -48,7 +59,11 @@ def _start_distributed(runtime: RuntimeConfig) -> str | None:
 
 def run_job(config: ExperimentConfig, runtime: RuntimeConfig) -> int:
   """Runs the experiment (or the comparison) and prints its summary; the exit code."""
-  quiet_third_party()
+  with quiet_third_party():
+    return _run_job(config, runtime)
+
+
+def _run_job(config: ExperimentConfig, runtime: RuntimeConfig) -> int:
   if runtime.distributed:
     error = _start_distributed(runtime)
     if error:
