@@ -136,3 +136,22 @@ def reference_score(text: np.ndarray, images: np.ndarray, labels: np.ndarray, sc
   keep = labels >= 0
   return (float((pred[keep] == labels[keep]).mean()),
           float(logp[keep][np.arange(keep.sum()), labels[keep]].mean()))
+
+
+class SiglipWordTokenizer(WordTokenizer):
+  """WordTokenizer ids with SigLIP's framing: no start token, "</s>" (1) ends and pads."""
+  sot_token_id = None
+  eot_token_id = 1
+  pad_token_id = 1
+
+
+def tiny_siglip() -> CLIP:
+  """A tiny random SigLIP (CLIP's vocabulary size, a logit bias) with `SiglipWordTokenizer`."""
+  from lmbbo_jax.models.configs import ARCHITECTURES
+  from lmbbo_jax.models.loading import random_variables
+  config = ARCHITECTURES["tiny-siglip"]
+  config = config.replace(text=config.text.__class__(**{**config.text.__dict__,
+                                                         "vocab_size": 49408}))
+  variables = random_variables(config, seed=3)
+  variables["params"]["logit_bias"] = np.float32(-2.5)
+  return CLIP(config, variables, SiglipWordTokenizer(), source="test", weights_hash="siglip")

@@ -7,11 +7,9 @@ import numpy as np
 import pytest
 
 from lmbbo_jax.evaluator.scorer import PromptScorer, ScorerError
-from lmbbo_jax.models.api import CLIP
-from lmbbo_jax.models.configs import ARCHITECTURES
-from lmbbo_jax.models.loading import random_variables
 
-from evaluator_helpers import CLASS_NAMES, WordTokenizer, make_clip, random_images, reference_score
+from evaluator_helpers import (CLASS_NAMES, make_clip, random_images, reference_score,
+                               tiny_siglip)
 
 FEATURES = ["four legs", "a long tail", "whiskers", "black and white stripes", "wings"]
 
@@ -51,22 +49,6 @@ def make_scorer(clip, names=CLASS_NAMES, seed=0):
   scorer = PromptScorer(clip, {k: v[0] for k, v in data.items()},
                         {k: v[1] for k, v in data.items()}, names)
   return scorer, data
-
-
-class SiglipWordTokenizer(WordTokenizer):
-  sot_token_id = None
-  eot_token_id = 1
-  pad_token_id = 1
-
-
-def tiny_siglip() -> CLIP:
-  config = ARCHITECTURES["tiny-siglip"]
-  config = config.replace(text=config.text.__class__(**{**config.text.__dict__,
-                                                         "vocab_size": 49408}))
-  variables = random_variables(config, seed=3)
-  variables["params"]["logit_bias"] = np.float32(-2.5)
-  return CLIP(config, variables, SiglipWordTokenizer(), source="test", weights_hash="siglip")
-
 
 @pytest.fixture(scope="module", params=["clip", "siglip"])
 def setup(request):

@@ -7,28 +7,13 @@ import pytest
 from lmbbo_jax import templates as templates_lib
 from lmbbo_jax.evaluator.scorer import PromptScorer
 from lmbbo_jax.evaluator.text_encoder import PackedTextEncoder
-from lmbbo_jax.models.api import CLIP
-from lmbbo_jax.models.configs import ARCHITECTURES
-from lmbbo_jax.models.loading import random_variables
 
-from evaluator_helpers import CLASS_NAMES, TEMPLATES, WordTokenizer, random_images, reference_score
-
-
-class SiglipWordTokenizer(WordTokenizer):
-  """WordTokenizer ids with SigLIP's framing: no start token, "</s>" (1) ends and pads."""
-  sot_token_id = None
-  eot_token_id = 1
-  pad_token_id = 1
+from evaluator_helpers import CLASS_NAMES, TEMPLATES, random_images, reference_score, tiny_siglip
 
 
 @pytest.fixture(scope="module")
 def clip():
-  config = ARCHITECTURES["tiny-siglip"]
-  config = config.replace(text=config.text.__class__(**{**config.text.__dict__,
-                                                         "vocab_size": 49408}))
-  variables = random_variables(config, seed=3)
-  variables["params"]["logit_bias"] = np.float32(-2.5)
-  return CLIP(config, variables, SiglipWordTokenizer(), source="test", weights_hash="siglip")
+  return tiny_siglip()
 
 
 def direct_features(clip, template, names=CLASS_NAMES) -> np.ndarray:
