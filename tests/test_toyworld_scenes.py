@@ -18,6 +18,22 @@ def test_generator_is_deterministic_by_seed():
   assert not np.array_equal(a.images, c.images)
 
 
+def test_unrendered_scenes_have_the_rendered_attributes_and_the_shipped_tokenizer(tmp_path):
+  rendered, bare = (scenes.sample_scenes(np.random.default_rng(3), 50, scenes.MIX, render=r)
+                    for r in (True, False))
+  for field in ("label", "colour", "size", "count", "style", "background", "hpos", "vpos"):
+    np.testing.assert_array_equal(getattr(rendered, field), getattr(bare, field))
+  assert bare.images.shape == (50, 0, 0, 3)
+  # The training command builds its tokenizer from unrendered scenes: the shipped one.
+  import json
+  import pathlib
+  from lmbbo_jax.toyworld import train
+  shipped = pathlib.Path(train.__file__).parent / "assets" / "tokenizer.json"
+  built = tmp_path / "tokenizer.json"
+  train.build_tokenizer(0).save(str(built))
+  assert json.loads(built.read_text()) == json.loads(shipped.read_text())
+
+
 def test_images_are_uint8_64px_and_labels_respected():
   labels = np.arange(40) % len(scenes.CLASS_NAMES)
   b = _batch(0, 40, labels=labels)

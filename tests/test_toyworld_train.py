@@ -170,7 +170,7 @@ def test_training_command_writes_a_loadable_checkpoint_and_resumes(tmp_path):
   import os
   cmd = [sys.executable, "-m", "lmbbo_jax.toyworld.train", f"--out={tmp_path}", "--steps=4",
          "--eval_every=2", "--embed_images=300", "--text_steps=2", "--text_eval_every=2",
-         "--eval_images=100", "--text_batch=64", "--batch=16"]
+         "--eval_images=100", "--text_batch=64", "--batch=16", "--gate_images=200"]
   # The rerun loads the first run's compiled programs from a persistent cache.
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path.parent / "train_jax_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
@@ -190,6 +190,7 @@ def test_training_command_writes_a_loadable_checkpoint_and_resumes(tmp_path):
   assert set(log["stage1"]["curve"][-1]["held_out_class_acc_by_style"]) == set(
       train.scenes.STYLES)
   assert 0.0 <= log["gate"]["zero_shot_accuracy"] <= 1.0
+  assert log["gate"]["held_out_images"] == 200
   # A rerun resumes stage 1 from its checkpoint (no new stage-1 steps).
   out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600, env=env)
   assert "resumed stage 1 at step 4" in out.stderr

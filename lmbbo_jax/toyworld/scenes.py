@@ -281,7 +281,7 @@ def _apply_styles(rng, img, style_idx):
 
 def sample_scenes(rng: np.random.Generator, n: int,
                   dist: SceneDistribution = MIX,
-                  labels: np.ndarray | None = None) -> SceneBatch:
+                  labels: np.ndarray | None = None, render: bool = True) -> SceneBatch:
   """Draws and renders `n` scenes.
 
   Args:
@@ -290,6 +290,8 @@ def sample_scenes(rng: np.random.Generator, n: int,
     dist: the attribute distribution.
     labels: optional fixed class indices [n] (e.g. balanced test sets);
       drawn from `dist.classes` when None.
+    render: False draws the attributes only (the same ones: every rendering draw
+      comes after them) and leaves `images` empty [n, 0, 0, 3]; captions need no pixels.
 
   Returns:
     A `SceneBatch` with uint8 images [n, 64, 64, 3].
@@ -302,6 +304,10 @@ def sample_scenes(rng: np.random.Generator, n: int,
   style = _choice(rng, dist.style, n)
   background = _choice(rng, dist.background, n)
   centres, radius, hpos, vpos = _layout(rng, count, size)
+  if not render:
+    return SceneBatch(label=label, colour=colour, size=size, count=count, style=style,
+                      background=background, hpos=hpos.astype(np.int32),
+                      vpos=vpos.astype(np.int32), images=np.zeros((n, 0, 0, 3), np.uint8))
   img = _backgrounds(rng, background)
   # Object colour: a slightly jittered palette colour.
   rgb = np.clip(_COLOUR_RGB[colour] + rng.uniform(-0.05, 0.05, (n, 3)).astype(np.float32), 0, 1)
