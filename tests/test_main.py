@@ -19,9 +19,6 @@ FLAGFILES = sorted(glob.glob(str(REPO / "experiments" / "*.flags")))
 def _env(tmp_path, **extra):
   env = dict(os.environ)
   env.update({
-      # Compiled programs are shared between the subprocesses of a test.
-      "JAX_COMPILATION_CACHE_DIR": str(tmp_path.parent / "jax_cache"),
-      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
       "HF_HUB_OFFLINE": "1",
       "PYTHONUNBUFFERED": "1",
   })

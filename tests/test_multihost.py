@@ -17,9 +17,10 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 def _env(tmp_path, devices: int) -> dict:
   env = dict(os.environ)
-  env.update({"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-              "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-              "JAX_COMPILATION_CACHE_DIR": str(tmp_path.parent / "jax_cache_multihost")})
+  flags = " ".join(filter(None, (env.get("XLA_FLAGS"),
+                                 f"--xla_force_host_platform_device_count={devices}")))
+  env.update({"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1",
+              "PYTHONUNBUFFERED": "1"})
   return env
 
 

@@ -171,9 +171,9 @@ def test_training_command_writes_a_loadable_checkpoint_and_resumes(tmp_path):
   cmd = [sys.executable, "-m", "lmbbo_jax.toyworld.train", f"--out={tmp_path}", "--steps=4",
          "--eval_every=2", "--embed_images=300", "--text_steps=2", "--text_eval_every=2",
          "--eval_images=100", "--text_batch=64", "--batch=16", "--gate_images=200"]
-  # The rerun loads the first run's compiled programs from a persistent cache.
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path.parent / "train_jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  # The rerun loads the first run's compiled programs from the session's persistent
+  # cache (conftest).
+  env = dict(os.environ)
   subprocess.run(cmd, check=True, capture_output=True, timeout=600, env=env)
   loaded = load_clip(str(tmp_path))  # The trained checkpoint loads as any CLIP.
   assert set(loaded.variables["params"]) == {"visual", "text", "logit_scale"}

@@ -44,7 +44,8 @@ def _run_all(runs: list[tuple[list[str], int, pathlib.Path]]) -> bool:
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "lmbbo_jax.main", *args], stdout=out,
             stderr=subprocess.STDOUT,
-            env=dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")))
+            env=dict(env, XLA_FLAGS=" ".join(filter(None, (
+                env.get("XLA_FLAGS"), f"--xla_force_host_platform_device_count={devices}"))))))
     return all([p.wait() == 0 for p in procs])
   finally:
     for p in procs:
