@@ -268,6 +268,8 @@ class ExperimentConfig:
             " (or unset for no limit)" if name in ("rpm", "tpm") else ""))
     if self.llm.max_retries < 0:
       raise ConfigError("llm_max_retries", "must be >= 0")
+    if self.llm.local_threads < 0:
+      raise ConfigError("llm_local_threads", "must be >= 0 (0: all cores)")
     try:
       self.search.validate()
     except SearchError as e:  # Its messages start with the field's name.

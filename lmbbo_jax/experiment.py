@@ -117,6 +117,7 @@ def _local_server(cfg: ExperimentConfig):
   from lmbbo_jax.llm.local_server import LocalLLMError, LocalLLMServer
   try:
     return LocalLLMServer(cfg.llm.gguf, n_ctx=cfg.llm.n_ctx, chat_format=cfg.llm.chat_format,
+                          n_threads=cfg.llm.local_threads or None,
                           log_path=os.path.join(cfg.workdir, "llm_server.log"))
   except LocalLLMError as e:
     raise ExperimentError(str(e)) from None

@@ -29,6 +29,14 @@ if os.environ.get("LMBBO_TEST_XLA_DEFAULTS") != "1":
 
 
 
+def pytest_collection_modifyitems(config, items):
+  """Modules with a `slow` test run first, each still whole (their module fixtures are
+  built once), so that parallel workers (`-n`, pytest-xdist) start on the long ones
+  and the many short tests fill in around them."""
+  has_slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.module.__name__ not in has_slow)  # Stable.
+
+
 @pytest.fixture(autouse=True)
 def _no_background_compiles_leak_into_the_next_test():
   """A scorer compiles ahead of time in a background thread; a test that ends before it

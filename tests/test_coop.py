@@ -49,6 +49,7 @@ def test_a_context_too_long_for_the_text_context_is_a_clear_error(clip):
     coop.CoOpPrompts.build(clip, CLASS_NAMES, clip.context_length)
 
 
+@pytest.mark.slow
 def test_coop_learns_on_the_toy_task_and_beats_the_photo_template():
   from lmbbo_jax.evaluator import features as features_lib
   from lmbbo_jax.models import load_clip

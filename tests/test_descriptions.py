@@ -104,6 +104,7 @@ def _describing_llm(body) -> str:
       n: [f"a {n} with {w}" for w in ("fur", "a long tail")] for n in names[1:]})
 
 
+@pytest.mark.slow
 def test_every_description_method_runs_in_the_comparison(tmp_path, jax_cache, capsys,  # noqa: F811
                                                          monkeypatch):
   import fake_llm_server as fake

@@ -96,6 +96,7 @@ def test_a_server_that_crashes_at_its_first_completion_says_how_to_rebuild(tmp_p
   assert srv.proc is None  # stopped and reaped
 
 
+@pytest.mark.slow
 def test_a_server_that_lives_but_cannot_complete_is_one_line(tmp_path):
   srv = LocalLLMServer(command=FAKE + ["--drop_post"], log_path=tmp_path / "llm_server.log")
   with pytest.raises(LocalLLMError, match="did not answer its first completion") as err:
@@ -142,6 +143,9 @@ def _main_job(tmp_path, workdir):
       [sys.executable, "-m", "lmbbo_jax.main", "--flagfile=experiments/smoke.flags",
        f"--workdir={workdir}", "--llm=local", "--proposer=llm", "--n_iter=50",
        "--progress=false", "--tracking=none",
+       # One core for the model: its threads spin, and beside a busy scorer (or a
+       # parallel test worker) two spinning threads on two cores crawl.
+       "--llm_local_threads=1",
        # Shared by both signals' runs: the second reuses the first's compiled programs.
        f"--jax_cache_dir={tmp_path.parent / 'jax_local_server'}"],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -181,6 +185,7 @@ def test_the_main_job_leaves_no_server_when_interrupted_or_killed(tmp_path, sig)
       results = json.loads((workdir / "results.json").read_text())
       assert results["per_seed"]["1"]["stop_reason"] == "signal"
       assert results["llm"]["local"]["gguf_sha256"] == gguf_info(default_gguf()).sha256
+      assert results["llm"]["local"]["n_threads"] == 1  # --llm_local_threads reached it
   finally:
     job.kill()
 

@@ -312,6 +312,7 @@ def test_unknown_dataset_is_one_line(tmp_path, jax_cache, capsys):
     (["--n_restart=0"], "--n_restart"),
     (["--llm_extra_params=[1]"], "--llm_extra_params"),
     (["--tracking=tensorboard,nope"], "--tracking"),
+    (["--llm_local_threads=-1"], "--llm_local_threads"),
 ])
 def test_bad_flags_are_one_line(tmp_path, jax_cache, capsys, args, needle):
   code, _, err = _command(["--dataset=toy:mix", f"--workdir={tmp_path / 'w'}", *args],
@@ -356,6 +357,7 @@ def test_resume_with_a_changed_search_config_is_one_line(smoke_run, jax_cache, c
   assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_the_comparison_runs_every_method_on_the_same_tasks_and_writes_the_table(
     tmp_path, jax_cache, capsys, monkeypatch):
   import fake_llm_server as fake
@@ -401,6 +403,7 @@ def test_the_comparison_runs_every_method_on_the_same_tasks_and_writes_the_table
   assert (tmp_path / "again" / "comparison.md").read_text() == table
 
 
+@pytest.mark.slow
 def test_the_comparison_of_the_new_methods_at_the_same_calls_reports_efficiency(
     tmp_path, jax_cache, capsys, monkeypatch):
   """ours_confusion, ours_pareto (merge every 3rd call) and ours_many (12 candidates per
@@ -467,6 +470,7 @@ def report_label(method):
   return next(label for label, _, name in report.TABLE_ROWS if name == method)
 
 
+@pytest.mark.slow
 def test_transfer_scores_the_chosen_templates_on_other_backbones_without_reselecting(
     tmp_path, jax_cache, capsys):
   workdir = tmp_path / "t"
@@ -492,6 +496,7 @@ def test_transfer_scores_the_chosen_templates_on_other_backbones_without_reselec
   assert "Transfer" in (workdir / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_replay_of_a_three_seed_run_gives_each_seed_its_own_templates(
     tmp_path, jax_cache, capsys, monkeypatch):
   import fake_llm_server as fake
@@ -557,6 +562,7 @@ def test_demo_edit_writes_tensorboard_events_with_the_best_so_far_series(tmp_pat
   assert events.Scalars("final/best_test")[-1].value == pytest.approx(results["best"]["test_acc"])
 
 
+@pytest.mark.slow
 def test_a_canary_key_reaches_no_file_log_line_or_error_at_v2(tmp_path):
   """The real command at -v 2 (the HTTP libraries' DEBUG lines included) against a server
   that echoes the key in headers, 200 replies and error texts, one cut mid-key."""

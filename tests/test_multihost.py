@@ -12,6 +12,8 @@ import pytest
 
 from lmbbo_jax.llm.local_server import free_port
 
+pytestmark = pytest.mark.slow  # Every test here starts main jobs.
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -58,12 +60,13 @@ def _rows(workdir):
 
 
 SMOKE = ["--flagfile=experiments/smoke.flags", "--noprogress", "--seeds=1,2"]
+ONE_SEED = ["--flagfile=experiments/smoke.flags", "--noprogress"]
 
 
 def test_a_killed_peer_stops_the_others_within_the_heartbeat(tmp_path):
   workdir = tmp_path / "k"
   # Long enough to be killed mid-search (a peer's death shows at once as a broken link).
-  args = [*SMOKE, f"--workdir={workdir}", "--n_iter=100"]
+  args = [*SMOKE, f"--workdir={workdir}", "--n_iter=40"]
   procs, logs = _distributed([*args, "--distributed_heartbeat_s=5"], tmp_path, "kill")
   try:
     deadline = time.time() + 300
@@ -105,7 +108,7 @@ def test_a_failing_leader_tells_the_others_why(tmp_path):
     env_key = {"LMBBO_TEST_KEY": "k"}
     os.environ.update(env_key)
     try:
-      codes = _wait_all(*_distributed([*SMOKE, f"--workdir={workdir}", "--proposer=llm",
+      codes = _wait_all(*_distributed([*ONE_SEED, f"--workdir={workdir}", "--proposer=llm",
                                        f"--llm_base_url={server.base_url}",
                                        "--llm_api_key_env=LMBBO_TEST_KEY"], tmp_path, "fail"))
     finally:
@@ -121,12 +124,10 @@ def test_a_failing_leader_tells_the_others_why(tmp_path):
 def test_the_multihost_bench_runs_both_layouts_and_they_give_the_same_search(tmp_path):
   """One process with 4 devices and two processes with 2 each: the bench's two runs are
   the same search, row for row."""
-  seeds = tmp_path / "seeds.flags"  # --main_args is comma-separated: "1,2" goes in a file.
-  seeds.write_text("--seeds=1,2\n")
   # In a session of its own: a timeout kills the bench's main jobs with it.
   bench = subprocess.Popen(
       [sys.executable, "-m", "lmbbo_jax.tools.multihost_bench", f"--out={tmp_path}",
-       f"--main_args=--flagfile=experiments/smoke.flags,--noprogress,--flagfile={seeds}"],
+       f"--main_args={','.join(ONE_SEED)}"],
       cwd=REPO, env=_env(tmp_path, 1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True, start_new_session=True)
   try:
@@ -164,7 +165,7 @@ def test_the_multihost_bench_runs_both_layouts_and_they_give_the_same_search(tmp
 
 
 def test_distributed_without_a_cluster_is_one_clear_line(tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "lmbbo_jax.main", *SMOKE,
+  proc = subprocess.run([sys.executable, "-m", "lmbbo_jax.main", *ONE_SEED,
                          f"--workdir={tmp_path / 'x'}", "--distributed"], cwd=REPO,
                         env=_env(tmp_path, 1), capture_output=True, text=True, timeout=120)
   assert proc.returncode == 1
@@ -177,7 +178,7 @@ def test_a_leader_whose_local_server_cannot_start_tells_the_others_at_once(tmp_p
   # Only process 0 starts the local LLM server; its failure reaches the others at the
   # run's first check, not after the heartbeat.
   missing = tmp_path / "missing.gguf"
-  codes = _wait_all(*_distributed([*SMOKE, f"--workdir={tmp_path / 'g'}", "--proposer=llm",
+  codes = _wait_all(*_distributed([*ONE_SEED, f"--workdir={tmp_path / 'g'}", "--proposer=llm",
                                    "--llm=local", f"--llm_gguf={missing}"], tmp_path, "gguf"),
                     timeout=300)
   assert codes == [1, 1]

