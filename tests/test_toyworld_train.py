@@ -70,9 +70,11 @@ def test_each_style_group_reads_the_class_with_its_own_head():
   config = train.toy_config(500, 1, 2, 0)
   model = train.TowerWithHeads(config, (0, 1, 1, 2, 2))
   pixels = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
-  params = model.init(jax.random.key(0), pixels, jnp.zeros((2,), jnp.int32))["params"]
+  # Compiled whole (jit): op by op, each small op of the tower compiles on its own.
+  params = jax.jit(model.init)(jax.random.key(0), pixels, jnp.zeros((2,), jnp.int32))["params"]
+  apply = jax.jit(lambda p, styles: model.apply({"params": p}, pixels, styles))
   def logits(style):
-    return model.apply({"params": params}, pixels, jnp.asarray([style] * 2))
+    return apply(params, jnp.asarray([style] * 2))
   photo, sketch, pixelated = logits(0), logits(1), logits(2)
   # Sketch and pixelated share a head; photo has its own; attribute heads are shared.
   np.testing.assert_array_equal(sketch["label"], pixelated["label"])
@@ -153,9 +155,9 @@ def test_fixed_heads_have_no_class_parameters_and_score_by_cosine():
   model = train.TowerWithHeads(config, (0, 1, 2, 3, 3), 0.4)
   pixels = jax.random.normal(jax.random.key(1), (3, 64, 64, 3))
   style = jnp.asarray([0, 1, 4])
-  params = model.init(jax.random.key(0), pixels, style)["params"]
+  params = jax.jit(model.init)(jax.random.key(0), pixels, style)["params"]
   assert not any(k.startswith("head_label") for k in params)
-  out = model.apply({"params": params}, pixels, style)
+  out = jax.jit(lambda p: model.apply({"params": p}, pixels, style))(params)
   assert out["label"].shape == (3, 10)
   assert float(jnp.abs(out["label"]).max()) <= train.HEAD_SCALE + 1e-4  # 16 x a cosine.
 
