@@ -66,7 +66,7 @@ ONE_SEED = ["--flagfile=experiments/smoke.flags", "--noprogress"]
 def test_a_killed_peer_stops_the_others_within_the_heartbeat(tmp_path):
   workdir = tmp_path / "k"
   # Long enough to be killed mid-search (a peer's death shows at once as a broken link).
-  args = [*SMOKE, f"--workdir={workdir}", "--n_iter=40"]
+  args = [*ONE_SEED, f"--workdir={workdir}", "--n_iter=40"]
   procs, logs = _distributed([*args, "--distributed_heartbeat_s=5"], tmp_path, "kill")
   try:
     deadline = time.time() + 300
