@@ -92,6 +92,14 @@ def _run_job(config: ExperimentConfig, runtime: RuntimeConfig) -> int:
     prefix = "" if leader else f"process {multihost.process_index()}: "
     print(f"error: {prefix}{e}", file=sys.stderr)
     return 1
+  except Exception as e:  # A peer that died breaks the collectives' links mid-call.
+    if multihost.process_count() == 1 or type(e).__name__ != "JaxRuntimeError":
+      raise
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    print(f"error: process {multihost.process_index()}: a collective with the other "
+          f"processes failed ({first}); a peer has likely died: what was scored is kept "
+          f"in {config.workdir}, rerun with --resume", file=sys.stderr)
+    return 1
   if not leader:  # Process 0 writes and prints the results.
     return 0
   if config.dry_run:

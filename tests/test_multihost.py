@@ -89,6 +89,10 @@ def test_a_killed_peer_stops_the_others_within_the_heartbeat(tmp_path):
   assert waited < 60, waited  # Heartbeat 5 s, plus detection.
   text = (tmp_path / "kill_0.log").read_text()
   assert "another task died" in text or "stopped sending heartbeats" in text, text[-3000:]
+  # Our own words come first, in one line, and no Python traceback of ours.
+  errors = [l for l in text.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "--resume" in errors[0], text[-3000:]
+  assert "Traceback (most recent call last)" not in text, text[-3000:]
   assert not (workdir / "results.json").exists(), "the search ended before the kill"
   # What process 0 scored survived: a resume on one process continues from it.
   kept = _rows(workdir / "seed_1")
