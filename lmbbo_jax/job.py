@@ -93,7 +93,8 @@ def _run_job(config: ExperimentConfig, runtime: RuntimeConfig) -> int:
     print(f"error: {prefix}{e}", file=sys.stderr)
     return 1
   except Exception as e:  # A peer that died breaks the collectives' links mid-call.
-    if multihost.process_count() == 1 or type(e).__name__ != "JaxRuntimeError":
+    import jax
+    if multihost.process_count() == 1 or not isinstance(e, jax.errors.JaxRuntimeError):
       raise
     first = (str(e).strip().splitlines() or [""])[0][:300]
     print(f"error: process {multihost.process_index()}: a collective with the other "

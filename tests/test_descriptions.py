@@ -10,7 +10,7 @@ import pytest
 
 from lmbbo_jax import descriptions as desc
 
-from test_main import _command, jax_cache  # noqa: F401 (a fixture)
+from test_main import _command, _compare, jax_cache  # noqa: F401 (a fixture)
 
 
 def test_replies_are_read_as_class_to_descriptions():
@@ -112,12 +112,9 @@ def test_every_description_method_runs_in_the_comparison(tmp_path, jax_cache, ca
   methods = ["cupl", "dclip", "waffle", "ours_pn", "ours_pn+descriptions"]
   monkeypatch.setenv("LMBBO_TEST_KEY", "k")
   with fake.FakeLLMServer(reply_fn=_describing_llm) as server:
-    code, out, err = _command(
-        ["--flagfile=experiments/smoke.flags", f"--workdir={workdir}", "--seeds=1,2",
-         "--n_restart=1", "--n_reset=2", "--n_iter=1", "--descriptions_waffle_count=3",
-         f"--llm_base_url={server.base_url}", "--llm_model=gpt-4o-mini",
-         "--llm_api_key_env=LMBBO_TEST_KEY", f"--methods={','.join(methods)}"],
-        jax_cache, capsys)
+    code, out, err = _compare(methods, workdir, server, jax_cache, capsys, "--seeds=1,2",
+                              "--n_restart=1", "--n_reset=2", "--n_iter=1",
+                              "--descriptions_waffle_count=3")
     asks = [r.body["messages"][-1]["content"] for r in server.requests]
   assert code == 0, err[-3000:]
   budget = 2 * 1 * 2 * 1  # seeds x n_restart x n_reset x n_iter

@@ -60,8 +60,8 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_eight_devices_equal_one_device():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(filter(None, (
-      os.environ.get("XLA_FLAGS"), "--xla_force_host_platform_device_count=8"))))
+  from lmbbo_jax.tools.multihost_bench import with_devices
+  env = with_devices(dict(os.environ, JAX_PLATFORMS="cpu"), 8)
   proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

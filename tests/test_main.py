@@ -16,7 +16,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 FLAGFILES = sorted(glob.glob(str(REPO / "experiments" / "*.flags")))
 
 
-def _env(tmp_path, **extra):
+def _env(**extra):
   env = dict(os.environ)
   env.update({
       "HF_HUB_OFFLINE": "1",
@@ -28,7 +28,7 @@ def _env(tmp_path, **extra):
 
 def _main(args, tmp_path, timeout=600, **env):
   return subprocess.run([sys.executable, "-m", "lmbbo_jax.main", *args], cwd=REPO,
-                        env=_env(tmp_path, **env), capture_output=True, text=True,
+                        env=_env(**env), capture_output=True, text=True,
                         timeout=timeout)
 
 
@@ -184,6 +184,14 @@ def _command(args, jax_cache, capsys=None):
   return code, out, err
 
 
+def _compare(methods, workdir, server, jax_cache, capsys, *flags):
+  """`--methods` on the smoke task against the fake LLM `server` (key LMBBO_TEST_KEY)."""
+  return _command(["--flagfile=experiments/smoke.flags", f"--workdir={workdir}", *flags,
+                   f"--llm_base_url={server.base_url}", "--llm_model=gpt-4o-mini",
+                   "--llm_api_key_env=LMBBO_TEST_KEY", f"--methods={','.join(methods)}"],
+                  jax_cache, capsys)
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, jax_cache):
   tmp = tmp_path_factory.mktemp("smoke")
@@ -266,7 +274,7 @@ def test_kill_minus_nine_then_resume_matches_an_uninterrupted_run(smoke_run, jax
   kill_at = max(1, len((full / "seed_1" / "prompts.jsonl").read_text().splitlines()) // 3)
   killed = tmp / "killed"
   child = subprocess.Popen([sys.executable, "-m", "lmbbo_jax.main", *args,
-                            f"--workdir={killed}"], cwd=REPO, env=_env(tmp),
+                            f"--workdir={killed}"], cwd=REPO, env=_env(),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
   log = killed / "seed_1" / "prompts.jsonl"
@@ -367,12 +375,8 @@ def test_the_comparison_runs_every_method_on_the_same_tasks_and_writes_the_table
   methods = ["llm_no_feedback", "ape", "iterative_ape", "ours_pn", "coop"]
   monkeypatch.setenv("LMBBO_TEST_KEY", "k")
   with fake.FakeLLMServer(n_templates=2) as server:
-    code, out, err = _command(
-        ["--flagfile=experiments/smoke.flags", f"--workdir={workdir}", "--seeds=1,2",
-         "--n_restart=1", "--n_reset=2", "--n_iter=1", "--coop_epochs=3",
-         f"--llm_base_url={server.base_url}", "--llm_model=gpt-4o-mini",
-         "--llm_api_key_env=LMBBO_TEST_KEY", f"--methods={','.join(methods)}"],
-        jax_cache, capsys)
+    code, out, err = _compare(methods, workdir, server, jax_cache, capsys, "--seeds=1,2",
+                              "--n_restart=1", "--n_reset=2", "--n_iter=1", "--coop_epochs=3")
   assert code == 0, err[-3000:]
   for name in methods:
     results = json.loads((workdir / name / "results.json").read_text())
@@ -416,12 +420,8 @@ def test_the_comparison_of_the_new_methods_at_the_same_calls_reports_efficiency(
   methods = ["ours_pn", "ours_confusion", "ours_pareto", "ours_many"]
   monkeypatch.setenv("LMBBO_TEST_KEY", "k")
   with fake.FakeLLMServer(n_templates=12) as server:
-    code, _, err = _command(
-        ["--flagfile=experiments/smoke.flags", f"--workdir={workdir}", "--seeds=1",
-         "--n_restart=1", "--n_reset=1", "--n_iter=3", "--init_pool_size=12",
-         f"--llm_base_url={server.base_url}", "--llm_model=gpt-4o-mini",
-         "--llm_api_key_env=LMBBO_TEST_KEY", f"--methods={','.join(methods)}"],
-        jax_cache, capsys)
+    code, _, err = _compare(methods, workdir, server, jax_cache, capsys, "--seeds=1",
+                            "--n_restart=1", "--n_reset=1", "--n_iter=3", "--init_pool_size=12")
   assert code == 0, err[-3000:]
   results = {m: json.loads((workdir / m / "results.json").read_text()) for m in methods}
   assert {m: r["llm"]["calls"] for m, r in results.items()} == dict.fromkeys(methods, 3)

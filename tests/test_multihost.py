@@ -11,24 +11,21 @@ import time
 import pytest
 
 from lmbbo_jax.llm.local_server import free_port
+from lmbbo_jax.tools.multihost_bench import with_devices
 
 pytestmark = pytest.mark.slow  # Every test here starts main jobs.
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-def _env(tmp_path, devices: int) -> dict:
-  env = dict(os.environ)
-  flags = " ".join(filter(None, (env.get("XLA_FLAGS"),
-                                 f"--xla_force_host_platform_device_count={devices}")))
-  env.update({"XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1",
-              "PYTHONUNBUFFERED": "1"})
-  return env
+def _env(devices: int) -> dict:
+  return with_devices(dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
+                           PYTHONUNBUFFERED="1"), devices)
 
 
 def _start(args, tmp_path, devices, log):
   return subprocess.Popen([sys.executable, "-m", "lmbbo_jax.main", *args], cwd=REPO,
-                          env=_env(tmp_path, devices), stdout=log, stderr=subprocess.STDOUT)
+                          env=_env(devices), stdout=log, stderr=subprocess.STDOUT)
 
 
 def _distributed(args, tmp_path, name, processes=2, devices=2):
@@ -132,7 +129,7 @@ def test_the_multihost_bench_runs_both_layouts_and_they_give_the_same_search(tmp
   bench = subprocess.Popen(
       [sys.executable, "-m", "lmbbo_jax.tools.multihost_bench", f"--out={tmp_path}",
        f"--main_args={','.join(ONE_SEED)}"],
-      cwd=REPO, env=_env(tmp_path, 1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      cwd=REPO, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True, start_new_session=True)
   try:
     stdout, stderr = bench.communicate(timeout=600)
@@ -171,7 +168,7 @@ def test_the_multihost_bench_runs_both_layouts_and_they_give_the_same_search(tmp
 def test_distributed_without_a_cluster_is_one_clear_line(tmp_path):
   proc = subprocess.run([sys.executable, "-m", "lmbbo_jax.main", *ONE_SEED,
                          f"--workdir={tmp_path / 'x'}", "--distributed"], cwd=REPO,
-                        env=_env(tmp_path, 1), capture_output=True, text=True, timeout=120)
+                        env=_env(1), capture_output=True, text=True, timeout=120)
   assert proc.returncode == 1
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and "--coordinator_address" in errors[0], proc.stderr[-2000:]

@@ -171,14 +171,12 @@ def test_training_command_writes_a_loadable_checkpoint_and_resumes(tmp_path):
 
   from lmbbo_jax.models import load_clip
 
-  import os
   cmd = [sys.executable, "-m", "lmbbo_jax.toyworld.train", f"--out={tmp_path}", "--steps=4",
          "--eval_every=2", "--embed_images=300", "--text_steps=2", "--text_eval_every=2",
          "--eval_images=100", "--text_batch=64", "--batch=16", "--gate_images=200"]
   # The rerun loads the first run's compiled programs from the session's persistent
-  # cache (conftest).
-  env = dict(os.environ)
-  subprocess.run(cmd, check=True, capture_output=True, timeout=600, env=env)
+  # cache (conftest's environment, inherited).
+  subprocess.run(cmd, check=True, capture_output=True, timeout=600)
   loaded = load_clip(str(tmp_path))  # The trained checkpoint loads as any CLIP.
   assert set(loaded.variables["params"]) == {"visual", "text", "logit_scale"}
   log = json.loads((tmp_path / "train_log.json").read_text())
@@ -196,7 +194,7 @@ def test_training_command_writes_a_loadable_checkpoint_and_resumes(tmp_path):
   assert 0.0 <= log["gate"]["zero_shot_accuracy"] <= 1.0
   assert log["gate"]["held_out_images"] == 200
   # A rerun resumes stage 1 from its checkpoint (no new stage-1 steps).
-  out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600, env=env)
+  out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
   assert "resumed stage 1 at step 4" in out.stderr
   bad = subprocess.run(cmd[:3] + [f"--out={tmp_path}/x", "--class_head_groups=photo"],
                        capture_output=True, text=True, timeout=120)

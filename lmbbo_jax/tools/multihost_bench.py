@@ -33,6 +33,13 @@ def define_flags():
   flags.DEFINE_list("main_args", DEFAULT_ARGS, "Flags of the main job (both runs).")
 
 
+def with_devices(env: dict, devices: int) -> dict:
+  """`env` with `devices` simulated CPU devices added to its own XLA flags (kept)."""
+  flags = " ".join(filter(None, (env.get("XLA_FLAGS"),
+                                 f"--xla_force_host_platform_device_count={devices}")))
+  return dict(env, XLA_FLAGS=flags)
+
+
 def _run_all(runs: list[tuple[list[str], int, pathlib.Path]]) -> bool:
   """Runs the main job once per (args, devices, log) at the same time; whether all exited 0.
   A process still running when the call ends (one failed, or Ctrl-C) is killed."""
@@ -44,8 +51,7 @@ def _run_all(runs: list[tuple[list[str], int, pathlib.Path]]) -> bool:
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "lmbbo_jax.main", *args], stdout=out,
             stderr=subprocess.STDOUT,
-            env=dict(env, XLA_FLAGS=" ".join(filter(None, (
-                env.get("XLA_FLAGS"), f"--xla_force_host_platform_device_count={devices}"))))))
+            env=with_devices(env, devices)))
     return all([p.wait() == 0 for p in procs])
   finally:
     for p in procs:

@@ -304,10 +304,16 @@ def sample_scenes(rng: np.random.Generator, n: int,
   style = _choice(rng, dist.style, n)
   background = _choice(rng, dist.background, n)
   centres, radius, hpos, vpos = _layout(rng, count, size)
-  if not render:
-    return SceneBatch(label=label, colour=colour, size=size, count=count, style=style,
-                      background=background, hpos=hpos.astype(np.int32),
-                      vpos=vpos.astype(np.int32), images=np.zeros((n, 0, 0, 3), np.uint8))
+  images = (_render(rng, label, colour, count, style, background, centres, radius) if render
+            else np.zeros((n, 0, 0, 3), np.uint8))
+  return SceneBatch(label=label, colour=colour, size=size, count=count, style=style,
+                    background=background, hpos=hpos.astype(np.int32),
+                    vpos=vpos.astype(np.int32), images=images)
+
+
+def _render(rng, label, colour, count, style, background, centres, radius) -> np.ndarray:
+  """uint8 [N, 64, 64, 3] of drawn attributes; its draws from `rng` come after theirs."""
+  n = len(label)
   img = _backgrounds(rng, background)
   # Object colour: a slightly jittered palette colour.
   rgb = np.clip(_COLOUR_RGB[colour] + rng.uniform(-0.05, 0.05, (n, 3)).astype(np.float32), 0, 1)
@@ -332,10 +338,7 @@ def sample_scenes(rng: np.random.Generator, n: int,
         mask[sk] = np.where((line_width[idx][sk] == 2)[:, None, None], thick, thin)
       img[idx] = np.where(mask[..., None], rgb[idx][:, None, None, :], img[idx])
   img = _apply_styles(rng, img, style)
-  images = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
-  return SceneBatch(label=label, colour=colour, size=size, count=count, style=style,
-                    background=background, hpos=hpos.astype(np.int32),
-                    vpos=vpos.astype(np.int32), images=images)
+  return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 def preprocess(images: np.ndarray,
